@@ -1,0 +1,53 @@
+"""
+The C{lmgate} console script: the commands that are not the daemon itself.
+
+The daemon is C{twistd -n lmgate}; this script holds the tools around it. Each
+subcommand lives in its own module and exposes C{main(argv) -> int}.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+USAGE = """\
+usage: lmgate COMMAND [ARGS...]
+
+commands:
+  stub     serve the providers' main endpoints from a deterministic fake upstream
+  keys     manage the allow-list (hash, add, list, check)
+
+The gateway itself runs under twistd:  twistd -n lmgate --config etc/lmgate.yaml
+"""
+
+
+def _stub(argv: list[str]) -> int:
+    from lmgate.stub import main
+
+    return main(argv)
+
+
+def _keys(argv: list[str]) -> int:
+    from lmgate.keys import main
+
+    return main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"stub": _stub, "keys": _keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a subcommand; print usage for anything else."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0 if args else 2
+    command = COMMANDS.get(args[0])
+    if command is None:
+        sys.stderr.write(f"lmgate: unknown command {args[0]!r}\n{USAGE}")
+        return 2
+    return command(args[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
