@@ -1,0 +1,302 @@
+"""
+The HTTP face of the gateway: the site, path-prefix routing and the key check.
+
+Routing works on the raw request target, never on twisted.web's decoded
+C{postpath}: the bytes after the provider prefix go upstream exactly as the client
+sent them, appended to the provider's base URL, so nothing in a request can change
+the upstream's scheme, host or port, and dot segments (plain or encoded) that
+could climb out of the base path are refused.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any, Mapping
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.web.client import FileBodyProducer
+from twisted.web.http import _escape
+from twisted.web.iweb import IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from lmgate.call import ProxiedCall
+from lmgate.headers import upstreamRequestHeaders
+from lmgate.interfaces import IKeyCheck, IUsageSink
+from lmgate.providers import Provider
+from lmgate.upstream import BytesProducer, Upstream
+
+log = Logger()
+
+#: Request bodies up to this size are kept in memory for the relay and for
+#: reading the model from them; larger ones stream from twisted.web's spool file.
+KEEP_BODY_LIMIT = 1024 * 1024
+
+HEALTH = b"healthz"
+
+_PLAIN = re.compile(rb"^[\x21-\x7e]*$")
+_ENCODED_DOT_OR_SLASH = re.compile(rb"%(2e|2f|5c)", re.IGNORECASE)
+
+SIGV4_MESSAGE = (
+    "AWS SigV4-signed requests cannot be relayed: the signature covers the host and path, "
+    "which are the gateway's, not AWS's. Use a Bedrock API key (AWS_BEARER_TOKEN_BEDROCK), "
+    "which LMGate relays untouched."
+)
+NO_KEY_MESSAGE = "No API key was sent; this gateway admits allow-listed keys only."
+UNKNOWN_KEY_MESSAGE = "The API key is not authorised to use this gateway."
+
+
+class RouteError(Exception):
+    """A request target that LMGate will not relay."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
+def splitTarget(uri: bytes) -> tuple[bytes, bytes, bytes | None]:
+    """
+    Split a raw request target into the provider name, the rest of the path and
+    the raw query string.
+
+    @return: C{(name, rest, query)}: C{rest} is empty or starts with C{/};
+        C{query} is L{None} when the target has no C{?}.
+    @raise RouteError: the target is not a plain origin-form path, or its rest
+        could climb out of the upstream's base path.
+    """
+    if not uri.startswith(b"/") or uri.startswith(b"//"):
+        raise RouteError("bad_request", "The request target must be an absolute path (origin-form).")
+    path, sep, query = uri.partition(b"?")
+    if not _PLAIN.match(uri) or b"#" in uri or b"\\" in path:
+        raise RouteError("bad_request", "The request target has characters that are not allowed.")
+    name, slash, tail = path[1:].partition(b"/")
+    rest = slash + tail
+    if rest:
+        _checkRest(rest)
+    return name, rest, (query if sep else None)
+
+
+def _checkRest(rest: bytes) -> None:
+    """Refuse dot segments, plain or percent-encoded, and encoded control bytes."""
+    if b"." in rest:
+        for segment in rest.split(b"/"):
+            if segment == b"." or segment == b"..":
+                raise RouteError("bad_request", "The path must not contain '.' or '..' segments.")
+    if b"%" in rest:
+        decoded = unquote_to_bytes(rest)
+        for segment in decoded.replace(b"\\", b"/").split(b"/"):
+            if segment == b"." or segment == b"..":
+                raise RouteError("bad_request", "The path must not contain encoded '.' or '..' segments.")
+        if any(byte < 0x20 or byte == 0x7F for byte in decoded):
+            raise RouteError("bad_request", "The path must not contain encoded control characters.")
+        if _ENCODED_DOT_OR_SLASH.search(decoded):
+            raise RouteError("bad_request", "The path must not contain double-encoded '.', '/' or '\\'.")
+
+
+class Gateway:
+    """
+    The parts every call shares: routes, key check, relay, record sink, clock,
+    and the limits that shape a call.
+    """
+
+    def __init__(
+        self,
+        providers: Mapping[str, Provider],
+        keyCheck: IKeyCheck,
+        upstream: Upstream,
+        sink: IUsageSink,
+        clock: IReactorTime,
+        captureLimit: int = 2097152,
+        responseTimeout: float = 600.0,
+        idleTimeout: float = 300.0,
+        cooperator: Cooperator | None = None,
+    ) -> None:
+        self.providers = {name.encode("ascii"): p for name, p in providers.items()}
+        self.keyCheck, self.upstream, self.sink, self.clock = keyCheck, upstream, sink, clock
+        self.captureLimit, self.responseTimeout, self.idleTimeout = captureLimit, responseTimeout, idleTimeout
+        self.cooperator = cooperator
+        #: Calls relayed and not yet recorded.
+        self.active: set[ProxiedCall] = set()
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """
+        Wait for the calls in flight to end, at most C{timeout} seconds; then
+        abort the rest (each still gets its record).
+        """
+        done: Deferred[None] = Deferred()
+        deadline = self.clock.seconds() + timeout
+
+        def check() -> None:
+            if not self.active:
+                done.callback(None)
+            elif self.clock.seconds() >= deadline:
+                count = len(self.active)
+                log.warn("Drain time is up: aborting {count} calls in flight", count=count)
+                for call in list(self.active):
+                    call.abort()
+                done.callback(None)
+            else:
+                self.clock.callLater(min(0.1, max(0.0, deadline - self.clock.seconds())), check)
+
+        if self.active:
+            log.info("Draining {count} calls in flight (at most {timeout}s)", count=len(self.active), timeout=timeout)
+        check()
+        return done
+
+
+class GatewayResource(Resource):
+    """
+    The root resource: answers C{/healthz}, routes C{/<provider>/...}, refuses
+    what it must, and relays the rest.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self._gateway = gateway
+
+    def render(self, request: Request) -> Any:  # type: ignore[override]
+        gateway = self._gateway
+        uri = request.uri
+        try:
+            name, rest, query = splitTarget(uri)
+        except RouteError as e:
+            call = ProxiedCall(request, gateway, None, uri.partition(b"?")[0])
+            return call.refuse(e.kind, e.message)
+        if name == HEALTH and not rest:
+            return self._health(request)
+        endpoint = uri.partition(b"?")[0]
+        provider = gateway.providers.get(name)
+        if provider is None:
+            call = ProxiedCall(request, gateway, None, endpoint)
+            return call.refuse("not_found", "No provider is configured for this path.")
+        call = ProxiedCall(request, gateway, provider, endpoint, rest)
+        from lmgate.credentials import CredentialError, extractCredential, maskKey
+
+        headers = request.requestHeaders
+        try:
+            credential = extractCredential(headers, query or b"")
+        except CredentialError as e:
+            return call.refuse("forbidden", str(e))
+        if credential is None:
+            return call.refuse("forbidden", NO_KEY_MESSAGE)
+        entry = gateway.keyCheck.lookup(credential.key)
+        call.identify(maskKey(credential.key), entry)
+        if credential.kind == "sigv4":
+            return call.refuse("forbidden", SIGV4_MESSAGE)
+        if entry is None:
+            return call.refuse("forbidden", UNKNOWN_KEY_MESSAGE)
+        if request.method == b"CONNECT":
+            return call.refuse("bad_request", "CONNECT is not relayed.")
+        producer = self._body(request, call)
+        pending = gateway.upstream.send(
+            request.method, provider.upstreamURL(rest, query), upstreamRequestHeaders(headers), producer
+        )
+        return call.start(pending)
+
+    def _body(self, request: Request, call: ProxiedCall) -> IBodyProducer | None:
+        """The request body as a producer, noted on the call for its record."""
+        content = request.content
+        if content is None:
+            return None
+        if isinstance(content, io.BytesIO):
+            data = content.getvalue()
+            call.requestBody(data, len(data))
+            return BytesProducer(data) if data else None
+        content.seek(0, io.SEEK_END)
+        size = content.tell()
+        content.seek(0)
+        if size <= KEEP_BODY_LIMIT:
+            data = content.read()
+            call.requestBody(data, size)
+            return BytesProducer(data) if data else None
+        call.requestBody(None, size)
+        if self._gateway.cooperator is not None:
+            return FileBodyProducer(content, cooperator=self._gateway.cooperator)
+        return FileBodyProducer(content)
+
+    def _health(self, request: Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"error": {"type": "method_not_allowed", "message": "Use GET."}}'
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return b"ok"
+
+
+class GatewayRequest(Request):
+    """
+    A request that adds nothing of twisted.web's own to a relayed response: no
+    default C{Content-Type: text/html}, no C{Server} or C{Date} header (the
+    upstream's pass through), and no percent-decoding of the path.
+    """
+
+    defaultContentType = None
+
+    def process(self) -> None:
+        channel = self.channel
+        self.site = channel.site
+        self.prepath = []
+        self.postpath = []
+        if not getattr(channel, "_lmgateNoDelay", False):
+            channel._lmgateNoDelay = True  # once per connection: small SSE events go out at once
+            try:
+                channel.transport.setTcpNoDelay(True)
+            except Exception:  # not TCP (a UNIX socket), or already gone
+                pass
+        try:
+            self.render(self.site.resource)
+        except BaseException:
+            from twisted.python.failure import Failure
+
+            self.processingFailed(Failure())
+
+
+def redactingLogFormatter(timestamp: str | None, request: Request) -> str:
+    """
+    The combined log format, with any C{key=} query value masked: Gemini clients
+    send their API key in the URL.
+    """
+    from lmgate.credentials import redactQuery
+
+    uri = request.uri
+    path, sep, query = uri.partition(b"?")
+    if sep and b"key=" in query.lower():
+        uri = path + b"?" + redactQuery(query)
+    client = request.getClientAddress()
+    ip = getattr(client, "host", None) or "-"
+    referrer = _escape(request.getHeader(b"referer") or b"-")
+    agent = _escape(request.getHeader(b"user-agent") or b"-")
+    return '"%s" - - %s "%s %s %s" %d %s "%s" "%s"' % (
+        _escape(ip),
+        timestamp,
+        _escape(request.method),
+        _escape(uri),
+        _escape(request.clientproto),
+        request.code,
+        request.sentLength or "-",
+        referrer,
+        agent,
+    )
+
+
+class GatewaySite(Site):
+    """The gateway's site: L{GatewayRequest}s, and an access log that hides keys."""
+
+    requestFactory = GatewayRequest
+
+    def __init__(self, resource: GatewayResource, accessLog: bool = True, **kwargs: Any) -> None:
+        super().__init__(resource, logFormatter=redactingLogFormatter, **kwargs)
+        self._accessLog = accessLog
+
+    def log(self, request: Request) -> None:
+        if self._accessLog:
+            super().log(request)

@@ -1,0 +1,126 @@
+"""
+The relay hop: one persistent connection pool and an C{Agent} over it.
+
+Not C{treq.request}: treq decodes gzip, follows redirects and keeps a cookie jar,
+and a transparent relay must do none of those. The Agent relays what it is
+given; redirects come back to the caller as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.ssl import platformTrust
+from twisted.logger import Logger
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from lmgate.config import Settings
+from lmgate.errors import ConfigError
+
+log = Logger()
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A request body already in memory, written in one go.
+
+    Cheaper than L{FileBodyProducer} for the usual small JSON body: no
+    cooperator task, no extra reactor turn before the body goes out.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IOpenSSLTrustRoot)
+class PlatformTrustAndBundle:
+    """
+    The platform's CAs plus a private bundle, so an operator's internal CA is
+    added to, not swapped for, the usual trust.
+    """
+
+    def __init__(self, caBundle: str) -> None:
+        self._caBundle = caBundle
+
+    def _addCACertsToContext(self, context: Any) -> None:
+        context.set_default_verify_paths()
+        context.load_verify_locations(self._caBundle)
+
+
+def trustRootFor(settings: Settings) -> Any:
+    """
+    The trust root for upstream certificates.
+
+    @raise ConfigError: C{tls.ca_bundle} cannot be read or holds no certificate.
+    """
+    if settings.tlsCABundle is None:
+        return platformTrust()
+    try:
+        from OpenSSL import SSL
+
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.load_verify_locations(settings.tlsCABundle)
+    except Exception as e:
+        raise ConfigError(settings.source, "tls.ca_bundle", f"cannot load {settings.tlsCABundle!r}: {e}") from None
+    return PlatformTrustAndBundle(settings.tlsCABundle)
+
+
+class Upstream(Service):
+    """
+    Sends relayed requests upstream; owns the connection pool's lifetime.
+
+    @param agent: the relay's L{IAgent} (tests pass an in-memory one).
+    @param pool: the pool behind C{agent}, closed when the service stops.
+    """
+
+    def __init__(self, agent: IAgent, pool: HTTPConnectionPool | None = None) -> None:
+        self._agent = agent
+        self._pool = pool
+
+    @classmethod
+    def fromSettings(cls, reactor: Any, settings: Settings) -> "Upstream":
+        """The production relay: a persistent pool and a TLS-verifying Agent."""
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = settings.poolMaxPerHost
+        pool.cachedConnectionTimeout = settings.poolIdleTimeout
+        pool.retryAutomatically = True  # Twisted retries only idempotent, body-less requests
+        policy = BrowserLikePolicyForHTTPS(trustRoot=trustRootFor(settings))
+        agent = Agent(reactor, contextFactory=policy, connectTimeout=settings.connectTimeout, pool=pool)
+        return cls(agent, pool)
+
+    def send(
+        self, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None
+    ) -> Deferred[IResponse]:
+        """
+        Relay one request; the Deferred fires with the response once its headers
+        have arrived.
+        """
+        return self._agent.request(method, url, headers, body)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._pool is not None:
+            return self._pool.closeCachedConnections()
+        return None

@@ -1,0 +1,505 @@
+"""
+The relay through a real listening gateway on loopback, in front of an
+in-process fake upstream: bytes, headers, streaming, failures and backpressure.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from lmgate.call import REQUEST_ID_HEADER
+from tests.helpers import (
+    ALLOWED_KEY,
+    AUTH,
+    Collector,
+    FakeUpstream,
+    call,
+    clientAgent,
+    closedPort,
+    jsonAnswer,
+    startGateway,
+)
+
+CHAT = "/openai/v1/chat/completions"
+
+
+class RelayTests(TestCase):
+    async def test_nonStreamingByteForByte(self) -> None:
+        """Status, end-to-end headers and body come back unchanged; the request
+        went to the upstream's path with the raw query; one record is written."""
+        upstream = FakeUpstream()
+        answer = b'{"id": "chatcmpl-1",  "model": "gpt-x", "usage": {"prompt_tokens": 3, "completion_tokens": 2}}'
+
+        def handler(request: Request) -> bytes:
+            request.setResponseCode(201, b"Made")
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"x-request-id", b"req_123")
+            request.setHeader(b"openai-processing-ms", b"287")
+            return answer
+
+        upstream.handler = handler
+        gate = startGateway(self, upstream)
+        response, body, reason = await call(self, gate.url + CHAT + "?api-version=2024-10-21&x=%2F", body=b'{"model":"m"}')
+        self.assertEqual((response.code, response.phrase, body), (201, b"Made", answer))
+        self.assertTrue(isinstance(reason, (ResponseDone,)))
+        self.assertEqual(response.headers.getRawHeaders(b"x-request-id"), [b"req_123"])
+        self.assertEqual(response.headers.getRawHeaders(b"openai-processing-ms"), [b"287"])
+        self.assertEqual(len(response.headers.getRawHeaders(REQUEST_ID_HEADER, [])), 1)
+        seen = upstream.seen[0]
+        self.assertEqual(seen.uri, b"/v1/chat/completions?api-version=2024-10-21&x=%2F")
+        self.assertEqual(seen.body, b'{"model":"m"}')
+        self.assertEqual(seen.headers.getRawHeaders(b"authorization"), [b"Bearer " + ALLOWED_KEY])
+        self.assertEqual(seen.headers.getRawHeaders(b"host"), [f"127.0.0.1:{gate.upstreamPort}".encode()])
+        self.assertEqual(seen.headers.getRawHeaders(b"content-length"), [b"13"])
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual(
+            (record.status, record.error, record.provider, record.lmgate_id, record.owner, record.endpoint),
+            (201, None, "openai", "app1", "team-a", CHAT),
+        )
+        self.assertEqual((record.request_bytes, record.response_bytes), (13, len(answer)))
+        self.assertEqual(record.request_id, response.headers.getRawHeaders(REQUEST_ID_HEADER)[0].decode())
+        self.assertEqual(record.upstream_request_id, "req_123")
+        self.assertNotIn("0123456789abcdef", json.dumps(record.asDict()))
+
+    async def test_nothingAddedToTheResponse(self) -> None:
+        """No default Content-Type, Server or Date appears when the upstream sent none."""
+        upstream = FakeUpstream()
+
+        def bare(request: Request) -> bytes:
+            request.responseHeaders.removeHeader(b"server")
+            request.responseHeaders.removeHeader(b"date")
+            request.responseHeaders.removeHeader(b"content-type")
+            return b"plain"
+
+        upstream.handler = bare
+        gate = startGateway(self, upstream)
+        response, body, _ = await call(self, gate.url + CHAT)
+        names = sorted(name.lower() for name, _ in response.headers.getAllRawHeaders())
+        upstreamNames = sorted(
+            name.lower() for name, _ in upstream.seen[0].request.responseHeaders.getAllRawHeaders()
+        )
+        # The client's Agent keeps Content-Length out of response.headers, as it
+        # does for the gateway: compare the rest.
+        expected = sorted(set(upstreamNames) - {b"content-length"} | {REQUEST_ID_HEADER})
+        self.assertEqual(names, expected)
+        self.assertEqual(body, b"plain")
+
+    async def test_hopByHopNotRelayed(self) -> None:
+        """Connection-scoped request headers stop at the gateway."""
+        gate = startGateway(self)
+        headers = dict(AUTH)
+        headers.update({b"Connection": [b"close, X-Secret"], b"X-Secret": [b"1"], b"Keep-Alive": [b"5"], b"X-Keep": [b"y"]})
+        await call(self, gate.url + CHAT, headers=headers)
+        seen = gate.upstream.seen[0].headers
+        self.assertFalse(seen.hasHeader(b"x-secret") or seen.hasHeader(b"keep-alive"))
+        self.assertEqual(seen.getRawHeaders(b"x-keep"), [b"y"])
+
+    async def test_gzipRelayedUntouched(self) -> None:
+        """A compressed body stays compressed, byte for byte, with its Content-Encoding."""
+        upstream = FakeUpstream()
+        compressed = gzip.compress(json.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode())
+
+        def handler(request: Request) -> bytes:
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-encoding", b"gzip")
+            return compressed
+
+        upstream.handler = handler
+        gate = startGateway(self, upstream)
+        response, body, _ = await call(self, gate.url + CHAT, headers={**AUTH, b"Accept-Encoding": [b"gzip"]})
+        self.assertEqual(body, compressed)
+        self.assertEqual(response.headers.getRawHeaders(b"content-encoding"), [b"gzip"])
+        self.assertEqual(gate.upstream.seen[0].headers.getRawHeaders(b"accept-encoding"), [b"gzip"])
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual(record.response_bytes, len(compressed))
+
+    async def test_redirectReturnedNotFollowed(self) -> None:
+        """An upstream redirect reaches the client as it was; the upstream sees one request."""
+        upstream = FakeUpstream()
+
+        def redirect(request: Request) -> bytes:
+            request.setResponseCode(307)
+            request.setHeader(b"location", b"http://127.0.0.1:1/elsewhere")
+            return b""
+
+        upstream.handler = redirect
+        gate = startGateway(self, upstream)
+        response, _, _ = await call(self, gate.url + CHAT)
+        self.assertEqual(response.code, 307)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"http://127.0.0.1:1/elsewhere"])
+        self.assertEqual(len(upstream.seen), 1)
+
+    async def test_noCookieJar(self) -> None:
+        """A cookie set on one caller's response never rides on another call."""
+        upstream = FakeUpstream()
+        upstream.handler = jsonAnswer({}, headers={b"set-cookie": b"session=secret; Path=/"})
+        gate = startGateway(self, upstream)
+        response, _, _ = await call(self, gate.url + CHAT)
+        self.assertEqual(response.headers.getRawHeaders(b"set-cookie"), [b"session=secret; Path=/"])
+        await call(self, gate.url + CHAT)
+        self.assertFalse(upstream.seen[1].headers.hasHeader(b"cookie"))
+
+    async def test_unknownPrefix(self) -> None:
+        """An unknown prefix is a 404 in JSON, recorded, and nothing goes upstream."""
+        gate = startGateway(self)
+        response, body, _ = await call(self, gate.url + "/nope/v1/x")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(json.loads(body)["error"]["type"], "not_found")
+        self.assertEqual(gate.upstream.seen, [])
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.status, record.error, record.provider), (404, "not_found", None))
+
+    async def test_pathEscapeRefused(self) -> None:
+        """An encoded dot segment is a 400 in the provider's shape, never relayed."""
+        gate = startGateway(self)
+        response, body, _ = await call(self, gate.url + "/openai/v1/%2e%2e/admin")
+        self.assertEqual(response.code, 400)
+        self.assertEqual(json.loads(body)["error"]["type"], "bad_request")
+        self.assertEqual(gate.upstream.seen, [])
+
+    async def test_health(self) -> None:
+        """C{GET /healthz} answers 200 C{ok} without a key, and writes no record."""
+        gate = startGateway(self)
+        response, body, _ = await call(self, gate.url + "/healthz", method=b"GET", body=None, headers={})
+        self.assertEqual((response.code, body), (200, b"ok"))
+        self.assertEqual(gate.sink.records, [])
+
+    async def test_refusalsInProviderShape(self) -> None:
+        """No key and an unknown key are 403s in each provider's own error shape; the upstream sees nothing."""
+        gate = startGateway(self)
+        cases = [
+            ("/openai/v1/chat/completions", {}, lambda b: b["error"]["type"] == "invalid_request_error"),
+            ("/anthropic/v1/messages", {b"x-api-key": [b"sk-ant-unknown-000000"]}, lambda b: b["type"] == "error"),
+            ("/gemini/v1beta/models/m:generateContent?key=AIzaUnknown000", {}, lambda b: b["error"]["status"] == "PERMISSION_DENIED"),
+            ("/bedrock/model/m/converse", {b"Authorization": [b"Bearer bedrock-unknown"]}, lambda b: "message" in b),
+        ]
+        for path, headers, check in cases:
+            response, body, _ = await call(self, gate.url + path, headers=headers)
+            self.assertEqual(response.code, 403, path)
+            self.assertTrue(check(json.loads(body)), (path, body))
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+            self.assertNotIn(b"Unknown000", body)
+        self.assertEqual(gate.upstream.seen, [])
+        records = await gate.sink.waitFor(4)
+        self.assertEqual([r.error for r in records], ["forbidden"] * 4)
+        self.assertEqual([r.lmgate_id for r in records], [None] * 4)
+        self.assertIsNone(records[0].key)
+        self.assertNotIn("Unknown000", json.dumps([r.asDict() for r in records]))
+
+    async def test_sigv4Explained(self) -> None:
+        """A SigV4-signed Bedrock request is refused with an explanation, not relayed."""
+        gate = startGateway(self)
+        sig = b"AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE0000000000/20261123/us-east-1/bedrock/aws4_request, SignedHeaders=host;x-amz-date, Signature=abc"
+        response, body, _ = await call(self, gate.url + "/bedrock/model/m/converse", headers={b"Authorization": [sig]})
+        self.assertEqual(response.code, 403)
+        self.assertIn("AWS_BEARER_TOKEN_BEDROCK", json.loads(body)["message"])
+        self.assertEqual(gate.upstream.seen, [])
+
+
+class FailureTests(TestCase):
+    async def test_unreachable(self) -> None:
+        """A refused connection is a 502 with a JSON body and an C{upstream_unreachable} record."""
+        gate = startGateway(self, upstreamURL=f"http://127.0.0.1:{closedPort(self)}")
+        response, body, _ = await call(self, gate.url + CHAT)
+        self.assertEqual(response.code, 502)
+        self.assertEqual(json.loads(body)["error"]["type"], "api_error")
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.status, record.error), (502, "upstream_unreachable"))
+
+    async def test_responseTimeout(self) -> None:
+        """No response headers within C{timeouts.response}: 504, recorded, upstream dropped."""
+        clock = Clock()
+        upstream = FakeUpstream()
+        upstream.handler = lambda request: NOT_DONE_YET
+        gate = startGateway(self, upstream, clock=clock, responseTimeout=30.0)
+        arrived = upstream.arrived()
+        pending = Deferred.fromCoroutine(call(self, gate.url + "/anthropic/v1/messages"))
+        seen = await arrived
+        upstreamGone = seen.request.notifyFinish()
+        clock.advance(29.9)
+        self.assertFalse(pending.called)
+        clock.advance(0.2)
+        response, body, _ = await pending
+        self.assertEqual(response.code, 504)
+        self.assertEqual(json.loads(body)["error"]["type"], "timeout_error")
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.status, record.error, record.latency_ms), (504, "upstream_timeout", 30100.0))
+        await self.assertFailure(upstreamGone, Exception)
+
+    async def test_midBodyFailureIsTruncation(self) -> None:
+        """An upstream that dies mid-body leaves the client with a truncated body, never a clean end."""
+        upstream = FakeUpstream()
+        upstream.handler = lambda request: NOT_DONE_YET
+        gate = startGateway(self, upstream)
+        arrived = upstream.arrived()
+        responseD = clientAgent(self).request(b"POST", (gate.url + CHAT).encode(), Headers(AUTH))
+        seen = await arrived
+        seen.request.setHeader(b"content-type", b"text/event-stream")
+        seen.request.write(b"data: {}\n\n")
+        response = await responseD
+        collector = Collector()
+        first = collector.nextChunk()
+        response.deliverBody(collector)
+        await first
+        seen.request.channel.transport.abortConnection()
+        reason = await collector.done
+        self.assertEqual(response.code, 200)
+        self.assertFalse(isinstance(reason, (ResponseDone,)))
+        self.assertTrue(isinstance(reason, (ResponseFailed, PotentialDataLoss)))
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.status, record.error), (200, "upstream_reset"))
+
+    async def test_idleUpstreamCut(self) -> None:
+        """An upstream silent for C{timeouts.idle} mid-body: the client's connection is aborted."""
+        clock = Clock()
+        upstream = FakeUpstream()
+
+        def stall(request: Request) -> Any:
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.write(b"data: 1\n\n")
+            return NOT_DONE_YET
+
+        upstream.handler = stall
+        gate = startGateway(self, upstream, clock=clock, idleTimeout=5.0)
+        agent = clientAgent(self)
+        response = await agent.request(b"POST", (gate.url + CHAT).encode(), Headers(AUTH))
+        collector = Collector()
+        first = collector.nextChunk()
+        response.deliverBody(collector)
+        self.assertEqual(await first, b"data: 1\n\n")
+        clock.advance(4.9)
+        self.assertFalse(collector.done.called)
+        clock.advance(0.2)
+        reason = await collector.done
+        self.assertFalse(isinstance(reason, (ResponseDone,)))
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual(record.error, "upstream_timeout")
+
+
+class StreamingTests(TestCase):
+    async def test_eventsRelayedOnArrival(self) -> None:
+        """The first event reaches the client before the upstream sends the second."""
+        upstream = FakeUpstream()
+        upstream.handler = lambda request: NOT_DONE_YET
+        gate = startGateway(self, upstream)
+        arrived = upstream.arrived()
+        agent = clientAgent(self)
+        responseD = agent.request(b"POST", (gate.url + CHAT).encode(), Headers(AUTH))
+        seen = await arrived
+        seen.request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        seen.request.write(b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n')
+        response = await responseD
+        collector = Collector()
+        first = collector.nextChunk()
+        response.deliverBody(collector)
+        self.assertEqual(await first, b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n')
+        second = collector.nextChunk()
+        seen.request.write(b"data: [DONE]\n\n")
+        self.assertEqual(await second, b"data: [DONE]\n\n")
+        seen.request.finish()
+        self.assertTrue(isinstance((await collector.done), (ResponseDone,)))
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.streaming, record.error), (True, None))
+
+    async def test_clientDisconnectDropsUpstream(self) -> None:
+        """A client that leaves mid-stream makes the gateway drop the upstream connection at once."""
+        upstream = FakeUpstream()
+        upstream.handler = lambda request: NOT_DONE_YET
+        gate = startGateway(self, upstream)
+        arrived = upstream.arrived()
+        client = await _rawClient(gate.port, _post(CHAT))
+        seen = await arrived
+        upstreamGone = seen.request.notifyFinish()
+        seen.request.setHeader(b"content-type", b"text/event-stream")
+        seen.request.write(b"data: 1\n\n")
+        await client.received(b"data: 1")
+        client.transport.abortConnection()
+        await self.assertFailure(upstreamGone, Exception)
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.status, record.error), (200, "client_disconnected"))
+
+    async def test_clientDisconnectBeforeResponse(self) -> None:
+        """A client that leaves before the response abandons the upstream request; recorded as 499."""
+        upstream = FakeUpstream()
+        upstream.handler = lambda request: NOT_DONE_YET
+        gate = startGateway(self, upstream)
+        arrived = upstream.arrived()
+        client = await _rawClient(gate.port, _post(CHAT))
+        seen = await arrived
+        upstreamGone = seen.request.notifyFinish()
+        client.transport.abortConnection()
+        await self.assertFailure(upstreamGone, Exception)
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.status, record.error), (499, "client_disconnected"))
+
+    async def test_slowClientPausesUpstream(self) -> None:
+        """A client that stops reading pauses the upstream instead of growing the gateway's memory."""
+        upstream = FakeUpstream()
+        total = 256 * 1024 * 1024
+        producers: list[_Firehose] = []
+
+        def firehose(request: Request) -> Any:
+            request.setHeader(b"content-type", b"application/octet-stream")
+            producer = _Firehose(request, total)
+            producers.append(producer)
+            request.registerProducer(producer, True)
+            producer.resumeProducing()
+            return NOT_DONE_YET
+
+        upstream.handler = firehose
+        gate = startGateway(self, upstream)
+        client = await _rawClient(gate.port, _post(CHAT), paused=True)
+        while not producers:
+            await _turn()
+        producer = producers[0]
+        await producer.paused
+        # Loopback socket buffers hold some megabytes; the rest waited upstream.
+        self.assertLess(producer.sent, 64 * 1024 * 1024)
+        client.transport.abortConnection()
+        await gate.sink.waitFor(1)
+
+    async def test_largeStreamFlatMemory(self) -> None:
+        """A 50 MB response streams through with the process's memory flat (no whole-body copy)."""
+        upstream = FakeUpstream()
+        total = 50 * 1024 * 1024
+        producers: list[_Firehose] = []
+
+        def firehose(request: Request) -> Any:
+            request.setHeader(b"content-type", b"text/event-stream")
+            producer = _Firehose(request, total, line=True)
+            producers.append(producer)
+            request.registerProducer(producer, True)
+            producer.resumeProducing()
+            return NOT_DONE_YET
+
+        upstream.handler = firehose
+        gate = startGateway(self, upstream)
+        before = _rss()
+        agent = clientAgent(self)
+        response = await agent.request(b"POST", (gate.url + CHAT).encode(), Headers(AUTH))
+        counter = _Counter()
+        response.deliverBody(counter)
+        reason = await counter.done
+        self.assertTrue(isinstance(reason, (ResponseDone,)))
+        self.assertEqual(counter.count, total)
+        self.assertLess(max(producers[0].rssSamples) - before, 30 * 1024 * 1024)
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual(record.response_bytes, total)
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _turn() -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    reactor.callLater(0.01, d.callback, None)  # type: ignore[attr-defined]
+    return d
+
+
+def _post(path: str) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: gate\r\nAuthorization: Bearer {ALLOWED_KEY.decode()}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    ).encode()
+
+
+@implementer(IPushProducer)
+class _Firehose:
+    """Writes C{total} bytes as fast as the consumer takes them, and tells when it was paused."""
+
+    def __init__(self, request: Request, total: int, line: bool = False) -> None:
+        self.request, self.remaining, self.sent = request, total, 0
+        self.paused: Deferred[None] = Deferred()
+        self.rssSamples: list[int] = []
+        self._running = False
+        self._chunk = (b"data: " + b"x" * (65536 - 8) + b"\n\n") if line else b"x" * 65536
+
+    def resumeProducing(self) -> None:
+        self._running = True
+        while self._running and self.remaining > 0:
+            chunk = self._chunk[: self.remaining]
+            self.remaining -= len(chunk)
+            self.sent += len(chunk)
+            self.request.write(chunk)
+            if self.sent % (4 * 1024 * 1024) == 0:
+                self.rssSamples.append(_rss())
+        if self.remaining == 0 and self._running:
+            self._running = False
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def pauseProducing(self) -> None:
+        self._running = False
+        if not self.paused.called:
+            self.paused.callback(None)
+
+    def stopProducing(self) -> None:
+        self._running = False
+        self.remaining = 0
+
+
+class _Counter(Protocol):
+    def __init__(self) -> None:
+        self.count = 0
+        self.done: Deferred[Any] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.count += len(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(reason.value)
+
+
+class _RawClient(Protocol):
+    def __init__(self, request: bytes, paused: bool) -> None:
+        self._request, self._paused = request, paused
+        self.data = b""
+        self._waiting: list[tuple[bytes, Deferred[None]]] = []
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)
+        if self._paused:
+            self.transport.pauseProducing()  # stop reading: the kernel buffers fill, then the gateway's
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        for marker, d in list(self._waiting):
+            if marker in self.data:
+                self._waiting.remove((marker, d))
+                d.callback(None)
+
+    def received(self, marker: bytes) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        if marker in self.data:
+            d.callback(None)
+        else:
+            self._waiting.append((marker, d))
+        return d
+
+
+async def _rawClient(port: int, request: bytes, paused: bool = False) -> _RawClient:
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    protocol = _RawClient(request, paused)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+    return protocol
