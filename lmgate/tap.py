@@ -1,0 +1,233 @@
+"""
+Building the daemon: command-line options, settings, and the service tree.
+
+C{twistd -n lmgate [--config PATH] [--listen ENDPOINT]} comes here through the
+plugin; C{twistd -ny lmgate.tac} through L{serviceFor}. Everything that can be
+wrong with the configuration, the allow-list or the stats directory is found
+here, in the foreground, and becomes one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from importlib import resources
+from typing import Any, Callable
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+
+from lmgate.config import Settings, loadSettings, settingsFrom
+from lmgate.errors import ConfigError
+
+log = Logger()
+
+DEMO_SOURCE = "<embedded demo>"
+
+
+class Options(usage.Options):
+    """C{twistd lmgate} options."""
+
+    synopsis = "[--config PATH] [--listen ENDPOINT]"
+    longdesc = (
+        "Pass-through gateway for LLM provider APIs: access control and usage records. "
+        "Without --config (or LMGATE_CONFIG), runs the embedded demo: every provider "
+        "routed to a stub upstream in the same process, key 'lmgate-demo-key'."
+    )
+    optParameters = [
+        ["config", "c", None, "The YAML configuration file (default: $LMGATE_CONFIG, else the embedded demo)."],
+        ["listen", "l", None, "A Twisted server endpoint string, overriding the file's `listen`."],
+    ]
+
+
+def demoSettings(environ: Any = None) -> Settings:
+    """The embedded default: stub upstreams in-process and a demo allow-list."""
+    demo = resources.files("lmgate") / "demo"
+    import yaml
+
+    raw = yaml.safe_load((demo / "lmgate.yaml").read_text())
+    raw.setdefault("allowlist", {})["path"] = str(demo / "allowlist.csv")
+    return settingsFrom(raw, DEMO_SOURCE, environ)
+
+
+def settingsFor(configPath: str | None, listen: str | None = None) -> Settings:
+    """
+    The settings for a config path (L{None}: the embedded demo), with a
+    command-line C{--listen} on top.
+
+    @raise ConfigError: for anything wrong.
+    """
+    settings = demoSettings() if configPath is None else loadSettings(configPath)
+    if listen is not None:
+        from dataclasses import replace
+
+        settings = replace(settings, listen=listen)
+    return settings
+
+
+class OrderedMultiService(MultiService):
+    """
+    Stops its children one after another, last added first, each after the
+    previous one's stop has finished: the listener closes, then calls in flight
+    drain, and only then are the records flushed.
+    """
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            try:
+                yield maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("Stopping {service} failed", service=service)
+
+
+class DrainService(Service):
+    """Stops after the listener: waits for calls in flight (bounded), then aborts the rest."""
+
+    def __init__(self, drain: Callable[[float], Deferred[None]], timeout: float) -> None:
+        self._drain, self._timeout = drain, timeout
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._drain(self._timeout)
+
+
+class SignalService(Service):
+    """
+    Installs LMGate's signal handlers while running: SIGHUP reloads the
+    allow-list (stock twistd would die on it), SIGUSR1 reopens the stats file
+    for external rotation tools.
+    """
+
+    def __init__(self, reactor: Any, handlers: dict[int, Callable[[], object]]) -> None:
+        self._reactor, self._handlers = reactor, handlers
+        self._previous: dict[int, Any] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        for signum, handler in self._handlers.items():
+            self._previous[signum] = signal.signal(signum, self._handlerFor(handler))
+
+    def _handlerFor(self, handler: Callable[[], object]) -> Callable[[int, Any], None]:
+        def onSignal(signum: int, frame: Any) -> None:
+            self._reactor.callFromThread(self._run, signum, handler)
+
+        return onSignal
+
+    def _run(self, signum: int, handler: Callable[[], object]) -> None:
+        log.info("Received {signal}", signal=signal.Signals(signum).name)
+        try:
+            handler()
+        except Exception:
+            log.failure("Handling {signal} failed", signal=signal.Signals(signum).name)
+
+    def stopService(self) -> None:
+        super().stopService()
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+
+def _endpoint(reactor: Any, description: str, settings: Settings, key: str) -> Any:
+    try:
+        return serverFromString(reactor, description)
+    except Exception as e:
+        raise ConfigError(settings.source, key, f"not a usable endpoint ({e}): {description!r}") from None
+
+
+def buildService(settings: Settings, reactor: Any) -> IService:
+    """
+    The daemon's service tree for checked settings.
+
+    @raise ConfigError: the allow-list, the stats directory, the TLS bundle or
+        an endpoint cannot be used.
+    """
+    from lmgate.allowlist import AllowList
+    from lmgate.gateway import Gateway, GatewayResource, GatewaySite
+    from lmgate.jsonl import UsageLog, checkStatsPath
+    from lmgate.providers import Provider
+    from lmgate.upstream import Upstream
+
+    allowList = AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
+    checkStatsPath(settings.statsPath, settings.source)
+    usageLog = UsageLog(
+        settings.statsPath,
+        flushInterval=settings.statsFlushInterval,
+        maxBytes=settings.statsMaxBytes,
+        backlog=settings.statsBacklog,
+        clock=reactor,
+    )
+    upstream = Upstream.fromSettings(reactor, settings)
+    providers = {name: Provider(p) for name, p in settings.providers.items()}
+    gateway = Gateway(
+        providers,
+        allowList,
+        upstream,
+        usageLog,
+        reactor,
+        captureLimit=settings.statsCaptureLimit,
+        responseTimeout=settings.responseTimeout,
+        idleTimeout=settings.idleTimeout,
+    )
+    site = GatewaySite(GatewayResource(gateway), accessLog=settings.accessLog, reactor=reactor)
+    listener = StreamServerEndpointService(_endpoint(reactor, settings.listen, settings, "listen"), site)
+    listener._raiseSynchronously = True
+
+    top = OrderedMultiService()
+    # Started in this order, stopped in reverse, one after another.
+    usageLog.setServiceParent(top)
+    allowList.setServiceParent(top)
+    upstream.setServiceParent(top)
+    if settings.stubListen is not None:
+        from twisted.web.server import Site
+
+        from lmgate.stub import makeStubResource
+
+        stubSite = Site(makeStubResource(reactor))
+        stubSite.noisy = False
+        stub = StreamServerEndpointService(_endpoint(reactor, settings.stubListen, settings, "stub.listen"), stubSite)
+        stub._raiseSynchronously = True
+        stub.setServiceParent(top)
+    DrainService(gateway.drain, settings.drainTimeout).setServiceParent(top)
+    SignalService(reactor, {signal.SIGHUP: allowList.reload, signal.SIGUSR1: usageLog.reopen}).setServiceParent(top)
+    listener.setServiceParent(top)
+    if settings.source == DEMO_SOURCE:
+        log.warn(
+            "No --config given: running the embedded demo. Providers are routed to the stub "
+            "upstream on {stub}; use the API key 'lmgate-demo-key'.",
+            stub=settings.stubListen,
+        )
+    log.info(
+        "LMGate on {listen}: providers {providers}; records to {stats}",
+        listen=settings.listen,
+        providers=", ".join(sorted(settings.providers)),
+        stats=settings.statsPath,
+    )
+    return top
+
+
+def serviceFor(configPath: str | None, listen: str | None = None, reactor: Any = None) -> IService:
+    """
+    Settings and service tree in one step, with start-up errors as C{SystemExit}
+    carrying one line (twistd prints it and exits non-zero).
+    """
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    try:
+        return buildService(settingsFor(configPath, listen), reactor)
+    except ConfigError as e:
+        raise SystemExit(f"lmgate: {e}") from None
+
+
+def makeService(options: usage.Options) -> IService:
+    """The plugin's entry point."""
+    configPath = options["config"] or os.environ.get("LMGATE_CONFIG") or None
+    return serviceFor(configPath, options["listen"])
