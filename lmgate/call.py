@@ -177,7 +177,11 @@ class ProxiedCall:
             self._pending.cancel()
         elif self._tee is not None:
             self._tee.stop()
-        channel = self._request.channel
+        self._abortClient()
+
+    def _abortClient(self) -> None:
+        """Cut the client's connection, so an unfinished response never looks complete."""
+        channel: Any = self._request.channel
         if channel is not None and channel.transport is not None:
             channel.transport.abortConnection()
 
@@ -272,17 +276,15 @@ class ProxiedCall:
                 why=result.getErrorMessage(),
             )
             self._recordOnce(kind, result)
-            transport = self._request.channel.transport if self._request.channel else None
-            if transport is not None:
-                transport.abortConnection()  # a truncated body is never shown as complete
+            self._abortClient()  # a truncated body is never shown as complete
 
     def _bug(self, reason: Failure) -> None:
         log.failure("Relaying {endpoint!r} failed", reason, endpoint=self._endpoint)
         if not self._recorded:
             self._status = self._status or 500
             self._recordOnce("internal_error", reason)
-        if not self._clientGone and self._request.channel is not None:
-            self._request.channel.transport.abortConnection()
+        if not self._clientGone:
+            self._abortClient()
 
     # -- the record ------------------------------------------------------------
 

@@ -24,13 +24,15 @@ The gateway itself runs under twistd:  twistd -n lmgate --config etc/lmgate.yaml
 def _stub(argv: list[str]) -> int:
     from lmgate.stub import main
 
-    return main(argv)
+    code: int = main(argv)
+    return code
 
 
 def _keys(argv: list[str]) -> int:
     from lmgate.keys import main
 
-    return main(argv)
+    code: int = main(argv)
+    return code
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"stub": _stub, "keys": _keys}

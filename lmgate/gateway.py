@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
 from twisted.web.http import _escape
 from twisted.web.iweb import IBodyProducer
@@ -29,6 +30,7 @@ from lmgate.call import ProxiedCall
 from lmgate.headers import upstreamRequestHeaders
 from lmgate.interfaces import IKeyCheck, IUsageSink
 from lmgate.providers import Provider
+from lmgate.record import KeyEntry
 from lmgate.upstream import BytesProducer, Upstream
 
 log = Logger()
@@ -158,10 +160,10 @@ class GatewayResource(Resource):
     isLeaf = True
 
     def __init__(self, gateway: Gateway) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self._gateway = gateway
 
-    def render(self, request: Request) -> Any:  # type: ignore[override]
+    def render(self, request: Request) -> Any:
         gateway = self._gateway
         uri = request.uri
         try:
@@ -186,7 +188,7 @@ class GatewayResource(Resource):
             return call.refuse("forbidden", str(e))
         if credential is None:
             return call.refuse("forbidden", NO_KEY_MESSAGE)
-        entry = gateway.keyCheck.lookup(credential.key)
+        entry: KeyEntry | None = gateway.keyCheck.lookup(credential.key)
         call.identify(maskKey(credential.key), entry)
         if credential.kind == "sigv4":
             return call.refuse("forbidden", SIGV4_MESSAGE)
@@ -242,7 +244,7 @@ class GatewayRequest(Request):
     defaultContentType = None
 
     def process(self) -> None:
-        channel = self.channel
+        channel: Any = self.channel
         self.site = channel.site
         self.prepath = []
         self.postpath = []
@@ -253,11 +255,9 @@ class GatewayRequest(Request):
             except Exception:  # not TCP (a UNIX socket), or already gone
                 pass
         try:
-            self.render(self.site.resource)
+            self.render(self.site.resource)  # type: ignore[no-untyped-call]
         except BaseException:
-            from twisted.python.failure import Failure
-
-            self.processingFailed(Failure())
+            self.processingFailed(Failure())  # type: ignore[no-untyped-call]
 
 
 def redactingLogFormatter(timestamp: str | None, request: Request) -> str:
@@ -294,9 +294,9 @@ class GatewaySite(Site):
     requestFactory = GatewayRequest
 
     def __init__(self, resource: GatewayResource, accessLog: bool = True, **kwargs: Any) -> None:
-        super().__init__(resource, logFormatter=redactingLogFormatter, **kwargs)
+        Site.__init__(self, resource, logFormatter=redactingLogFormatter, **kwargs)
         self._accessLog = accessLog
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         if self._accessLog:
             super().log(request)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from zope.interface import Attribute, Interface
 
+from lmgate.record import KeyEntry, Usage, UsageRecord
+
 
 class IKeyCheck(Interface):
     """
@@ -19,7 +21,7 @@ class IKeyCheck(Interface):
     or the network, because it runs on the reactor thread for every call.
     """
 
-    def lookup(key: bytes) -> object:
+    def lookup(key: bytes) -> KeyEntry | None:
         """
         Find the allow-list entry for a key.
 
@@ -47,7 +49,7 @@ class IUsageReader(Interface):
         be read makes the usage unknown, never an error for the client.
         """
 
-    def finish() -> object:
+    def finish() -> Usage:
         """
         The body has ended (completely or not). Return the L{lmgate.record.Usage}
         read from it. Called at most once. Never raises.
@@ -60,7 +62,7 @@ class IUsageSink(Interface):
     must not wait for, or fail because of, the record of it.
     """
 
-    def write(record: object) -> None:
+    def write(record: UsageRecord) -> None:
         """
         Accept one L{lmgate.record.UsageRecord}.
         """

@@ -5,7 +5,7 @@ second, with the upstream paused while the client cannot keep up.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -61,8 +61,9 @@ class Tee(Protocol):
 
     def stop(self) -> None:
         """Drop the upstream connection (the client has gone)."""
-        if self.transport is not None:
-            self.transport.stopProducing()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.stopProducing()
 
     def _timedOut(self) -> None:
         self._idle = None

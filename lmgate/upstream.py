@@ -104,7 +104,7 @@ class Upstream(Service):
         """The production relay: a persistent pool and a TLS-verifying Agent."""
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = settings.poolMaxPerHost
-        pool.cachedConnectionTimeout = settings.poolIdleTimeout
+        pool.cachedConnectionTimeout = settings.poolIdleTimeout  # type: ignore[assignment]
         pool.retryAutomatically = True  # Twisted retries only idempotent, body-less requests
         policy = BrowserLikePolicyForHTTPS(trustRoot=trustRootFor(settings))
         agent = Agent(reactor, contextFactory=policy, connectTimeout=settings.connectTimeout, pool=pool)
@@ -120,7 +120,8 @@ class Upstream(Service):
         return self._agent.request(method, url, headers, body)
 
     def stopService(self) -> Deferred[None] | None:
-        super().stopService()
+        Service.stopService(self)
         if self._pool is not None:
-            return self._pool.closeCachedConnections()
+            closed: Deferred[None] = self._pool.closeCachedConnections()
+            return closed
         return None
