@@ -1,0 +1,390 @@
+"""
+End to end: C{twistd -n lmgate} as a child process, driven by the real provider
+SDKs (base_url swapped to the gateway) against the stub upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+from twisted.web.server import Site
+
+from tests.daemon import LMGATE, TWISTD, Daemon, freePort, inThread, pause, readRecords
+
+PLAIN_KEY = "sk-plain-e2e-0000000000000000AbCd"
+HASHED_KEY = "sk-ant-hashed-e2e-111111111111WxYz"
+
+
+class CountingSite(Site):
+    """The stub upstream, counting the requests that reach it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.count = 0
+
+    def getResourceFor(self, request: Any) -> Any:
+        self.count += 1
+        return super().getResourceFor(request)
+
+
+def allowList(*rows: tuple[str, str, str]) -> str:
+    lines = ["id,api_key,owner,added"]
+    for ident, key, owner in rows:
+        lines.append(f"{ident},{key},{owner},2026-11-23")
+    return "\n".join(lines) + "\n"
+
+
+class DaemonTestCase(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        from lmgate.stub import makeStubResource
+
+        self.stub = CountingSite(makeStubResource(reactor))
+        port = reactor.listenTCP(0, self.stub, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        self.stubURL = f"http://127.0.0.1:{port.getHost().port}"
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.allowlistPath = os.path.join(self.directory, "allowlist.csv")
+        hashed = "sha256:" + hashlib.sha256(HASHED_KEY.encode()).hexdigest()
+        with open(self.allowlistPath, "w") as f:
+            f.write(allowList(("plain", PLAIN_KEY, "team-plain"), ("hashed", hashed, "team-hashed")))
+        self.port = freePort()
+        self.statsPath = os.path.join(self.directory, "stats", "stats.jsonl")
+
+    def config(self, **extra: str) -> str:
+        lines = [
+            f'listen: "tcp:{self.port}:interface=127.0.0.1"',
+            f"allowlist: {{path: {self.allowlistPath}, reload_interval: {extra.get('reload', '0.2')}}}",
+            f"stats: {{path: {self.statsPath}, flush_interval: 0.2}}",
+            "providers:",
+        ]
+        for name in ("openai", "anthropic", "gemini", "bedrock"):
+            lines.append(f"  {name}: {{upstream: '{self.stubURL}'}}")
+        return "\n".join(lines) + "\n"
+
+    async def startDaemon(self, **extra: str) -> Daemon:
+        daemon = Daemon(self, self.config(**extra), self.directory)
+        daemon.start()
+        await daemon.waitUntilHealthy(self.port)
+        return daemon
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class SDKTests(DaemonTestCase):
+    async def test_openaiAndAnthropicSDKs(self) -> None:
+        """The openai and anthropic SDKs work through the daemon by a base_url swap,
+        streaming included; SIGTERM exits 0 with one record per call on disk."""
+        daemon = await self.startDaemon()
+
+        def openaiCalls() -> list[Any]:
+            import openai
+
+            client = openai.OpenAI(base_url=self.base + "/openai/v1", api_key=PLAIN_KEY, max_retries=0, timeout=20)
+            chat = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi there"}])
+            chunks = list(
+                client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=[{"role": "user", "content": "hi"}],
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            return [chat, chunks]
+
+        def anthropicCalls() -> list[Any]:
+            import anthropic
+
+            client = anthropic.Anthropic(base_url=self.base + "/anthropic", api_key=HASHED_KEY, max_retries=0, timeout=20)
+            message = client.messages.create(
+                model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hello"}]
+            )
+            with client.messages.stream(
+                model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hello"}]
+            ) as stream:
+                final = stream.get_final_message()
+            return [message, final]
+
+        chat, chunks = await inThread(openaiCalls)
+        self.assertTrue(chat.choices[0].message.content)
+        self.assertIsNotNone(chunks[-1].usage)
+        message, final = await inThread(anthropicCalls)
+        self.assertEqual(message.type, "message")
+        self.assertEqual(final.usage.output_tokens, message.usage.output_tokens)
+
+        self.assertEqual(await daemon.stop(), 0)
+        records = readRecords(self.statsPath)
+        self.assertEqual(len(records), 4)
+        byEndpoint = [(r["provider"], r["endpoint"], r["streaming"], r["status"], r["error"]) for r in records]
+        self.assertEqual(
+            byEndpoint,
+            [
+                ("openai", "/openai/v1/chat/completions", False, 200, None),
+                ("openai", "/openai/v1/chat/completions", True, 200, None),
+                ("anthropic", "/anthropic/v1/messages", False, 200, None),
+                ("anthropic", "/anthropic/v1/messages", True, 200, None),
+            ],
+        )
+        self.assertEqual(records[0]["input_tokens"], chat.usage.prompt_tokens)
+        self.assertEqual(records[0]["output_tokens"], chat.usage.completion_tokens)
+        self.assertEqual(records[1]["output_tokens"], chunks[-1].usage.completion_tokens)
+        self.assertEqual(records[2]["output_tokens"], message.usage.output_tokens)
+        self.assertEqual(records[3]["output_tokens"], final.usage.output_tokens)
+        self.assertEqual([r["lmgate_id"] for r in records], ["plain", "plain", "hashed", "hashed"])
+        self.assertEqual([r["usage_source"] for r in records], ["response"] * 4)
+        text = json.dumps(records)
+        self.assertNotIn(PLAIN_KEY, text)
+        self.assertNotIn(HASHED_KEY, text)
+        self.assertNotIn(PLAIN_KEY, daemon.watch.output.decode())
+
+
+class AccessControlTests(DaemonTestCase):
+    async def test_refusedCallsNeverReachTheUpstream(self) -> None:
+        """Missing and unknown keys get 403 and the upstream sees nothing; allowed keys, hashed or plain, get 200."""
+        import treq
+
+        daemon = await self.startDaemon()
+        url = self.base + "/openai/v1/chat/completions"
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}]}).encode()
+        for headers in ({}, {"Authorization": "Bearer sk-not-on-the-list-9999"}):
+            response = await treq.post(url, body, headers=headers, persistent=False)
+            self.assertEqual(response.code, 403)
+            self.assertEqual((await response.json())["error"]["code"], "invalid_api_key")
+        self.assertEqual(self.stub.count, 0)
+        for key in (PLAIN_KEY, HASHED_KEY):
+            response = await treq.post(url, body, headers={"Authorization": f"Bearer {key}"}, persistent=False)
+            self.assertEqual(response.code, 200)
+            await response.content()
+        self.assertEqual(self.stub.count, 2)
+        self.assertEqual(await daemon.stop(), 0)
+        self.assertEqual([r["status"] for r in readRecords(self.statsPath)], [403, 403, 200, 200])
+
+    async def test_keyAddedWithoutRestart(self) -> None:
+        """A key added with C{lmgate keys add} is accepted within one reload interval, no restart."""
+        import treq
+
+        daemon = await self.startDaemon()
+        newKey = "sk-new-key-e2e-22222222222222Zz"
+        url = self.base + "/openai/v1/models"
+        headers = {"Authorization": f"Bearer {newKey}"}
+        response = await treq.get(url, headers=headers, persistent=False)
+        self.assertEqual(response.code, 403)
+        await response.content()
+        added = await inThread(
+            subprocess.run,
+            [LMGATE, "keys", "add", "--id", "new", "--owner", "team-new", "--file", self.allowlistPath],
+            input=newKey + "\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        self.assertEqual(added.returncode, 0, added.stderr)
+        with open(self.allowlistPath) as f:
+            self.assertNotIn(newKey, f.read())  # stored hashed
+        for _ in range(50):
+            response = await treq.get(url, headers=headers, persistent=False)
+            await response.content()
+            if response.code == 200:
+                break
+            await pause(0.1)
+        self.assertEqual(response.code, 200)
+        await daemon.stop()
+
+    async def test_sighupReloads(self) -> None:
+        """SIGHUP reloads the allow-list at once, and the daemon keeps running."""
+        import treq
+
+        daemon = await self.startDaemon(reload="3600")
+        with open(self.allowlistPath, "w") as f:
+            f.write(allowList(("only", "sk-after-hup-333333333333", "t")))
+        daemon.signal("HUP")
+        url = self.base + "/openai/v1/models"
+        for _ in range(50):
+            response = await treq.get(url, headers={"Authorization": f"Bearer {PLAIN_KEY}"}, persistent=False)
+            await response.content()
+            if response.code == 403:
+                break
+            await pause(0.1)
+        self.assertEqual(response.code, 403)
+        response = await treq.get(url, headers={"Authorization": "Bearer sk-after-hup-333333333333"}, persistent=False)
+        await response.content()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(await daemon.stop(), 0)
+
+
+class StartupErrorTests(DaemonTestCase):
+    async def test_badConfigurationIsOneLine(self) -> None:
+        """A wrong key stops the start with one line naming the file, the key and the problem."""
+        path = os.path.join(self.directory, "bad.yaml")
+        with open(path, "w") as f:
+            f.write("timeouts: {connect: never}\n")
+        result = await inThread(
+            subprocess.run,
+            [TWISTD, "-n", "--pidfile=", "lmgate", "--config", path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.directory,
+            env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(result.stderr.strip().splitlines(), [f"lmgate: {path}: timeouts.connect: must be a number > 0, got 'never'"])
+
+    async def test_missingAllowListFailsClosed(self) -> None:
+        """Without a loadable allow-list the daemon does not start."""
+        os.remove(self.allowlistPath)
+        path = os.path.join(self.directory, "lmgate.yaml")
+        with open(path, "w") as f:
+            f.write(self.config())
+        result = await inThread(
+            subprocess.run,
+            [TWISTD, "-n", "--pidfile=", "lmgate", "--config", path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.directory,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertIn(self.allowlistPath, lines[0])
+
+
+_ = sys
+
+
+def makeCertificate(directory: str) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1, as PEM files (key, cert)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    keyPath, certPath = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    with open(keyPath, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with open(certPath, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return keyPath, certPath
+
+
+class MoreSDKTests(DaemonTestCase):
+    async def test_googleGenAIAndBoto3Bedrock(self) -> None:
+        """google-genai (plain and streamed) and boto3 bedrock-runtime (converse and
+        converse_stream, Bedrock API key over an ssl: listener) each yield a truthful record."""
+        keyPath, certPath = makeCertificate(self.directory)
+        config = self.config().replace(
+            f'listen: "tcp:{self.port}:interface=127.0.0.1"',
+            f'listen: "ssl:{self.port}:interface=127.0.0.1:privateKey={keyPath}:certKey={certPath}"',
+        )
+        daemon = Daemon(self, config, self.directory)
+        daemon.start()
+        await self._waitTLS()
+
+        def genaiCalls() -> list[Any]:
+            from google import genai
+            from google.genai import types
+
+            client = genai.Client(
+                api_key=PLAIN_KEY,
+                http_options=types.HttpOptions(
+                    base_url=f"https://127.0.0.1:{self.port}/gemini",
+                    client_args={"verify": certPath},
+                    timeout=20000,
+                ),
+            )
+            plain = client.models.generate_content(model="gemini-2.0-flash", contents="hello there")
+            chunks = list(client.models.generate_content_stream(model="gemini-2.0-flash", contents="hello"))
+            return [plain, chunks]
+
+        def bedrockCalls() -> list[Any]:
+            import boto3
+            from botocore.config import Config
+
+            os.environ["AWS_BEARER_TOKEN_BEDROCK"] = HASHED_KEY
+            try:
+                client = boto3.client(
+                    "bedrock-runtime",
+                    region_name="us-east-1",
+                    endpoint_url=f"https://127.0.0.1:{self.port}/bedrock",
+                    verify=certPath,
+                    config=Config(retries={"max_attempts": 1}, read_timeout=20, connect_timeout=5),
+                )
+                messages = [{"role": "user", "content": [{"text": "hello"}]}]
+                modelId = "anthropic.claude-3-haiku-20240307-v1:0"
+                converse = client.converse(modelId=modelId, messages=messages)
+                stream = client.converse_stream(modelId=modelId, messages=messages)
+                events = list(stream["stream"])
+            finally:
+                del os.environ["AWS_BEARER_TOKEN_BEDROCK"]
+            return [converse, events]
+
+        plain, chunks = await inThread(genaiCalls)
+        converse, events = await inThread(bedrockCalls)
+        self.assertEqual(await daemon.stop(), 0)
+        records = readRecords(self.statsPath)
+        self.assertEqual(
+            [(r["provider"], r["streaming"], r["status"], r["error"]) for r in records],
+            [("gemini", False, 200, None), ("gemini", True, 200, None), ("bedrock", False, 200, None), ("bedrock", True, 200, None)],
+        )
+        self.assertEqual(records[0]["input_tokens"], plain.usage_metadata.prompt_token_count)
+        self.assertEqual(records[0]["output_tokens"], plain.usage_metadata.candidates_token_count + (plain.usage_metadata.thoughts_token_count or 0))
+        last = [c for c in chunks if c.usage_metadata and c.usage_metadata.candidates_token_count][-1]
+        self.assertEqual(records[1]["output_tokens"], last.usage_metadata.candidates_token_count + (last.usage_metadata.thoughts_token_count or 0))
+        self.assertEqual(records[2]["input_tokens"], converse["usage"]["inputTokens"])
+        self.assertEqual(records[2]["output_tokens"], converse["usage"]["outputTokens"])
+        metadata = [e["metadata"] for e in events if "metadata" in e][0]
+        self.assertEqual(records[3]["output_tokens"], metadata["usage"]["outputTokens"])
+        self.assertEqual(records[2]["model"], "anthropic.claude-3-haiku-20240307-v1:0")
+        self.assertEqual([r["lmgate_id"] for r in records], ["plain", "plain", "hashed", "hashed"])
+
+    async def _waitTLS(self) -> None:
+        import ssl
+        import socket as socketModule
+
+        def probe() -> bool:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            try:
+                with socketModule.create_connection(("127.0.0.1", self.port), timeout=2) as raw:
+                    with context.wrap_socket(raw) as tls:
+                        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        return b" 200 " in tls.recv(100)
+            except OSError:
+                return False
+
+        for _ in range(150):
+            if await inThread(probe):
+                return
+            await pause(0.1)
+        raise AssertionError("the TLS listener did not come up")
