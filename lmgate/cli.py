@@ -15,7 +15,8 @@ usage: lmgate COMMAND [ARGS...]
 
 commands:
   stub     serve the providers' main endpoints from a deterministic fake upstream
-  keys     manage the allow-list (hash, add, list, check)
+  keys     manage the allow-list (hash, add, list, remove, check)
+  report   summarise the usage records (tables, CSV, JSON, HTML)
 
 The gateway itself runs under twistd:  twistd -n lmgate --config etc/lmgate.yaml
 """
@@ -35,7 +36,14 @@ def _keys(argv: list[str]) -> int:
     return code
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"stub": _stub, "keys": _keys}
+def _report(argv: list[str]) -> int:
+    from lmgate.report import main
+
+    code: int = main(argv)
+    return code
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"stub": _stub, "keys": _keys, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:
