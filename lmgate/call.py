@@ -256,13 +256,15 @@ class ProxiedCall:
             provider.format, response.code, response.headers, self._upstreamPath, self._gateway.captureLimit
         )
         self._reader = reader
-        tee = Tee(request, reader.feed, self._clock, self._gateway.idleTimeout)
+        tee = Tee(request, reader.feed, self._clock, self._gateway.idleTimeout, self._gateway.clientTimeout)
         self._tee = tee
         response.deliverBody(tee)
         return tee.done.addBoth(self._bodyEnded)
 
     def _bodyEnded(self, result: Failure | None) -> None:
-        if self._clientGone:
+        if self._tee is not None and self._tee.clientStalled:
+            self._recordOnce("client_timeout", result)
+        elif self._clientGone:
             self._recordOnce("client_disconnected", result)
         elif result is None:
             self._request.finish()

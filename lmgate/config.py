@@ -60,6 +60,7 @@ class ProviderSettings:
     name: str
     upstream: str
     format: str
+    maxBody: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,11 @@ class Settings:
     tlsCABundle: str | None = None
     stubListen: str | None = None
     drainTimeout: float = 30.0
+    headerBytes: int = 65536
+    headerCount: int = 100
+    headerTimeout: float = 10.0
+    clientTimeout: float = 60.0
+    maxBody: int = 33554432
     providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
 
 
@@ -183,9 +189,16 @@ SCHEMA: Mapping[str, Any] = {
     "tls": {"ca_bundle": ("tlsCABundle", _optionalText)},
     "stub": {"listen": ("stubListen", _optionalText)},
     "shutdown": {"drain_timeout": ("drainTimeout", _number())},
+    "limits": {
+        "header_bytes": ("headerBytes", _integer(1024)),
+        "header_count": ("headerCount", _integer(1)),
+        "header_timeout": ("headerTimeout", _number()),
+        "client_timeout": ("clientTimeout", _number()),
+        "max_body": ("maxBody", _integer(0)),
+    },
 }
 
-PROVIDER_KEYS = ("upstream", "format")
+PROVIDER_KEYS = ("upstream", "format", "max_body")
 
 
 def _typeName(value: Any) -> str:
@@ -254,7 +267,13 @@ def _providers(source: str, raw: Any) -> dict[str, ProviderSettings]:
             raise ConfigError(
                 source, f"{key}.format", f"required for a custom provider name: one of {', '.join(FORMATS)}"
             )
-        providers[name] = ProviderSettings(name, upstream, fmt)
+        maxBody = None
+        if entry.get("max_body") is not None:
+            try:
+                maxBody = _integer(0)(entry["max_body"])
+            except _Invalid as e:
+                raise ConfigError(source, f"{key}.max_body", str(e)) from None
+        providers[name] = ProviderSettings(name, upstream, fmt, maxBody)
     return providers
 
 

@@ -19,7 +19,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
 from twisted.web.http import _escape
 from twisted.web.iweb import IBodyProducer
@@ -27,6 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from lmgate.call import ProxiedCall
+from lmgate.channel import GatewayChannel, GatewayRequest, Limits
 from lmgate.headers import upstreamRequestHeaders
 from lmgate.interfaces import IKeyCheck, IUsageSink
 from lmgate.providers import Provider
@@ -117,11 +117,13 @@ class Gateway:
         responseTimeout: float = 600.0,
         idleTimeout: float = 300.0,
         cooperator: Cooperator | None = None,
+        clientTimeout: float = 60.0,
     ) -> None:
         self.providers = {name.encode("ascii"): p for name, p in providers.items()}
         self.keyCheck, self.upstream, self.sink, self.clock = keyCheck, upstream, sink, clock
         self.captureLimit, self.responseTimeout, self.idleTimeout = captureLimit, responseTimeout, idleTimeout
         self.cooperator = cooperator
+        self.clientTimeout = clientTimeout
         #: Calls relayed and not yet recorded.
         self.active: set[ProxiedCall] = set()
 
@@ -234,32 +236,6 @@ class GatewayResource(Resource):
         return b"ok"
 
 
-class GatewayRequest(Request):
-    """
-    A request that adds nothing of twisted.web's own to a relayed response: no
-    default C{Content-Type: text/html}, no C{Server} or C{Date} header (the
-    upstream's pass through), and no percent-decoding of the path.
-    """
-
-    defaultContentType = None
-
-    def process(self) -> None:
-        channel: Any = self.channel
-        self.site = channel.site
-        self.prepath = []
-        self.postpath = []
-        if not getattr(channel, "_lmgateNoDelay", False):
-            channel._lmgateNoDelay = True  # once per connection: small SSE events go out at once
-            try:
-                channel.transport.setTcpNoDelay(True)
-            except Exception:  # not TCP (a UNIX socket), or already gone
-                pass
-        try:
-            self.render(self.site.resource)  # type: ignore[no-untyped-call]
-        except BaseException:
-            self.processingFailed(Failure())  # type: ignore[no-untyped-call]
-
-
 def redactingLogFormatter(timestamp: str | None, request: Request) -> str:
     """
     The combined log format, with any C{key=} query value masked: Gemini clients
@@ -289,13 +265,22 @@ def redactingLogFormatter(timestamp: str | None, request: Request) -> str:
 
 
 class GatewaySite(Site):
-    """The gateway's site: L{GatewayRequest}s, and an access log that hides keys."""
+    """
+    The gateway's site: L{GatewayChannel}s enforcing L{Limits}, L{GatewayRequest}s,
+    and an access log that hides keys.
+    """
 
     requestFactory = GatewayRequest
 
-    def __init__(self, resource: GatewayResource, accessLog: bool = True, **kwargs: Any) -> None:
-        Site.__init__(self, resource, logFormatter=redactingLogFormatter, **kwargs)
+    def __init__(
+        self, resource: GatewayResource, accessLog: bool = True, limits: Limits | None = None, **kwargs: Any
+    ) -> None:
+        self.limits = limits or Limits()
+        Site.__init__(self, resource, logFormatter=redactingLogFormatter, timeout=self.limits.clientTimeout, **kwargs)
         self._accessLog = accessLog
+
+    def protocol(self) -> GatewayChannel:  # type: ignore[override]
+        return GatewayChannel(self.limits)
 
     def log(self, request: Any) -> None:
         if self._accessLog:

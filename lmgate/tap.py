@@ -149,6 +149,7 @@ def buildService(settings: Settings, reactor: Any) -> IService:
         an endpoint cannot be used.
     """
     from lmgate.allowlist import AllowList
+    from lmgate.channel import Limits
     from lmgate.gateway import Gateway, GatewayResource, GatewaySite
     from lmgate.jsonl import UsageLog, checkStatsPath
     from lmgate.providers import Provider
@@ -174,8 +175,19 @@ def buildService(settings: Settings, reactor: Any) -> IService:
         captureLimit=settings.statsCaptureLimit,
         responseTimeout=settings.responseTimeout,
         idleTimeout=settings.idleTimeout,
+        clientTimeout=settings.clientTimeout,
     )
-    site = GatewaySite(GatewayResource(gateway), accessLog=settings.accessLog, reactor=reactor)
+    limits = Limits(
+        headerBytes=settings.headerBytes,
+        headerCount=settings.headerCount,
+        headerTimeout=settings.headerTimeout,
+        clientTimeout=settings.clientTimeout,
+        maxBody=settings.maxBody,
+        routeMaxBody={
+            name.encode("ascii"): p.maxBody for name, p in settings.providers.items() if p.maxBody is not None
+        },
+    )
+    site = GatewaySite(GatewayResource(gateway), accessLog=settings.accessLog, limits=limits, reactor=reactor)
     listener = StreamServerEndpointService(_endpoint(reactor, settings.listen, settings, "listen"), site)
     listener._raiseSynchronously = True
 

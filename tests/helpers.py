@@ -158,6 +158,8 @@ def startGateway(
     clock: IReactorTime | None = None,
     upstreamURL: str | None = None,
     formats: dict[str, str] | None = None,
+    siteLimits: Any = None,
+    siteClock: Any = None,
     **limits: Any,
 ) -> Running:
     """
@@ -179,7 +181,9 @@ def startGateway(
     gateway = Gateway(
         providers, StaticKeys({ALLOWED_KEY: ALLOWED_ENTRY}), Upstream(agent, pool), sink, clock or reactor, **limits
     )
-    site = GatewaySite(GatewayResource(gateway), accessLog=False)
+    site = GatewaySite(
+        GatewayResource(gateway), accessLog=False, limits=siteLimits, **({"reactor": siteClock} if siteClock else {})
+    )
     port = listenLocal(case, site)
     return Running(f"http://127.0.0.1:{port}", port, upstream, sink, gateway, upstreamPort, providers)
 

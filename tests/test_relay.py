@@ -373,6 +373,37 @@ class StreamingTests(TestCase):
         client.transport.abortConnection()
         await gate.sink.waitFor(1)
 
+    async def test_stalledReaderCut(self) -> None:
+        """A client that stops reading for C{client_timeout} is cut, the upstream
+        dropped, and the call recorded as C{client_timeout}; the upstream idle
+        timer does not fire while the client is what holds things back."""
+        clock = Clock()
+        upstream = FakeUpstream()
+        producers: list[_Firehose] = []
+
+        def firehose(request: Request) -> Any:
+            request.setHeader(b"content-type", b"application/octet-stream")
+            producer = _Firehose(request, 256 * 1024 * 1024)
+            producers.append(producer)
+            request.registerProducer(producer, True)
+            producer.resumeProducing()
+            return NOT_DONE_YET
+
+        upstream.handler = firehose
+        gate = startGateway(self, upstream, clock=clock, idleTimeout=5.0, clientTimeout=60.0)
+        client = await _rawClient(gate.port, _post(CHAT), paused=True)
+        while not producers:
+            await _turn()
+        await producers[0].paused
+        upstreamGone = upstream.seen[0].request.notifyFinish()
+        clock.advance(59)
+        self.assertEqual(gate.sink.records, [])
+        clock.advance(2)
+        await self.assertFailure(upstreamGone, Exception)
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual(record.error, "client_timeout")
+        client.transport.abortConnection()
+
     async def test_largeStreamFlatMemory(self) -> None:
         """A 50 MB response streams through with the process's memory flat (no whole-body copy)."""
         upstream = FakeUpstream()

@@ -1,0 +1,219 @@
+"""
+The client side of the HTTP connection, with the bounds twisted.web leaves open.
+
+twisted.web rejects the classic framing tricks by itself (duplicate
+Content-Length, Content-Length with chunking, bad chunk sizes), but it does not
+bound how long a client may take to send its headers, answers oversized headers
+with a bare 400, reads any announced body, and parses form bodies. L{GatewayChannel}
+closes those gaps: each limit is answered with its own status and a JSON body,
+before the request ever reaches routing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    What one client request may make LMGate hold (``limits:`` in the config).
+
+    @ivar headerBytes: request line plus header lines, in bytes (431 past it).
+    @ivar headerCount: header lines (431 past it).
+    @ivar headerTimeout: seconds from a request's first byte to the end of its headers (408).
+    @ivar clientTimeout: seconds without progress from the client, while it sends a
+        request (408) or while it does not read a response (cut).
+    @ivar maxBody: request body bytes (413), with per-route overrides in C{routeMaxBody}.
+    """
+
+    headerBytes: int = 65536
+    headerCount: int = 100
+    headerTimeout: float = 10.0
+    clientTimeout: float = 60.0
+    maxBody: int = 33554432
+    routeMaxBody: Mapping[bytes, int] = field(default_factory=dict)
+
+    def bodyLimitFor(self, target: bytes) -> int:
+        """The body limit for a raw request target (by its provider prefix)."""
+        if self.routeMaxBody:
+            name = target[1:].split(b"/", 1)[0].split(b"?", 1)[0]
+            return self.routeMaxBody.get(name, self.maxBody)
+        return self.maxBody
+
+
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+}
+_TYPES = {400: "bad_request", 408: "request_timeout", 413: "request_too_large", 431: "headers_too_large"}
+
+
+class GatewayChannel(HTTPChannel):
+    """
+    An C{HTTPChannel} that enforces L{Limits} and answers each breach itself,
+    with a JSON body, then closes the connection.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        super().__init__()
+        self._limits = limits
+        # twisted.web's own checks stay as a backstop behind ours.
+        self.maxHeaders = limits.headerCount + 1
+        self.totalHeadersSize = limits.headerBytes + 1
+        self.MAX_LENGTH = limits.headerBytes
+        self._refused = False
+        self._receiving = False  # between a request's first byte and the end of its body
+        self._headerBytes = 0
+        self._headerLines = 0
+        self._hostLines = 0
+        self._bodyBytes = 0
+        self._bodyLimit = limits.maxBody
+        self._headerDeadline: IDelayedCall | None = None
+
+    # -- headers ---------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        if not self._receiving:
+            if not line:  # a stray empty line between requests
+                return super().lineReceived(line)  # type: ignore[no-any-return]
+            self._receiving = True
+            self._headerDeadline = self.callLater(self._limits.headerTimeout, self._headersTooSlow)
+        self._headerBytes += len(line) + 2
+        if self._headerBytes > self._limits.headerBytes:
+            return self.refuse(431, "The request's headers are too large.")
+        if line:
+            self._headerLines += 1
+            if self._headerLines > self._limits.headerCount + 1:  # the request line is not a header
+                return self.refuse(431, "The request has too many header lines.")
+            if line[:5].lower() == b"host:":
+                self._hostLines += 1
+                if self._hostLines > 1:
+                    return self.refuse(400, "The request has more than one Host header.")
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse(431, "A request header line is too long.")
+
+    def allHeadersReceived(self) -> None:
+        self._cancelHeaderDeadline()
+        super().allHeadersReceived()
+        if self._refused:
+            return
+        request = self.requests[-1]
+        if self._version == b"HTTP/1.1" and self._hostLines == 0:
+            return self.refuse(400, "The request has no Host header.")
+        self._bodyLimit = self._limits.bodyLimitFor(self._path)
+        if self.length is not None and self.length > self._bodyLimit:
+            return self.refuse(413, f"The request body is larger than {self._bodyLimit} bytes.")
+        request.gateBodyLimit = self._bodyLimit
+
+    def _headersTooSlow(self) -> None:
+        self._headerDeadline = None
+        self.refuse(408, "The request's headers did not arrive in time.")
+
+    def _cancelHeaderDeadline(self) -> None:
+        if self._headerDeadline is not None and self._headerDeadline.active():
+            self._headerDeadline.cancel()
+        self._headerDeadline = None
+
+    # -- body --------------------------------------------------------------
+
+    def bodyChunk(self, size: int) -> bool:
+        """Count request body bytes; refuse past the limit (chunked bodies announce none)."""
+        self._bodyBytes += size
+        if self._bodyBytes > self._bodyLimit:
+            self.refuse(413, f"The request body is larger than {self._bodyLimit} bytes.")
+            return False
+        return True
+
+    def allContentReceived(self) -> None:
+        if self._refused:
+            return
+        self._receiving = False
+        self._headerBytes = self._headerLines = self._hostLines = self._bodyBytes = 0
+        super().allContentReceived()
+
+    def timeoutConnection(self) -> None:
+        """No progress for C{clientTimeout}: mid-request, answer 408 before closing."""
+        if self._receiving and not self._refused:
+            self.refuse(408, "The request did not arrive in time.")
+        else:
+            super().timeoutConnection()
+
+    # -- refusals ------------------------------------------------------------
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer a request LMGate will not read any further, and close the connection."""
+        if self._refused:
+            return
+        self._refused = True
+        self._cancelHeaderDeadline()
+        self.setTimeout(None)
+        body = json.dumps({"error": {"type": _TYPES[status], "message": message}}).encode()
+        peer = getattr(self.transport.getPeer(), "host", "-") if self.transport else "-"
+        log.debug("Refused a request from {peer}: {status} {message}", peer=peer, status=status, message=message)
+        if self.transport is not None:
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
+            )
+            self.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancelHeaderDeadline()
+        super().connectionLost(reason)
+
+
+class GatewayRequest(Request):
+    """
+    A request that adds nothing of twisted.web's own to a relayed response (no
+    default C{Content-Type: text/html}, no C{Server} or C{Date}), does not parse
+    query strings or form bodies, and does not percent-decode the path.
+    """
+
+    defaultContentType = None
+    _parsePOSTFormSubmission = False
+    gateBodyLimit: int | None = None
+
+    def handleContentChunk(self, data: bytes) -> None:
+        channel: Any = self.channel
+        if channel is not None and hasattr(channel, "bodyChunk") and not channel.bodyChunk(len(data)):
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.content.seek(0, 0)
+        self.args = {}
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path = path.split(b"?", 1)[0]
+        self.process()
+
+    def process(self) -> None:
+        channel: Any = self.channel
+        self.site = channel.site
+        self.prepath = []
+        self.postpath = []
+        try:
+            self.render(self.site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
