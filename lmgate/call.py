@@ -179,6 +179,21 @@ class ProxiedCall:
             self._tee.stop()
         self._abortClient()
 
+    def _truncateClient(self) -> None:
+        """
+        End a response whose body is incomplete so the client can tell: when the
+        response is framed (chunked, or a Content-Length the body falls short of),
+        closing after what was relayed shows a truncated body; unframed, only an
+        abort tells the client the end is not clean.
+        """
+        request: Any = self._request
+        framed = request.chunked or request.responseHeaders.hasHeader(b"content-length")
+        channel: Any = request.channel
+        if framed and channel is not None and channel.transport is not None:
+            channel.transport.loseConnection()
+        else:
+            self._abortClient()
+
     def _abortClient(self) -> None:
         """Cut the client's connection, so an unfinished response never looks complete."""
         channel: Any = self._request.channel
@@ -277,8 +292,21 @@ class ProxiedCall:
                 kind=kind,
                 why=result.getErrorMessage(),
             )
+            if not self._request.startedWriting:
+                # Not a byte has reached the client: it can still get a proper error.
+                headers = self._request.responseHeaders
+                for name, _ in list(headers.getAllRawHeaders()):
+                    if name.lower() != REQUEST_ID_HEADER:
+                        headers.removeHeader(name)
+                if kind == "upstream_timeout":
+                    body = self.refuse(kind, "The upstream stopped sending its response.")
+                else:
+                    body = self.refuse("upstream_unreachable", "The upstream's response was broken.", kind)
+                self._request.write(body)
+                self._request.finish()
+                return
             self._recordOnce(kind, result)
-            self._abortClient()  # a truncated body is never shown as complete
+            self._truncateClient()
 
     def _bug(self, reason: Failure) -> None:
         log.failure("Relaying {endpoint!r} failed", reason, endpoint=self._endpoint)

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IConsumer
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
+from twisted.web import _newclient
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
@@ -25,6 +26,43 @@ from lmgate.config import Settings
 from lmgate.errors import ConfigError
 
 log = Logger()
+
+#: The most an upstream's response head (status line and headers) may hold.
+UPSTREAM_HEADER_BYTES = 256 * 1024
+UPSTREAM_HEADER_LINES = 1000
+
+
+class UpstreamHeadersTooLarge(Exception):
+    """An upstream's response head went past L{UPSTREAM_HEADER_BYTES} or L{UPSTREAM_HEADER_LINES}."""
+
+
+class BoundedHTTPClientParser(_newclient.HTTPClientParser):
+    """
+    Twisted's response parser, with a bound on the response head: a broken or
+    hostile upstream sending 200,000 headers makes the call fail (502) instead
+    of growing memory. (A single line is already bounded by C{MAX_LENGTH}.)
+    """
+
+    _headBytes = 0
+    _headLines = 0
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.state in (_newclient.STATUS, _newclient.HEADER):
+            self._headBytes += len(line) + 2
+            self._headLines += 1
+            if self._headBytes > UPSTREAM_HEADER_BYTES or self._headLines > UPSTREAM_HEADER_LINES:
+                raise UpstreamHeadersTooLarge(f"{self._headLines} lines, {self._headBytes} bytes")
+        super().lineReceived(line)
+
+
+def installBoundedParser() -> None:
+    """
+    Make every Agent response parser in this process a L{BoundedHTTPClientParser}.
+
+    C{HTTP11ClientProtocol} builds its parser from the module's global name and
+    offers no hook; the relay is the only HTTP client in the daemon.
+    """
+    _newclient.HTTPClientParser = BoundedHTTPClientParser  # type: ignore[misc]
 
 
 @implementer(IBodyProducer)
@@ -102,6 +140,7 @@ class Upstream(Service):
     @classmethod
     def fromSettings(cls, reactor: Any, settings: Settings) -> "Upstream":
         """The production relay: a persistent pool and a TLS-verifying Agent."""
+        installBoundedParser()
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = settings.poolMaxPerHost
         pool.cachedConnectionTimeout = settings.poolIdleTimeout  # type: ignore[assignment]

@@ -534,3 +534,66 @@ async def _rawClient(port: int, request: bytes, paused: bool = False) -> _RawCli
     protocol = _RawClient(request, paused)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
     return protocol
+
+
+class UpstreamMisbehaviourTests(TestCase):
+    """Upstreams that break HTTP give a documented outcome and one record."""
+
+    async def rawUpstream(self, answer: bytes) -> str:
+        """A TCP upstream that answers every request with C{answer} and closes."""
+        from twisted.internet.protocol import Factory
+
+        class Answer(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                if b"\r\n\r\n" in data:
+                    self.transport.write(answer)
+                    self.transport.loseConnection()
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Answer), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        return f"http://127.0.0.1:{port.getHost().port}"
+
+    async def outcome(self, answer: bytes) -> tuple[int, Any]:
+        from lmgate.upstream import installBoundedParser
+
+        installBoundedParser()
+        gate = startGateway(self, upstreamURL=await self.rawUpstream(answer))
+        response, body, reason = await call(self, gate.url + CHAT)
+        [record] = await gate.sink.waitFor(1)
+        return response.code, record
+
+    async def test_tooManyHeaders(self) -> None:
+        """200,000 response headers: 502, not memory."""
+        head = b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 200000 + b"Content-Length: 0\r\n\r\n"
+        code, record = await self.outcome(head)
+        self.assertEqual((code, record.status, record.error), (502, 502, "upstream_reset"))
+
+    async def test_giantHeader(self) -> None:
+        """One giant header line: 502."""
+        code, record = await self.outcome(b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 100000 + b"\r\n\r\n")
+        self.assertEqual(code, 502)
+
+    async def test_invalidStatus(self) -> None:
+        """An invalid status line: 502."""
+        code, record = await self.outcome(b"HTTP/1.1 abc Nope\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(code, 502)
+
+    async def test_invalidFraming(self) -> None:
+        """A bad chunk size before any body byte was relayed: the client still gets a 502."""
+        code, record = await self.outcome(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n")
+        self.assertEqual((code, record.status, record.error), (502, 502, "upstream_reset"))
+
+    async def test_resetBeforeHeaders(self) -> None:
+        """A connection closed before any response: 502, C{upstream_reset}."""
+        code, record = await self.outcome(b"")
+        self.assertEqual((code, record.error), (502, "upstream_reset"))
+
+    async def test_shortBody(self) -> None:
+        """A body shorter than its Content-Length: truncation, recorded."""
+        code, record = await self.outcome(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+        self.assertEqual((code, record.error, record.response_bytes), (200, "upstream_reset", 3))
+
+    async def test_redirectToAnotherHost(self) -> None:
+        """A redirect elsewhere is relayed to the client, never followed."""
+        code, record = await self.outcome(b"HTTP/1.1 302 Found\r\nLocation: http://10.9.9.9/x\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual((code, record.error), (302, None))
