@@ -277,11 +277,16 @@ class GatewaySite(Site):
     ) -> None:
         self.limits = limits or Limits()
         Site.__init__(self, resource, logFormatter=redactingLogFormatter, timeout=self.limits.clientTimeout, **kwargs)
-        self._accessLog = accessLog
+        self.accessLog = accessLog
+
+    def setLimits(self, limits: Limits) -> None:
+        """Limits for the connections made from now on."""
+        self.limits = limits
+        self.timeOut = limits.clientTimeout
 
     def protocol(self) -> GatewayChannel:  # type: ignore[override]
         return GatewayChannel(self.limits)
 
     def log(self, request: Any) -> None:
-        if self._accessLog:
+        if self.accessLog:
             super().log(request)

@@ -91,11 +91,102 @@ class DrainService(Service):
     """Stops after the listener: waits for calls in flight (bounded), then aborts the rest."""
 
     def __init__(self, drain: Callable[[float], Deferred[None]], timeout: float) -> None:
-        self._drain, self._timeout = drain, timeout
+        self._drain, self.timeout = drain, timeout
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return self._drain(self._timeout)
+        return self._drain(self.timeout)
+
+
+#: Settings a running daemon cannot change: they take effect at the next start.
+RESTART_ONLY = (
+    ("listen", "listen"),
+    ("allowlist.path", "allowlistPath"),
+    ("allowlist.reload_interval", "allowlistReloadInterval"),
+    ("stats.path", "statsPath"),
+    ("stats.flush_interval", "statsFlushInterval"),
+    ("stats.max_bytes", "statsMaxBytes"),
+    ("stats.backlog", "statsBacklog"),
+    ("timeouts.connect", "connectTimeout"),
+    ("timeouts.pool_idle", "poolIdleTimeout"),
+    ("pool.max_per_host", "poolMaxPerHost"),
+    ("tls.ca_bundle", "tlsCABundle"),
+    ("stub.listen", "stubListen"),
+)
+
+
+def limitsFor(settings: Settings) -> Any:
+    """The client limits a site enforces, from settings."""
+    from lmgate.channel import Limits
+
+    return Limits(
+        headerBytes=settings.headerBytes,
+        headerCount=settings.headerCount,
+        headerTimeout=settings.headerTimeout,
+        clientTimeout=settings.clientTimeout,
+        maxBody=settings.maxBody,
+        routeMaxBody={
+            name.encode("ascii"): p.maxBody for name, p in settings.providers.items() if p.maxBody is not None
+        },
+    )
+
+
+def applySettings(settings: Settings, gateway: Any, site: Any) -> None:
+    """
+    Put the settings a running gateway can change into effect: routes, timeouts,
+    capture limit, client limits and the access log. Each is one assignment,
+    so a call sees the old settings or the new, never a mix of one kind.
+    """
+    from lmgate.providers import Provider
+
+    gateway.providers = {name.encode("ascii"): Provider(p) for name, p in settings.providers.items()}
+    gateway.captureLimit = settings.statsCaptureLimit
+    gateway.responseTimeout = settings.responseTimeout
+    gateway.idleTimeout = settings.idleTimeout
+    gateway.clientTimeout = settings.clientTimeout
+    site.setLimits(limitsFor(settings))
+    site.accessLog = settings.accessLog
+
+
+class Reloader:
+    """
+    SIGHUP: read the configuration file again and apply what can change live,
+    then reload the allow-list. A bad new file keeps the running configuration
+    and logs one line.
+    """
+
+    def __init__(self, settings: Settings, gateway: Any, site: Any, allowList: Any, drain: DrainService) -> None:
+        self.settings, self._gateway, self._site = settings, gateway, site
+        self._allowList, self._drain = allowList, drain
+        self.configPath: str | None = None if settings.source == DEMO_SOURCE else settings.source
+        self.listen: str | None = None
+
+    def reload(self) -> None:
+        if self.configPath is not None:
+            try:
+                new = settingsFor(self.configPath, self.listen)
+            except ConfigError as e:
+                log.error("Keeping the running configuration: {problem}", problem=str(e))
+            else:
+                self._apply(new)
+        self._allowList.reload()
+
+    def _apply(self, new: Settings) -> None:
+        from dataclasses import replace
+
+        old = self.settings
+        pending = [key for key, attr in RESTART_ONLY if getattr(new, attr) != getattr(old, attr)]
+        if pending:
+            log.warn("Changed, and applied at the next restart only: {keys}", keys=", ".join(pending))
+            new = replace(new, **{attr: getattr(old, attr) for _, attr in RESTART_ONLY})
+        applySettings(new, self._gateway, self._site)
+        self._drain.timeout = new.drainTimeout
+        self.settings = new
+        log.info(
+            "Reloaded the configuration from {path}: providers {providers}",
+            path=self.configPath,
+            providers=", ".join(sorted(new.providers)),
+        )
 
 
 class SignalService(Service):
@@ -141,18 +232,18 @@ def _endpoint(reactor: Any, description: str, settings: Settings, key: str) -> A
         raise ConfigError(settings.source, key, f"not a usable endpoint ({e}): {description!r}") from None
 
 
-def buildService(settings: Settings, reactor: Any) -> IService:
+def buildService(settings: Settings, reactor: Any, listen: str | None = None) -> IService:
     """
     The daemon's service tree for checked settings.
+
+    @param listen: the command line's C{--listen}, kept across reloads.
 
     @raise ConfigError: the allow-list, the stats directory, the TLS bundle or
         an endpoint cannot be used.
     """
     from lmgate.allowlist import AllowList
-    from lmgate.channel import Limits
     from lmgate.gateway import Gateway, GatewayResource, GatewaySite
     from lmgate.jsonl import UsageLog, checkStatsPath
-    from lmgate.providers import Provider
     from lmgate.upstream import Upstream
 
     allowList = AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
@@ -165,29 +256,9 @@ def buildService(settings: Settings, reactor: Any) -> IService:
         clock=reactor,
     )
     upstream = Upstream.fromSettings(reactor, settings)
-    providers = {name: Provider(p) for name, p in settings.providers.items()}
-    gateway = Gateway(
-        providers,
-        allowList,
-        upstream,
-        usageLog,
-        reactor,
-        captureLimit=settings.statsCaptureLimit,
-        responseTimeout=settings.responseTimeout,
-        idleTimeout=settings.idleTimeout,
-        clientTimeout=settings.clientTimeout,
-    )
-    limits = Limits(
-        headerBytes=settings.headerBytes,
-        headerCount=settings.headerCount,
-        headerTimeout=settings.headerTimeout,
-        clientTimeout=settings.clientTimeout,
-        maxBody=settings.maxBody,
-        routeMaxBody={
-            name.encode("ascii"): p.maxBody for name, p in settings.providers.items() if p.maxBody is not None
-        },
-    )
-    site = GatewaySite(GatewayResource(gateway), accessLog=settings.accessLog, limits=limits, reactor=reactor)
+    gateway = Gateway({}, allowList, upstream, usageLog, reactor)
+    site = GatewaySite(GatewayResource(gateway), reactor=reactor)
+    applySettings(settings, gateway, site)
     listener = StreamServerEndpointService(_endpoint(reactor, settings.listen, settings, "listen"), site)
     listener._raiseSynchronously = True
 
@@ -206,8 +277,11 @@ def buildService(settings: Settings, reactor: Any) -> IService:
         stub = StreamServerEndpointService(_endpoint(reactor, settings.stubListen, settings, "stub.listen"), stubSite)
         stub._raiseSynchronously = True
         stub.setServiceParent(top)
-    DrainService(gateway.drain, settings.drainTimeout).setServiceParent(top)
-    SignalService(reactor, {signal.SIGHUP: allowList.reload, signal.SIGUSR1: usageLog.reopen}).setServiceParent(top)
+    drain = DrainService(gateway.drain, settings.drainTimeout)
+    drain.setServiceParent(top)
+    reloader = Reloader(settings, gateway, site, allowList, drain)
+    reloader.listen = listen  # a --listen override holds across reloads
+    SignalService(reactor, {signal.SIGHUP: reloader.reload, signal.SIGUSR1: usageLog.reopen}).setServiceParent(top)
     listener.setServiceParent(top)
     if settings.source == DEMO_SOURCE:
         log.warn(
@@ -234,7 +308,7 @@ def serviceFor(configPath: str | None, listen: str | None = None, reactor: Any =
 
         reactor = globalReactor
     try:
-        return buildService(settingsFor(configPath, listen), reactor)
+        return buildService(settingsFor(configPath, listen), reactor, listen)
     except ConfigError as e:
         raise SystemExit(f"lmgate: {e}") from None
 
