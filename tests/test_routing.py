@@ -104,3 +104,39 @@ class UpstreamURLTests(SynchronousTestCase):
             parts = urlsplit(_join("https://up.example:8443/base", target).decode())
             self.assertEqual((parts.scheme, parts.hostname, parts.port), ("https", "up.example", 8443), target)
             self.assertTrue(parts.path.startswith("/base/"), target)
+
+
+class RoutingPropertyTests(SynchronousTestCase):
+    """Whatever bytes a request target holds, it is refused or stays under the base path."""
+
+    def test_anyTargetStaysUnderTheBase(self) -> None:
+        from urllib.parse import unquote, urlsplit
+
+        from hypothesis import given, settings, strategies as st
+
+        alphabet = st.sampled_from(
+            [b"/", b".", b"..", b"%2e", b"%2E", b"%2f", b"%2F", b"%5c", b"\\", b"@", b":", b"?", b"#", b"%",
+             b"%25", b"a", b"v1", b"%00", b" ", b"\x7f", b"//", b"http:", b"openai", b";", b"&", b"="]
+        )
+
+        @settings(max_examples=500, deadline=None)
+        @given(st.lists(alphabet, max_size=12))
+        def check(parts: list[bytes]) -> None:
+            target = b"/openai" + b"".join(parts)
+            try:
+                name, rest, query = splitTarget(target)
+            except RouteError:
+                return
+            if name != b"openai":
+                return
+            url = Provider(ProviderSettings("openai", "https://up.example:8443/base", "openai")).upstreamURL(rest, query)
+            parts_ = urlsplit(url.decode("latin-1"))
+            self.assertEqual((parts_.scheme, parts_.hostname, parts_.port), ("https", "up.example", 8443))
+            path = parts_.path
+            self.assertTrue(path == "/base" or path.startswith("/base/"), url)
+            # no segment, even decoded (once or twice), climbs out of the base
+            for decoded in (path, unquote(path), unquote(unquote(path))):
+                segments = decoded.replace("\\", "/").split("/")
+                self.assertNotIn("..", segments, url)
+
+        check()
