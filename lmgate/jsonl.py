@@ -1,0 +1,308 @@
+"""
+The usage-record writer: complete JSON lines appended to C{stats.path},
+flushed and fsynced off the reactor thread, rotated daily (UTC) and by size.
+
+A proxied call hands its record over and moves on: C{write} only appends bytes
+to a list. A flush takes the list as one batch to a single writer thread, which
+appends it with C{O_APPEND}, fsyncs and closes. A failed batch (disk full, file
+unwritable) is put back in front of the newer lines and tried again at the next
+tick, in order; a batch that failed half-way is cut back to the last complete
+line. Lines wait in memory up to C{backlog}; past it new lines are dropped,
+counted, and logged once per interval. On stop, every line is written and
+fsynced before the Deferred fires, so twistd exits only after that.
+
+Files: C{stats.jsonl} is the current one; a rotated file is named with the UTC
+day it was started on, C{stats.jsonl.2026-11-23}, and further rotations of that
+day C{stats.jsonl.2026-11-23.1}, C{.2}, ... (chronological order by that number).
+A rotation never overwrites an existing file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from datetime import datetime, timezone
+from typing import Any, Callable, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from lmgate.errors import ConfigError
+from lmgate.interfaces import IUsageSink
+from lmgate.record import UsageRecord
+
+log = Logger()
+
+T = TypeVar("T")
+RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
+
+
+def utcDay(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d")
+
+
+def checkStatsPath(path: str, source: str) -> None:
+    """
+    Make sure records can be written to C{path}: its directory exists (created
+    if need be) and the file can be opened for appending.
+
+    @raise ConfigError: naming C{stats.path} and the problem.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        os.close(fd)
+    except OSError as e:
+        raise ConfigError(source, "stats.path", f"cannot write {path}: {e.strerror or e}") from None
+    if not os.access(directory, os.W_OK):
+        raise ConfigError(source, "stats.path", f"cannot create files in {directory} (needed to rotate)")
+
+
+def _writeAll(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[written:]
+
+
+@implementer(IUsageSink)
+class UsageLog(Service):
+    """
+    Writes usage records to a rotating JSONL file without ever blocking a call.
+
+    @ivar written: lines on disk (fsynced) since start.
+    @ivar dropped: lines dropped because the backlog was full.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        flushInterval: float = 1.0,
+        maxBytes: int = 104857600,
+        backlog: int = 100000,
+        clock: IReactorTime | None = None,
+        runInThread: RunInThread | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor  # type: ignore[assignment]
+        assert clock is not None
+        self.path, self._flushInterval, self._maxBytes, self._backlog = path, flushInterval, maxBytes, backlog
+        self._clock = clock
+        self._pending: list[bytes] = []
+        self._flushing: Deferred[Any] | None = None
+        self._pool: ThreadPool | None = None
+        self._runInThread = runInThread
+        self._fileDay: str | None = None  # the UTC day the current file was started on
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = clock
+        self.written = 0
+        self.dropped = 0
+        self._droppedUnlogged = 0
+        self._failing = False
+
+    @property
+    def pending(self) -> int:
+        """Lines waiting to be written."""
+        return len(self._pending)
+
+    # -- IUsageSink ---------------------------------------------------------
+
+    def write(self, record: UsageRecord) -> None:
+        try:
+            line = record.toLine()
+        except Exception:
+            self.dropped += 1
+            log.failure("A usage record could not be serialised")
+            return
+        self.writeLine(line)
+
+    def writeLine(self, line: bytes) -> None:
+        """Queue one complete line (ending in a newline)."""
+        if len(self._pending) >= self._backlog:
+            self.dropped += 1
+            self._droppedUnlogged += 1
+            return
+        self._pending.append(line)
+
+    # -- lifetime -------------------------------------------------------------
+
+    def startService(self) -> None:
+        Service.startService(self)
+        if self._runInThread is None:
+            from twisted.internet import reactor
+            from twisted.internet.threads import deferToThreadPool
+
+            pool = ThreadPool(minthreads=1, maxthreads=1, name="lmgate-stats")
+            pool.start()
+            self._pool = pool
+            self._runInThread = lambda f: deferToThreadPool(reactor, pool, f)  # type: ignore[arg-type]
+        self._loop.start(self._flushInterval, now=False)
+
+    async def _stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        if self._flushing is not None:
+            await self._flushing
+        for attempt in range(2):
+            if not self._pending:
+                break
+            await self._flush()
+        if self._pending:
+            log.error(
+                "{count} usage records could not be written before stopping; they are lost",
+                count=len(self._pending),
+            )
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
+            self._runInThread = None
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+    def reopen(self) -> None:
+        """
+        The file was renamed away (an external rotation tool): the next flush
+        starts a new one. Every flush opens the file by its path, so nothing is
+        ever written to the renamed file after this.
+        """
+        self._fileDay = None
+        log.info("Reopening {path}", path=self.path)
+
+    # -- flushing ---------------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self._droppedUnlogged:
+            log.error(
+                "Dropped {count} usage records: {pending} are already waiting to be written",
+                count=self._droppedUnlogged,
+                pending=len(self._pending),
+            )
+            self._droppedUnlogged = 0
+        if self._flushing is None and self._pending:
+            self._flush()
+
+    def _flush(self) -> Deferred[Any]:
+        batch, self._pending = self._pending, []
+        now = self._clock.seconds()
+        assert self._runInThread is not None
+        d = self._runInThread(lambda: self._writeBatch(batch, now))
+        d.addCallbacks(self._flushed, self._flushFailed, callbackArgs=(batch,), errbackArgs=(batch,))
+        self._flushing = d
+
+        def done(result: object) -> None:
+            self._flushing = None
+
+        d.addBoth(done)
+        return d
+
+    def _flushed(self, result: object, batch: list[bytes]) -> None:
+        self.written += len(batch)
+        if self._failing:
+            self._failing = False
+            log.info("Writing usage records to {path} works again", path=self.path)
+
+    def _flushFailed(self, reason: Failure, batch: list[bytes]) -> None:
+        self._pending[:0] = batch  # first in line again, order kept
+        if not self._failing:
+            self._failing = True
+            log.error(
+                "Cannot write usage records to {path} ({why}); holding them in memory (up to {backlog})",
+                path=self.path,
+                why=reason.getErrorMessage(),
+                backlog=self._backlog,
+            )
+
+    # -- in the writer thread ---------------------------------------------------
+
+    def _writeBatch(self, batch: list[bytes], now: float) -> None:
+        """Append C{batch}, rotating first where the day or the size says so."""
+        today = utcDay(now)
+        start = 0
+        while start < len(batch):
+            size = self._currentSize(today)
+            if self._fileDay is not None and self._fileDay != today and size > 0:
+                self._rotate()
+                size = 0
+            if self._fileDay is None:
+                self._fileDay = today
+            room = self._maxBytes - size
+            end = start
+            total = 0
+            while end < len(batch) and total + len(batch[end]) <= room:
+                total += len(batch[end])
+                end += 1
+            if end == start:
+                if size > 0:
+                    self._rotate()  # the next line does not fit: start a new file
+                    continue
+                end, total = start + 1, len(batch[start])  # a line larger than max_bytes gets a file of its own
+            self._append(b"".join(batch[start:end]))
+            start = end
+
+    def _currentSize(self, today: str) -> int:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._fileDay = today
+            return 0
+        if self._fileDay is None:
+            self._fileDay = utcDay(st.st_mtime) if st.st_size else today
+        return st.st_size
+
+    def _append(self, data: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            before = os.fstat(fd).st_size
+            try:
+                _writeAll(fd, data)
+                os.fsync(fd)
+            except OSError:
+                try:
+                    os.ftruncate(fd, before)  # never leave a partial line behind
+                except OSError:
+                    pass
+                raise
+        finally:
+            os.close(fd)
+
+    def _rotate(self) -> None:
+        """Move the current file to its dated name, never over an existing file."""
+        day = self._fileDay or utcDay(os.stat(self.path).st_mtime)
+        base = f"{self.path}.{day}"
+        for n in range(0, 100000):
+            target = base if n == 0 else f"{base}.{n}"
+            if os.path.exists(target) or os.path.exists(target + ".gz"):
+                continue
+            try:
+                os.link(self.path, target)  # fails if target exists: no overwrite, even in a race
+            except FileExistsError:
+                continue
+            os.unlink(self.path)
+            break
+        else:  # pragma: no cover
+            raise OSError(errno.EEXIST, f"no free rotation name for {base}")
+        self._fileDay = None
+        log.info("Rotated {path} to {target}", path=self.path, target=target)
+
+
+def synchronously(f: Callable[[], T]) -> Deferred[T]:
+    """A C{runInThread} for tests: run now, in this thread."""
+    try:
+        return succeed(f())
+    except BaseException:
+        from twisted.internet.defer import fail
+
+        return fail()
