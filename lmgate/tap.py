@@ -77,6 +77,10 @@ class OrderedMultiService(MultiService):
     drain, and only then are the records flushed.
     """
 
+    def __init__(self, reactor: Any = None) -> None:
+        MultiService.__init__(self)
+        self._reactor = reactor
+
     @inlineCallbacks
     def stopService(self) -> Any:
         Service.stopService(self)
@@ -85,6 +89,10 @@ class OrderedMultiService(MultiService):
                 yield maybeDeferred(service.stopService)
             except Exception:
                 log.failure("Stopping {service} failed", service=service)
+        # A drained stop is a clean exit: twistd would otherwise re-raise SIGTERM
+        # on itself after shutdown and report death by signal to the init system.
+        if self._reactor is not None and getattr(self._reactor, "_exitSignal", None) is not None:
+            self._reactor._exitSignal = None
 
 
 class DrainService(Service):
@@ -262,7 +270,7 @@ def buildService(settings: Settings, reactor: Any, listen: str | None = None) ->
     listener = StreamServerEndpointService(_endpoint(reactor, settings.listen, settings, "listen"), site)
     listener._raiseSynchronously = True
 
-    top = OrderedMultiService()
+    top = OrderedMultiService(reactor)
     # Started in this order, stopped in reverse, one after another.
     usageLog.setServiceParent(top)
     allowList.setServiceParent(top)
@@ -274,6 +282,7 @@ def buildService(settings: Settings, reactor: Any, listen: str | None = None) ->
 
         stubSite = Site(makeStubResource(reactor))
         stubSite.noisy = False
+        stubSite.log = lambda request: None  # the gateway's own access log already shows each call
         stub = StreamServerEndpointService(_endpoint(reactor, settings.stubListen, settings, "stub.listen"), stubSite)
         stub._raiseSynchronously = True
         stub.setServiceParent(top)
