@@ -78,7 +78,7 @@ def parseAllowList(source: str, content: bytes, problems: list[str] | None = Non
     except UnicodeDecodeError as e:
         bad(None, f"not UTF-8 text (byte {e.start})")
         return {}
-    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
     entries: dict[bytes, KeyEntry] = {}
     keyLines: dict[bytes, int] = {}
     idLines: dict[str, int] = {}

@@ -231,22 +231,23 @@ class UsageLog(Service):
         """Append C{batch}, rotating first where the day or the size says so."""
         today = utcDay(now)
         start = 0
+        canRotate = True
         while start < len(batch):
             size = self._currentSize(today)
-            if self._fileDay is not None and self._fileDay != today and size > 0:
-                self._rotate()
-                size = 0
+            if canRotate and self._fileDay is not None and self._fileDay != today and size > 0:
+                canRotate = self._tryRotate()
+                size = self._currentSize(today)
             if self._fileDay is None:
                 self._fileDay = today
-            room = self._maxBytes - size
+            room = self._maxBytes - size if canRotate else len(b"".join(batch[start:]))
             end = start
             total = 0
             while end < len(batch) and total + len(batch[end]) <= room:
                 total += len(batch[end])
                 end += 1
             if end == start:
-                if size > 0:
-                    self._rotate()  # the next line does not fit: start a new file
+                if size > 0 and canRotate:
+                    canRotate = self._tryRotate()  # the next line does not fit: start a new file
                     continue
                 end, total = start + 1, len(batch[start])  # a line larger than max_bytes gets a file of its own
             self._append(b"".join(batch[start:end]))
@@ -277,6 +278,15 @@ class UsageLog(Service):
                 raise
         finally:
             os.close(fd)
+
+    def _tryRotate(self) -> bool:
+        """Rotate; on failure keep writing to the current file (logged) rather than lose records."""
+        try:
+            self._rotate()
+        except OSError as e:
+            log.error("Cannot rotate {path} ({why}); writing on in the current file", path=self.path, why=e)
+            return False
+        return True
 
     def _rotate(self) -> None:
         """Move the current file to its dated name, never over an existing file."""

@@ -1,0 +1,308 @@
+"""
+Usage readers: every format, whole and split at every boundary, compressed,
+normalised; broken input gives null counts and never raises.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import os
+import zlib
+from typing import Any
+
+from hypothesis import given, settings, strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from lmgate.eventstream import event, exception
+from lmgate.record import Usage
+from lmgate.usage import readerFor, requestModel
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+LIMIT = 2 * 1024 * 1024
+
+
+def fixture(name: str) -> bytes:
+    with open(os.path.join(FIXTURES, name), "rb") as f:
+        return f.read()
+
+
+def sse(*events: tuple[str | None, Any], crlf: bool = False) -> bytes:
+    nl = b"\r\n" if crlf else b"\n"
+    out = b""
+    for name, data in events:
+        if name:
+            out += b"event: " + name.encode() + nl
+        out += b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode()) + nl + nl
+    return out
+
+
+def read(fmt: str, body: bytes, contentType: str, endpoint: bytes = b"/v1/x", pieces: list[bytes] | None = None,
+         encoding: str | None = None, status: int = 200, extra: dict[bytes, list[bytes]] | None = None, limit: int = LIMIT) -> Usage:
+    headers = Headers({b"content-type": [contentType.encode()]})
+    if encoding:
+        headers.setRawHeaders(b"content-encoding", [encoding.encode()])
+    for name, values in (extra or {}).items():
+        headers.setRawHeaders(name, values)
+    reader = readerFor(fmt, status, headers, endpoint, limit)
+    for piece in pieces if pieces is not None else [body]:
+        reader.feed(piece)
+    return reader.finish()
+
+
+def counts(u: Usage) -> tuple[Any, ...]:
+    return (u.model, u.input_tokens, u.output_tokens, u.cached_tokens, u.cache_write_tokens, u.reasoning_tokens,
+            u.streaming, u.providerError, u.usage_source, u.total_tokens)
+
+
+def compress(body: bytes, encoding: str) -> bytes:
+    if encoding == "gzip":
+        return gzip.compress(body)
+    if encoding == "deflate":
+        return zlib.compress(body)
+    if encoding == "deflate-raw":
+        c = zlib.compressobj(wbits=-15)
+        return c.compress(body) + c.flush()
+    if encoding == "br":
+        import brotli
+
+        return bytes(brotli.compress(body))
+    import zstandard
+
+    return bytes(zstandard.ZstdCompressor().compress(body))
+
+
+# (name, format, body, content type, endpoint, expected (model, in, out, cached, cache_write, reasoning, streaming))
+ANTHROPIC_ERROR_STREAM = sse(
+    ("message_start", {"type": "message_start", "message": {"model": "claude-x", "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+    ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+)
+GEMINI_ARRAY = (
+    b'[{"candidates": [{"content": {"parts": [{"text": "a [\\"]} b"}]}}], "usageMetadata": {}, "modelVersion": "gemini-2.0-flash"}\r\n,\r\n'
+    b'{"candidates": [{"content": {"parts": [{"text": "c"}]}}], "usageMetadata": {"promptTokenCount": 7}, "modelVersion": "gemini-2.0-flash"}\r\n,\r\n'
+    b'{"candidates": [], "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 4, "thoughtsTokenCount": 2, '
+    b'"cachedContentTokenCount": 3, "toolUsePromptTokenCount": 1, "totalTokenCount": 14}, "modelVersion": "gemini-2.0-flash"}]'
+)
+INVOKE_STREAM = b"".join(
+    event("chunk", json.dumps({"bytes": base64.b64encode(json.dumps(e).encode()).decode()}).encode())
+    for e in [
+        {"type": "message_start", "message": {"model": "claude-3-haiku", "usage": {"input_tokens": 11, "output_tokens": 1}}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+        {"type": "message_delta", "usage": {"output_tokens": 6}},
+        {"type": "message_stop", "amazon-bedrock-invocationMetrics": {"inputTokenCount": 11, "outputTokenCount": 6}},
+    ]
+)
+CASES: list[tuple[str, str, bytes, str, bytes, tuple[Any, ...]]] = [
+    ("openai chat", "openai", fixture("openai/chat_completions.json"), "application/json", b"/v1/chat/completions",
+     ("gpt-4o-mini-2024-07-18", 12, 5, 0, None, 0, False)),
+    ("openai chat stream with usage", "openai", fixture("openai/chat_completions_stream_usage.sse"), "text/event-stream", b"/v1/chat/completions",
+     ("gpt-4-0613", 12, 5, 0, None, 0, True)),
+    ("openai chat stream without usage", "openai",
+     sse((None, {"model": "gpt-4o", "choices": [{"delta": {"content": "x"}}]}), (None, b"[DONE]")), "text/event-stream", b"/v1/chat/completions",
+     ("gpt-4o", None, None, None, None, None, True)),
+    ("openai responses stream", "openai", fixture("openai/responses_stream.sse"), "text/event-stream", b"/v1/responses",
+     ("gpt-4o-mini-2024-07-18", 22, 6, 0, None, 0, True)),
+    ("openai responses", "openai", json.dumps({"object": "response", "model": "o3", "usage": {
+        "input_tokens": 100, "input_tokens_details": {"cached_tokens": 40}, "output_tokens": 50,
+        "output_tokens_details": {"reasoning_tokens": 30}, "total_tokens": 150}}).encode(), "application/json", b"/v1/responses",
+     ("o3", 100, 50, 40, None, 30, False)),
+    ("openai embeddings", "openai", json.dumps({"object": "list", "model": "text-embedding-3-small", "data": [],
+                                                "usage": {"prompt_tokens": 8, "total_tokens": 8}}).encode(), "application/json", b"/v1/embeddings",
+     ("text-embedding-3-small", 8, None, None, None, None, False)),
+    ("openai legacy completions", "openai", json.dumps({"object": "text_completion", "model": "gpt-3.5-turbo-instruct",
+                                                        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}).encode(),
+     "application/json", b"/v1/completions", ("gpt-3.5-turbo-instruct", 5, 7, None, None, None, False)),
+    ("anthropic messages", "anthropic", fixture("anthropic/messages.json"), "application/json", b"/v1/messages",
+     ("claude-sonnet-4-5-20250929", 1532, 33, 1111, 418, None, False)),
+    ("anthropic stream", "anthropic", fixture("anthropic/messages_stream.sse"), "text/event-stream", b"/v1/messages",
+     ("claude-sonnet-4-5-20250929", 20, 5, 0, 0, None, True)),
+    ("gemini sse", "google", fixture("gemini/stream_generate_content.sse"), "text/event-stream", b"/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+     ("gemini-2.5-flash", 18, 115, None, None, 35, True)),
+    ("gemini json array stream", "google", GEMINI_ARRAY, "application/json; charset=UTF-8", b"/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+     ("gemini-2.0-flash", 8, 6, 3, None, 2, True)),
+    ("gemini generateContent", "google", json.dumps({"candidates": [], "modelVersion": "gemini-2.0-flash", "usageMetadata": {
+        "promptTokenCount": 9, "candidatesTokenCount": 3, "totalTokenCount": 12}}).encode(), "application/json",
+     b"/v1/projects/p/locations/l/publishers/google/models/gemini-2.0-flash:generateContent",
+     ("gemini-2.0-flash", 9, 3, None, None, None, False)),
+    ("bedrock converse", "bedrock", fixture("bedrock/converse.json"), "application/json", b"/model/amazon.titan-text-lite-v1/converse",
+     (None, 8, 10, None, None, None, False)),
+    ("bedrock converse cache", "bedrock", json.dumps({"usage": {"inputTokens": 5, "outputTokens": 2, "cacheReadInputTokens": 100,
+                                                                "cacheWriteInputTokens": 20, "totalTokens": 127}}).encode(),
+     "application/json", b"/model/m/converse", (None, 125, 2, 100, 20, None, False)),
+    ("bedrock converse stream", "bedrock", fixture("bedrock/converse_stream.bin"), "application/vnd.amazon.eventstream", b"/model/m/converse-stream",
+     (None, 8, 10, None, None, None, True)),
+    ("bedrock invoke anthropic", "bedrock", json.dumps({"model": "claude-3-haiku", "usage": {"input_tokens": 4, "cache_read_input_tokens": 6,
+                                                                                            "output_tokens": 9}}).encode(),
+     "application/json", b"/model/anthropic.claude-3-haiku-20240307-v1%3A0/invoke", ("claude-3-haiku", 10, 9, 6, None, None, False)),
+    ("bedrock invoke with response stream", "bedrock", INVOKE_STREAM, "application/vnd.amazon.eventstream",
+     b"/model/m/invoke-with-response-stream", ("claude-3-haiku", 11, 6, None, None, None, True)),
+]
+
+
+class FormatTests(SynchronousTestCase):
+    def check(self, name: str, fmt: str, body: bytes, ctype: str, endpoint: bytes, expected: tuple[Any, ...], **kw: Any) -> None:
+        u = read(fmt, body, ctype, endpoint, **kw)
+        self.assertEqual(counts(u)[:7], expected, name)
+
+    def test_whole(self) -> None:
+        """Every format read in one piece gives its normalised counts."""
+        for case in CASES:
+            self.check(*case)
+
+    def test_twoPiecesAtEveryBoundary(self) -> None:
+        """Split in two at every byte boundary, every format gives the same counts."""
+        for name, fmt, body, ctype, endpoint, expected in CASES:
+            for i in range(len(body) + 1):
+                self.check(f"{name} @{i}", fmt, body, ctype, endpoint, expected, pieces=[body[:i], body[i:]])
+
+    def test_byteByByte(self) -> None:
+        """Fed one byte at a time, every format gives the same counts."""
+        for name, fmt, body, ctype, endpoint, expected in CASES:
+            self.check(name, fmt, body, ctype, endpoint, expected, pieces=[body[i : i + 1] for i in range(len(body))])
+
+    def test_compressed(self) -> None:
+        """gzip, deflate (zlib and raw), brotli and zstd bodies are decoded for reading, whole and split."""
+        for encoding in ("gzip", "deflate", "deflate-raw", "br", "zstd"):
+            header = "deflate" if encoding == "deflate-raw" else encoding
+            for name, fmt, body, ctype, endpoint, expected in CASES:
+                wire = compress(body, encoding)
+                self.check(f"{name} {encoding}", fmt, wire, ctype, endpoint, expected, encoding=header)
+                pieces = [wire[i : i + 7] for i in range(0, len(wire), 7)]
+                self.check(f"{name} {encoding} split", fmt, wire, ctype, endpoint, expected, encoding=header, pieces=pieces)
+
+    def test_crlfAndCR(self) -> None:
+        """SSE with CRLF or lone CR line endings reads the same."""
+        body = fixture("anthropic/messages_stream.sse")
+        for ending in (b"\r\n", b"\r"):
+            converted = body.replace(b"\n", ending)
+            for i in range(len(converted) + 1):
+                u = read("anthropic", converted, "text/event-stream", b"/v1/messages", pieces=[converted[:i], converted[i:]])
+                self.assertEqual((u.input_tokens, u.output_tokens), (20, 5), (ending, i))
+
+
+class NormalisationTests(SynchronousTestCase):
+    def test_totals(self) -> None:
+        """total = input + output; input alone without output; None without input."""
+        self.assertEqual(Usage(input_tokens=3, output_tokens=4).total_tokens, 7)
+        self.assertEqual(Usage(input_tokens=3).total_tokens, 3)
+        self.assertIsNone(Usage(output_tokens=3).total_tokens)
+        self.assertEqual((Usage().usage_source, Usage(output_tokens=0).usage_source), ("absent", "response"))
+
+    def test_anthropicCacheFieldsAbsent(self) -> None:
+        """Absent cache fields stay None; input is what is reported."""
+        u = read("anthropic", json.dumps({"usage": {"input_tokens": 5, "output_tokens": 1}}).encode(), "application/json")
+        self.assertEqual((u.input_tokens, u.cached_tokens, u.cache_write_tokens), (5, None, None))
+
+    def test_anthropicDeltaOverridesFieldByField(self) -> None:
+        """message_delta values override message_start's, field by field."""
+        body = sse(
+            ("message_start", {"type": "message_start", "message": {"model": "c", "usage": {"input_tokens": 3, "cache_read_input_tokens": 10, "output_tokens": 1}}}),
+            ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 9, "input_tokens": None}}),
+        )
+        u = read("anthropic", body, "text/event-stream")
+        self.assertEqual((u.input_tokens, u.cached_tokens, u.output_tokens), (13, 10, 9))
+
+    def test_badCountsAreUnreported(self) -> None:
+        """Booleans, negatives, floats and strings are not counts."""
+        body = json.dumps({"usage": {"prompt_tokens": True, "completion_tokens": -1, "prompt_tokens_details": {"cached_tokens": "3"}}}).encode()
+        u = read("openai", body, "application/json")
+        self.assertEqual((u.input_tokens, u.output_tokens, u.cached_tokens), (None, None, None))
+
+    def test_geminiThoughtsOnly(self) -> None:
+        """Gemini output is candidates + thoughts; either alone counts."""
+        body = json.dumps({"usageMetadata": {"promptTokenCount": 2, "thoughtsTokenCount": 5}}).encode()
+        u = read("google", body, "application/json", b"/v1beta/models/m:generateContent")
+        self.assertEqual((u.output_tokens, u.reasoning_tokens), (5, 5))
+
+    def test_bedrockHeadersForOtherBodies(self) -> None:
+        """InvokeModel with a non-Anthropic body takes the token-count headers."""
+        u = read("bedrock", b'{"results": []}', "application/json", b"/model/amazon.titan/invoke",
+                 extra={b"x-amzn-bedrock-input-token-count": [b"12"], b"x-amzn-bedrock-output-token-count": [b"30"]})
+        self.assertEqual((u.input_tokens, u.output_tokens), (12, 30))
+
+
+class ErrorTests(SynchronousTestCase):
+    def test_errorStatusHasNullCounts(self) -> None:
+        """4xx and 5xx bodies give null counts."""
+        u = read("openai", fixture("openai/chat_completions.json"), "application/json", status=429)
+        self.assertEqual(u.usage_source, "absent")
+
+    def test_providerErrorsInsideStreams(self) -> None:
+        """Errors sent inside a 200 stream are named."""
+        u = read("anthropic", ANTHROPIC_ERROR_STREAM, "text/event-stream")
+        self.assertEqual((u.providerError, u.input_tokens), ("overloaded_error", 10))
+        u = read("openai", sse((None, {"error": {"type": "server_error", "message": "x"}})), "text/event-stream")
+        self.assertEqual(u.providerError, "server_error")
+        u = read("openai", sse(("response.failed", {"type": "response.failed", "response": {"error": {"code": "rate_limit_exceeded"}}})), "text/event-stream")
+        self.assertEqual(u.providerError, "rate_limit_exceeded")
+        u = read("bedrock", exception("throttlingException", b'{"message":"slow down"}'), "application/vnd.amazon.eventstream")
+        self.assertEqual(u.providerError, "throttlingException")
+        u = read("google", sse((None, {"error": {"code": 503, "status": "UNAVAILABLE", "message": "x"}})), "text/event-stream")
+        self.assertEqual(u.providerError, "503")
+
+    def test_brokenInputNeverRaises(self) -> None:
+        """Truncated JSON, garbage, a bad CRC and an unknown encoding give null counts."""
+        body = fixture("bedrock/converse_stream.bin")
+        corrupt = body[:20] + bytes([body[20] ^ 0xFF]) + body[21:]
+        for fmt, data, ctype, kw in [
+            ("openai", b'{"usage": {"prompt_tokens": 3', "application/json", {}),
+            ("anthropic", b"\x00\xff garbage", "text/event-stream", {}),
+            ("bedrock", corrupt, "application/vnd.amazon.eventstream", {}),
+            ("openai", fixture("openai/chat_completions.json"), "application/json", {"encoding": "compress"}),
+            ("openai", b"not gzip", "application/json", {"encoding": "gzip"}),
+        ]:
+            u = read(fmt, data, ctype, **kw)
+            self.assertEqual(u.usage_source, "absent", (fmt, data[:20]))
+
+    def test_overCaptureLimit(self) -> None:
+        """A JSON body past the capture limit: usage unknown, memory bounded."""
+        body = json.dumps({"pad": "x" * 5000, "usage": {"prompt_tokens": 1}}).encode()
+        self.assertEqual(read("openai", body, "application/json", limit=1024).usage_source, "absent")
+
+    def test_decompressionBomb(self) -> None:
+        """A gzip bomb (100 MB of zeros) is read in bounded pieces and gives unknown usage."""
+        bomb = gzip.compress(b"\0" * (100 * 1024 * 1024), compresslevel=9)
+        headers = Headers({b"content-type": [b"application/json"], b"content-encoding": [b"gzip"]})
+        reader: Any = readerFor("openai", 200, headers, b"/v1/chat/completions", 1024 * 1024)
+        reader.feed(bomb)
+        self.assertLessEqual(sum(len(p) for p in reader._parts), 1024 * 1024)
+        self.assertEqual(reader.finish().usage_source, "absent")
+
+    def test_longSSELineDropped(self) -> None:
+        """An SSE line longer than the capture limit is dropped, and later events still count."""
+        body = b"data: " + b"x" * 5000 + b"\n\n" + fixture("openai/chat_completions_stream_usage.sse")
+        u = read("openai", body, "text/event-stream", limit=2048, pieces=[body[i : i + 100] for i in range(0, len(body), 100)])
+        self.assertEqual((u.input_tokens, u.output_tokens), (12, 5))
+
+
+class RequestModelTests(SynchronousTestCase):
+    def test_sources(self) -> None:
+        """The request body's model, else the URL's."""
+        self.assertEqual(requestModel("openai", b"/v1/chat/completions", b'{"model": "gpt-4o"}'), "gpt-4o")
+        self.assertEqual(requestModel("google", b"/v1beta/models/gemini-2.0-flash:generateContent", b"{}"), "gemini-2.0-flash")
+        self.assertEqual(requestModel("bedrock", b"/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse", b"{}"),
+                         "anthropic.claude-3-haiku-20240307-v1:0")
+        self.assertEqual(requestModel("openai", b"/openai/deployments/my-gpt4/chat/completions", b"{}"), "my-gpt4")
+        self.assertIsNone(requestModel("openai", b"/v1/chat/completions", b"not json"))
+
+
+class PropertyTests(SynchronousTestCase):
+    @settings(max_examples=150, deadline=None)
+    @given(st.data())
+    def test_anyChunkingSameCounts(self, data: st.DataObject) -> None:
+        """Arbitrary chunking of real payloads gives the same counts."""
+        name, fmt, body, ctype, endpoint, expected = data.draw(st.sampled_from(CASES))
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=12)))
+        pieces = [body[a:b] for a, b in zip([0] + cuts, cuts + [len(body)])]
+        self.assertEqual(counts(read(fmt, body, ctype, endpoint, pieces=pieces))[:7], expected, name)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.sampled_from(["openai", "anthropic", "google", "bedrock"]),
+           st.sampled_from(["application/json", "text/event-stream", "application/vnd.amazon.eventstream", ""]),
+           st.sampled_from([None, "gzip", "deflate", "br", "zstd"]),
+           st.lists(st.binary(max_size=200), max_size=5))
+    def test_arbitraryBytesNeverRaise(self, fmt: str, ctype: str, encoding: str | None, pieces: list[bytes]) -> None:
+        """Arbitrary bytes never raise from any reader."""
+        read(fmt, b"", ctype, b"/v1beta/models/m:streamGenerateContent", pieces=pieces, encoding=encoding)
