@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Site
 
@@ -388,3 +389,97 @@ class MoreSDKTests(DaemonTestCase):
                 return
             await pause(0.1)
         raise AssertionError("the TLS listener did not come up")
+
+
+class ShutdownTests(DaemonTestCase):
+    async def streamUntilFirstChunk(self, events: int, delayMs: int) -> tuple[Any, list[bytes], Any]:
+        import treq
+
+        response = await treq.post(
+            self.base + "/openai/v1/chat/completions",
+            json.dumps({"model": "m", "messages": [], "stream": True}).encode(),
+            headers={"Authorization": f"Bearer {PLAIN_KEY}", "x-lmgate-stub-events": str(events),
+                     "x-lmgate-stub-delay-ms": str(delayMs)},
+            unbuffered=True, persistent=False,
+        )
+        chunks: list[bytes] = []
+        first: Any = Deferred()
+
+        def collect(data: bytes) -> None:
+            chunks.append(data)
+            if not first.called:
+                first.callback(None)
+
+        done = treq.collect(response, collect)
+        done.addErrback(lambda f: f.value)  # a cut stream ends in an error; the test inspects it
+        await first
+        return response, chunks, done
+
+    async def test_sigtermDrainsInFlightCalls(self) -> None:
+        """SIGTERM lets a stream in flight finish, refuses new connections, and
+        every call that reached routing has exactly one record on disk (exit 0)."""
+        import treq
+
+        daemon = await self.startDaemon()
+        for _ in range(3):
+            r = await treq.get(self.base + "/openai/v1/models", headers={"Authorization": f"Bearer {PLAIN_KEY}"}, persistent=False)
+            await r.content()
+        _, chunks, done = await self.streamUntilFirstChunk(events=8, delayMs=150)
+        daemon.signal("TERM")
+        await pause(0.3)
+        with self.assertRaises(Exception):
+            await treq.get(self.base + "/healthz", persistent=False)  # listener closed at once
+        result = await done
+        self.assertIsNone(result)  # the stream ended cleanly
+        self.assertTrue(b"".join(chunks).endswith(b"data: [DONE]\n\n"))
+        self.assertEqual(await daemon.watch.ended, 0)
+        records = readRecords(self.statsPath)
+        self.assertEqual(len(records), 4)
+        self.assertEqual([r["error"] for r in records], [None] * 4)
+
+    async def test_drainTimeoutCutsTheRest(self) -> None:
+        """Calls still running when the drain time is up are cut, and still recorded."""
+        config = self.config() + "shutdown: {drain_timeout: 0.5}\n"
+        daemon = Daemon(self, config, self.directory)
+        daemon.start()
+        await daemon.waitUntilHealthy(self.port)
+        _, chunks, done = await self.streamUntilFirstChunk(events=100, delayMs=200)
+        daemon.signal("TERM")
+        result = await done
+        self.assertIsNotNone(result)  # cut, not a clean end
+        self.assertEqual(await daemon.watch.ended, 0)
+        [record] = readRecords(self.statsPath)
+        self.assertEqual(record["error"], "shutdown")
+
+    async def test_sighupReloadsConfiguration(self) -> None:
+        """SIGHUP applies a new route; a broken file afterwards keeps the running configuration."""
+        import treq
+
+        daemon = await self.startDaemon(reload="3600")
+        headers = {"Authorization": f"Bearer {PLAIN_KEY}"}
+        url = self.base + "/extra/v1/models"
+        response = await treq.get(url, headers=headers, persistent=False)
+        await response.content()
+        self.assertEqual(response.code, 404)
+        with open(daemon.configPath, "a") as f:
+            f.write(f"  extra: {{upstream: '{self.stubURL}', format: openai}}\n")
+        daemon.signal("HUP")
+        for _ in range(50):
+            response = await treq.get(url, headers=headers, persistent=False)
+            await response.content()
+            if response.code == 200:
+                break
+            await pause(0.1)
+        self.assertEqual(response.code, 200)
+        with open(daemon.configPath, "a") as f:
+            f.write("timeouts: {connect: never}\n")
+        daemon.signal("HUP")
+        for _ in range(50):
+            if b"Keeping the running configuration" in daemon.watch.output:
+                break
+            await pause(0.1)
+        self.assertIn(b"timeouts.connect: must be a number > 0", daemon.watch.output)
+        response = await treq.get(url, headers=headers, persistent=False)
+        await response.content()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(await daemon.stop(), 0)
