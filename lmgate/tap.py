@@ -210,6 +210,9 @@ class SignalService(Service):
 
     def startService(self) -> None:
         super().startService()
+        logFile = _twistdLogFile()
+        if logFile is not None and logFile not in _logFiles:
+            _logFiles.append(logFile)
         for signum, handler in self._handlers.items():
             self._previous[signum] = signal.signal(signum, self._handlerFor(handler))
 
@@ -231,6 +234,29 @@ class SignalService(Service):
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+
+
+def _twistdLogFile() -> Any:
+    """
+    The log file twistd opened for C{--logfile}, if any. twistd keeps it only in
+    the closure of the SIGUSR1 handler it installs (which would I{rotate} it:
+    a second rotation on top of logrotate's); LMGate reopens it instead.
+    """
+    handler = signal.getsignal(signal.SIGUSR1)
+    for cell in getattr(handler, "__closure__", None) or ():
+        candidate = cell.cell_contents
+        if hasattr(candidate, "reopen") and hasattr(candidate, "rotate"):
+            return candidate
+    return None
+
+
+_logFiles: list[Any] = []
+
+
+def reopenTwistdLog() -> None:
+    """Reopen twistd's log file by its path (after an external tool renamed it)."""
+    for logFile in _logFiles:
+        logFile.reopen()
 
 
 def _endpoint(reactor: Any, description: str, settings: Settings, key: str) -> Any:
@@ -290,7 +316,11 @@ def buildService(settings: Settings, reactor: Any, listen: str | None = None) ->
     drain.setServiceParent(top)
     reloader = Reloader(settings, gateway, site, allowList, drain)
     reloader.listen = listen  # a --listen override holds across reloads
-    SignalService(reactor, {signal.SIGHUP: reloader.reload, signal.SIGUSR1: usageLog.reopen}).setServiceParent(top)
+    def reopenFiles() -> None:
+        usageLog.reopen()
+        reopenTwistdLog()
+
+    SignalService(reactor, {signal.SIGHUP: reloader.reload, signal.SIGUSR1: reopenFiles}).setServiceParent(top)
     listener.setServiceParent(top)
     if settings.source == DEMO_SOURCE:
         log.warn(

@@ -69,8 +69,8 @@ class Daemon:
         self.watch = _Watch()
         self.process: Any = None
 
-    def start(self, *extra: str) -> None:
-        args = [TWISTD, "-n", "--pidfile=", "--logfile=-", "lmgate", "--config", self.configPath, *extra]
+    def start(self, *extra: str, logfile: str = "-") -> None:
+        args = [TWISTD, "-n", "--pidfile=", f"--logfile={logfile}", "lmgate", "--config", self.configPath, *extra]
         self.process = reactor.spawnProcess(  # type: ignore[attr-defined]
             self.watch, TWISTD, args, env=self.env, path=self.directory
         )
@@ -85,7 +85,7 @@ class Daemon:
             await self.watch.ended
 
     def signal(self, name: str) -> None:
-        self.process.signalProcess(name)
+        self.process.signalProcess(getattr(signal, "SIG" + name))
 
     async def waitUntilHealthy(self, port: int, attempts: int = 150) -> None:
         pool = HTTPConnectionPool(reactor, persistent=False)
@@ -126,5 +126,3 @@ def inThread(f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
 
     return deferToThread(f, *args, **kwargs)
 
-
-_ = signal  # signals are sent through the process transport

@@ -483,3 +483,33 @@ class ShutdownTests(DaemonTestCase):
         await response.content()
         self.assertEqual(response.code, 200)
         self.assertEqual(await daemon.stop(), 0)
+
+    async def test_sigusr1ReopensLogAndStats(self) -> None:
+        """After an external tool renames the log and stats files, SIGUSR1 makes
+        LMGate write to new files at the configured paths."""
+        import treq
+
+        logPath = os.path.join(self.directory, "lmgate.log")
+        daemon = Daemon(self, self.config(), self.directory)
+        daemon.start(logfile=logPath)
+        await daemon.waitUntilHealthy(self.port)
+        headers = {"Authorization": f"Bearer {PLAIN_KEY}"}
+        r = await treq.get(self.base + "/openai/v1/models", headers=headers, persistent=False)
+        await r.content()
+        await pause(0.5)  # one flush
+        os.rename(logPath, logPath + ".1")
+        os.rename(self.statsPath, self.statsPath + ".rotated")
+        daemon.signal("USR1")
+        await pause(0.3)
+        r = await treq.get(self.base + "/openai/v1/models", headers=headers, persistent=False)
+        await r.content()
+        self.assertEqual(await daemon.stop(), 0)
+        with open(self.statsPath + ".rotated") as f:
+            self.assertEqual(len(f.readlines()), 1)
+        with open(self.statsPath) as f:
+            self.assertEqual(len(f.readlines()), 1)
+        with open(logPath + ".1") as f:
+            self.assertIn("Received SIGUSR1", f.read())  # logged before the reopen
+        with open(logPath) as f:
+            self.assertIn("Server Shut Down", f.read())  # the reopened file took the rest
+        self.assertFalse(os.path.exists(logPath + ".2"))  # reopened, not rotated again
