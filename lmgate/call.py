@@ -228,7 +228,8 @@ class ProxiedCall:
         if self._recorded:  # aborted at shutdown
             return
         kind = "upstream_timeout" if self._timedOut else _failureKind(reason)
-        log.info(
+        self._gateway.rateLog.info(
+            "upstream failures",
             "{provider}: no response from upstream ({kind}): {why}",
             provider=self._provider.name if self._provider else "-",
             kind=kind,
@@ -286,7 +287,8 @@ class ProxiedCall:
             self._recordOnce(None, None)
         else:
             kind = "upstream_timeout" if result.check(UpstreamIdle) else "upstream_reset"
-            log.info(
+            self._gateway.rateLog.info(
+                "upstream failures",
                 "{provider}: upstream body ended early ({kind}): {why}",
                 provider=self._provider.name if self._provider else "-",
                 kind=kind,

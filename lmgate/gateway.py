@@ -30,6 +30,7 @@ from lmgate.channel import GatewayChannel, GatewayRequest, Limits
 from lmgate.headers import upstreamRequestHeaders
 from lmgate.interfaces import IKeyCheck, IUsageSink
 from lmgate.providers import Provider
+from lmgate.ratelog import RateLimitedLog
 from lmgate.record import KeyEntry
 from lmgate.upstream import BytesProducer, Upstream
 
@@ -124,6 +125,7 @@ class Gateway:
         self.captureLimit, self.responseTimeout, self.idleTimeout = captureLimit, responseTimeout, idleTimeout
         self.cooperator = cooperator
         self.clientTimeout = clientTimeout
+        self.rateLog = RateLimitedLog(log, clock)
         #: Calls relayed and not yet recorded.
         self.active: set[ProxiedCall] = set()
 
