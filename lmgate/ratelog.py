@@ -17,14 +17,14 @@ class RateLimitedLog:
         self._log, self._clock, self._burst, self._interval = log, clock, burst, interval
         self._windows: dict[str, tuple[float, int, int]] = {}  # kind -> (window start, emitted, suppressed)
 
-    def info(self, kind: str, format: str, **kwargs: Any) -> None:
-        """Log C{format} unless this kind already used its burst in the current window."""
+    def info(self, category: str, format: str, **kwargs: Any) -> None:
+        """Log C{format} unless this category already used its burst in the current window."""
         now = self._clock.seconds()
-        start, emitted, suppressed = self._windows.get(kind, (now, 0, 0))
+        start, emitted, suppressed = self._windows.get(category, (now, 0, 0))
         if now - start >= self._interval:
             if suppressed:
                 self._log.info(
-                    "Left out {count} more log lines like: {kind}", count=suppressed, kind=kind
+                    "Left out {count} more log lines about {category}", count=suppressed, category=category
                 )
             start, emitted, suppressed = now, 0, 0
         if emitted < self._burst:
@@ -32,4 +32,4 @@ class RateLimitedLog:
             emitted += 1
         else:
             suppressed += 1
-        self._windows[kind] = (start, emitted, suppressed)
+        self._windows[category] = (start, emitted, suppressed)
