@@ -17,7 +17,7 @@ from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
 from twisted.web import _newclient
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -53,6 +53,36 @@ class BoundedHTTPClientParser(_newclient.HTTPClientParser):
             if self._headBytes > UPSTREAM_HEADER_BYTES or self._headLines > UPSTREAM_HEADER_LINES:
                 raise UpstreamHeadersTooLarge(f"{self._headLines} lines, {self._headBytes} bytes")
         super().lineReceived(line)
+
+
+class _NoDelayProtocol(_newclient.HTTP11ClientProtocol):
+    """An upstream connection with Nagle off: a request's head and body leave at once."""
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        for _ in range(3):  # through a TLS wrapper to the TCP transport
+            if transport is None:
+                return
+            if hasattr(transport, "setTcpNoDelay"):
+                try:
+                    transport.setTcpNoDelay(True)
+                except Exception:
+                    pass
+                return
+            transport = getattr(transport, "transport", None)
+
+
+class _RelayConnectionFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" log line per upstream connection
+
+    def buildProtocol(self, addr: Any) -> _NoDelayProtocol:
+        return _NoDelayProtocol(self._quiescentCallback)
+
+
+class RelayPool(HTTPConnectionPool):
+    """The relay's persistent pool: connections with Nagle off, opened quietly."""
+
+    _factory = _RelayConnectionFactory
 
 
 def installBoundedParser() -> None:
@@ -141,7 +171,7 @@ class Upstream(Service):
     def fromSettings(cls, reactor: Any, settings: Settings) -> "Upstream":
         """The production relay: a persistent pool and a TLS-verifying Agent."""
         installBoundedParser()
-        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool = RelayPool(reactor, persistent=True)
         pool.maxPersistentPerHost = settings.poolMaxPerHost
         pool.cachedConnectionTimeout = settings.poolIdleTimeout  # type: ignore[assignment]
         pool.retryAutomatically = True  # Twisted retries only idempotent, body-less requests
