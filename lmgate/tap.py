@@ -42,7 +42,14 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "The YAML configuration file (default: $LMGATE_CONFIG, else the embedded demo)."],
         ["listen", "l", None, "A Twisted server endpoint string, overriding the file's `listen`."],
+        ["workers", "w", 1, "Worker processes sharing the listening socket (tcp: endpoints).", int],
+        ["worker-fd", None, None, "(internal) the shared socket a worker adopts.", int],
+        ["worker-index", None, None, "(internal) this worker's number.", int],
     ]
+
+    def postOptions(self) -> None:
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be 1 or more")
 
 
 def demoSettings(environ: Any = None) -> Settings:
@@ -266,11 +273,50 @@ def _endpoint(reactor: Any, description: str, settings: Settings, key: str) -> A
         raise ConfigError(settings.source, key, f"not a usable endpoint ({e}): {description!r}") from None
 
 
-def buildService(settings: Settings, reactor: Any, listen: str | None = None) -> IService:
+def stubService(reactor: Any, settings: Settings) -> Service:
+    """The in-process stub upstream (C{stub.listen})."""
+    from twisted.web.server import Site
+
+    from lmgate.stub import makeStubResource
+
+    assert settings.stubListen is not None
+    stubSite = Site(makeStubResource(reactor))
+    stubSite.noisy = False
+    stubSite.log = lambda request: None  # the gateway's own access log already shows each call
+    stub = StreamServerEndpointService(_endpoint(reactor, settings.stubListen, settings, "stub.listen"), stubSite)
+    stub._raiseSynchronously = True
+    return stub
+
+
+def supervisorService(settings: Settings, reactor: Any, configPath: str | None, listen: str | None, workers: int) -> IService:
+    """
+    C{--workers N}: check in the foreground what each worker will need, then a
+    supervisor that shares one socket among N workers.
+    """
+    from lmgate.allowlist import AllowList
+    from lmgate.jsonl import checkStatsPath
+    from lmgate.workers import Supervisor, listeningSocket, workerStatsPath
+
+    AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
+    for index in range(1, workers + 1):
+        checkStatsPath(workerStatsPath(settings.statsPath, index), settings.source)
+    listeningSocket(reactor, settings).close()  # fail now, in the foreground, if it cannot be bound
+    top = OrderedMultiService(reactor)
+    if settings.stubListen is not None:
+        stubService(reactor, settings).setServiceParent(top)
+    Supervisor(reactor, settings, configPath, listen, workers).setServiceParent(top)
+    return top
+
+
+def buildService(
+    settings: Settings, reactor: Any, listen: str | None = None, workerFd: int | None = None, workerIndex: int | None = None
+) -> IService:
     """
     The daemon's service tree for checked settings.
 
     @param listen: the command line's C{--listen}, kept across reloads.
+    @param workerFd: in a worker process, the supervisor's socket to accept on.
+    @param workerIndex: in a worker process, its number (names its stats file).
 
     @raise ConfigError: the allow-list, the stats directory, the TLS bundle or
         an endpoint cannot be used.
@@ -280,6 +326,12 @@ def buildService(settings: Settings, reactor: Any, listen: str | None = None) ->
     from lmgate.jsonl import UsageLog, checkStatsPath
     from lmgate.upstream import Upstream
 
+    if workerIndex is not None:
+        from dataclasses import replace
+
+        from lmgate.workers import workerStatsPath
+
+        settings = replace(settings, statsPath=workerStatsPath(settings.statsPath, workerIndex), stubListen=None)
     allowList = AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
     checkStatsPath(settings.statsPath, settings.source)
     usageLog = UsageLog(
@@ -293,8 +345,14 @@ def buildService(settings: Settings, reactor: Any, listen: str | None = None) ->
     gateway = Gateway({}, allowList, upstream, usageLog, reactor)
     site = GatewaySite(GatewayResource(gateway), reactor=reactor)
     applySettings(settings, gateway, site)
-    listener = StreamServerEndpointService(_endpoint(reactor, settings.listen, settings, "listen"), site)
-    listener._raiseSynchronously = True
+    listener: Service
+    if workerFd is not None:
+        from lmgate.workers import AdoptedListener
+
+        listener = AdoptedListener(reactor, workerFd, site)
+    else:
+        listener = StreamServerEndpointService(_endpoint(reactor, settings.listen, settings, "listen"), site)
+        listener._raiseSynchronously = True
 
     top = OrderedMultiService(reactor)
     # Started in this order, stopped in reverse, one after another.
@@ -302,16 +360,7 @@ def buildService(settings: Settings, reactor: Any, listen: str | None = None) ->
     allowList.setServiceParent(top)
     upstream.setServiceParent(top)
     if settings.stubListen is not None:
-        from twisted.web.server import Site
-
-        from lmgate.stub import makeStubResource
-
-        stubSite = Site(makeStubResource(reactor))
-        stubSite.noisy = False
-        stubSite.log = lambda request: None  # the gateway's own access log already shows each call
-        stub = StreamServerEndpointService(_endpoint(reactor, settings.stubListen, settings, "stub.listen"), stubSite)
-        stub._raiseSynchronously = True
-        stub.setServiceParent(top)
+        stubService(reactor, settings).setServiceParent(top)
     drain = DrainService(gateway.drain, settings.drainTimeout)
     drain.setServiceParent(top)
     reloader = Reloader(settings, gateway, site, allowList, drain)
@@ -337,7 +386,14 @@ def buildService(settings: Settings, reactor: Any, listen: str | None = None) ->
     return top
 
 
-def serviceFor(configPath: str | None, listen: str | None = None, reactor: Any = None) -> IService:
+def serviceFor(
+    configPath: str | None,
+    listen: str | None = None,
+    reactor: Any = None,
+    workers: int = 1,
+    workerFd: int | None = None,
+    workerIndex: int | None = None,
+) -> IService:
     """
     Settings and service tree in one step, with start-up errors as C{SystemExit}
     carrying one line (twistd prints it and exits non-zero).
@@ -347,7 +403,10 @@ def serviceFor(configPath: str | None, listen: str | None = None, reactor: Any =
 
         reactor = globalReactor
     try:
-        return buildService(settingsFor(configPath, listen), reactor, listen)
+        settings = settingsFor(configPath, listen)
+        if workers > 1 and workerFd is None:
+            return supervisorService(settings, reactor, configPath, listen, workers)
+        return buildService(settings, reactor, listen, workerFd, workerIndex)
     except ConfigError as e:
         raise SystemExit(f"lmgate: {e}") from None
 
@@ -355,4 +414,6 @@ def serviceFor(configPath: str | None, listen: str | None = None, reactor: Any =
 def makeService(options: usage.Options) -> IService:
     """The plugin's entry point."""
     configPath = options["config"] or os.environ.get("LMGATE_CONFIG") or None
-    return serviceFor(configPath, options["listen"])
+    return serviceFor(
+        configPath, options["listen"], workers=options["workers"], workerFd=options["worker-fd"], workerIndex=options["worker-index"]
+    )

@@ -513,3 +513,32 @@ class ShutdownTests(DaemonTestCase):
         with open(logPath) as f:
             self.assertIn("Server Shut Down", f.read())  # the reopened file took the rest
         self.assertFalse(os.path.exists(logPath + ".2"))  # reopened, not rotated again
+
+
+class WorkerTests(DaemonTestCase):
+    async def test_twoWorkersShareTheSocket(self) -> None:
+        """--workers 2: both workers serve calls, each writes its own stats file,
+        SIGHUP reaches them, and SIGTERM drains both and exits 0 with every record."""
+        import treq
+
+        daemon = Daemon(self, self.config(), self.directory)
+        daemon.start("--workers", "2")
+        await daemon.waitUntilHealthy(self.port)
+        headers = {"Authorization": f"Bearer {PLAIN_KEY}"}
+        for _ in range(40):
+            r = await treq.post(self.base + "/openai/v1/chat/completions", b'{"model":"m","messages":[]}',
+                                headers=headers, persistent=False)
+            await r.content()
+            self.assertEqual(r.code, 200)
+        daemon.signal("HUP")
+        for _ in range(50):
+            if daemon.watch.output.count(b"Reloaded the configuration") >= 2:
+                break
+            await pause(0.1)
+        self.assertEqual(daemon.watch.output.count(b"Reloaded the configuration"), 2)
+        self.assertEqual(await daemon.stop(), 0)
+        statsDir = os.path.dirname(self.statsPath)
+        files = sorted(n for n in os.listdir(statsDir) if os.path.getsize(os.path.join(statsDir, n)))
+        self.assertEqual(files, ["stats-w1.jsonl", "stats-w2.jsonl"])
+        records = readRecords(os.path.join(statsDir, "stats"))
+        self.assertEqual(len(records), 40)

@@ -1,0 +1,186 @@
+"""
+C{twistd lmgate --workers N}: N worker processes sharing one listening socket.
+
+The supervisor (the process twistd runs) binds the socket, then starts N
+C{twistd -n lmgate --worker-fd FD --worker-index I} children that inherit it and
+accept on it (C{adoptStreamPort}); the kernel spreads connections over them.
+Each worker is a whole gateway: its own allow-list copy (reloaded on its own
+and on SIGHUP), its own upstream pool, and its own stats file
+(C{stats.jsonl} → C{stats-w1.jsonl}, C{stats-w2.jsonl}, ...), so records are
+never interleaved. The supervisor forwards SIGHUP and SIGUSR1, restarts a worker
+that dies, and on SIGTERM stops accepting, lets every worker drain and flush,
+and exits 0 once all have.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from lmgate.config import Settings
+from lmgate.errors import ConfigError
+
+log = Logger()
+
+RESTART_DELAY = 1.0
+
+
+def workerStatsPath(path: str, index: int) -> str:
+    """C{var/stats/stats.jsonl} → C{var/stats/stats-w2.jsonl}."""
+    root, ext = os.path.splitext(path)
+    return f"{root}-w{index}{ext}"
+
+
+def listeningSocket(reactor: Any, settings: Settings) -> socket.socket:
+    """
+    Bind the socket the workers share.
+
+    @raise ConfigError: C{listen} is not a TCP endpoint, or cannot be bound.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        endpoint = serverFromString(reactor, settings.listen)
+    except Exception as e:
+        raise ConfigError(settings.source, "listen", f"not a usable endpoint ({e})") from None
+    if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+        raise ConfigError(settings.source, "listen", "--workers needs a tcp: endpoint (the workers share one TCP socket)")
+    family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) else socket.AF_INET
+    port, interface, backlog = endpoint._port, endpoint._interface, endpoint._backlog
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(settings.source, "listen", f"cannot listen on {settings.listen}: {e.strerror or e}") from None
+    sock.setblocking(False)
+    os.set_inheritable(sock.fileno(), True)
+    return sock
+
+
+class _Worker(ProcessProtocol):
+    def __init__(self, supervisor: "Supervisor", index: int) -> None:
+        self.supervisor, self.index = supervisor, index
+        self.ended: Deferred[None] = Deferred()
+        self._partial = {1: b"", 2: b""}
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        lines = (self._partial.get(fd, b"") + data).split(b"\n")
+        self._partial[fd] = lines.pop()
+        for line in lines:
+            if line:
+                log.info("[w{index}] {line}", index=self.index, line=line.decode("utf-8", "replace"))
+
+    def processEnded(self, reason: Failure) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        self.ended.callback(None)
+        self.supervisor.workerEnded(self, code)
+
+
+class Supervisor(Service):
+    """Starts, watches, signals and stops the worker processes."""
+
+    def __init__(self, reactor: Any, settings: Settings, configPath: str | None, listen: str | None, count: int) -> None:
+        self._reactor, self._settings, self._count = reactor, settings, count
+        self._configPath, self._listen = configPath, listen
+        self._socket: socket.socket | None = None
+        self._workers: dict[int, tuple[Any, _Worker]] = {}
+        self._stopping = False
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._socket = listeningSocket(self._reactor, self._settings)
+        for index in range(1, self._count + 1):
+            self._spawn(index)
+        for signum in (signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, self._forwarder(signum))
+        log.info("Started {count} workers on {listen}", count=self._count, listen=self._settings.listen)
+
+    def _forwarder(self, signum: int) -> Any:
+        def forward(number: int, frame: Any) -> None:
+            self._reactor.callFromThread(self.signalWorkers, signum)
+
+        return forward
+
+    def signalWorkers(self, signum: int) -> None:
+        log.info("Forwarding {signal} to the workers", signal=signal.Signals(signum).name)
+        for transport, _ in list(self._workers.values()):
+            try:
+                transport.signalProcess(signum)
+            except Exception:
+                pass
+
+    def _spawn(self, index: int) -> None:
+        assert self._socket is not None
+        fd = self._socket.fileno()
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        args = [twistd, "-n", "--pidfile=", "--logfile=-", "lmgate", "--worker-fd", str(fd), "--worker-index", str(index)]
+        if self._configPath is not None:
+            args += ["--config", self._configPath]
+        if self._listen is not None:
+            args += ["--listen", self._listen]
+        worker = _Worker(self, index)
+        transport = self._reactor.spawnProcess(
+            worker, twistd, args, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: "r", fd: fd}
+        )
+        self._workers[index] = (transport, worker)
+
+    def workerEnded(self, worker: _Worker, code: int | None) -> None:
+        self._workers.pop(worker.index, None)
+        if self._stopping:
+            return
+        log.error("Worker {index} ended (exit {code}); starting it again", index=worker.index, code=code)
+        self._reactor.callLater(RESTART_DELAY, self._respawn, worker.index)
+
+    def _respawn(self, index: int) -> None:
+        if not self._stopping and index not in self._workers:
+            self._spawn(index)
+
+    def stopService(self) -> Deferred[Any]:
+        Service.stopService(self)
+        self._stopping = True
+        ended = [worker.ended for _, worker in self._workers.values()]
+        self.signalWorkers(signal.SIGTERM)
+
+        def closeSocket(result: object) -> object:
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
+            if getattr(self._reactor, "_exitSignal", None) is not None:
+                self._reactor._exitSignal = None  # the workers drained: a clean exit
+            return result
+
+        return DeferredList(ended).addBoth(closeSocket)
+
+
+class AdoptedListener(Service):
+    """A worker's listener: the supervisor's socket, adopted; closed when stopping."""
+
+    def __init__(self, reactor: Any, fd: int, site: Any) -> None:
+        self._reactor, self._fd, self._site = reactor, fd, site
+        self._port: Any = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        with socket.socket(fileno=os.dup(self._fd)) as probe:
+            family = probe.family
+        self._port = self._reactor.adoptStreamPort(self._fd, family, self._site)
+        os.close(self._fd)  # the port holds its own duplicate
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        if self._port is not None:
+            return self._port.stopListening()
+        return None
