@@ -114,6 +114,7 @@ class ProxiedCall:
         self._maskedKey: str | None = None
         self._body: bytes | None = None
         self._responseTimer: IDelayedCall | None = None
+        self._sentAt: float | None = None
         self._timedOut = False
         self._requestBytes = 0
         request.notifyFinish().addErrback(self._lostClient)  # first: called late, it never fires
@@ -160,6 +161,7 @@ class ProxiedCall:
     def start(self, pending: Deferred[IResponse]) -> Any:
         """Relay the upstream's response when it comes."""
         self._pending = pending
+        self._sentAt = self._clock.seconds()
         self._gateway.active.add(self)
         self._responseTimer = self._clock.callLater(self._gateway.responseTimeout, self._responseTimedOut)
         pending.addCallbacks(self._relay, self._noResponse)
@@ -341,6 +343,12 @@ class ProxiedCall:
                 model = requestModel(provider.format, self._upstreamPath, self._body)
             except Exception:
                 log.failure("Reading the request's model failed")
+        prices = self._gateway.prices
+        cost = None
+        if prices is not None:
+            cost = prices.cost(model, usage.input_tokens, usage.output_tokens, usage.cached_tokens, usage.cache_write_tokens)
+        if self._sentAt is not None and self._gateway.observeOverhead is not None:
+            self._gateway.observeOverhead(self._sentAt - self._startedAt)
         if errorKind is None and usage.providerError is not None:
             errorKind = f"provider_error:{usage.providerError}"
         entry = self._entry
@@ -371,5 +379,6 @@ class ProxiedCall:
             upstream_request_id=self._upstreamRequestId,
             client=getattr(client, "host", None),
             error=errorKind,
+            cost_usd=cost,
         )
         self._gateway.sink.write(record)

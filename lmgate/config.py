@@ -90,6 +90,11 @@ class Settings:
     headerTimeout: float = 10.0
     clientTimeout: float = 60.0
     maxBody: int = 33554432
+    pricesPath: str | None = "etc/prices.yaml"
+    adminListen: str | None = None
+    metricsModels: tuple[str, ...] = ()
+    metricsPerKey: bool = False
+    metricsPerKeyLimit: int = 100
     providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
 
 
@@ -134,6 +139,12 @@ def _flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _Invalid(f"must be true or false, got {value!r}")
     return value
+
+
+def _textList(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _Invalid(f"must be a list of non-empty strings, got {value!r}")
+    return tuple(value)
 
 
 def _upstream(value: Any) -> str:
@@ -189,6 +200,13 @@ SCHEMA: Mapping[str, Any] = {
     "tls": {"ca_bundle": ("tlsCABundle", _optionalText)},
     "stub": {"listen": ("stubListen", _optionalText)},
     "shutdown": {"drain_timeout": ("drainTimeout", _number())},
+    "prices": {"path": ("pricesPath", _optionalText)},
+    "admin": {"listen": ("adminListen", _optionalText)},
+    "metrics": {
+        "models": ("metricsModels", _textList),
+        "per_key": ("metricsPerKey", _flag),
+        "per_key_limit": ("metricsPerKeyLimit", _integer(1)),
+    },
     "limits": {
         "header_bytes": ("headerBytes", _integer(1024)),
         "header_count": ("headerCount", _integer(1)),

@@ -125,6 +125,10 @@ class Gateway:
         self.captureLimit, self.responseTimeout, self.idleTimeout = captureLimit, responseTimeout, idleTimeout
         self.cooperator = cooperator
         self.clientTimeout = clientTimeout
+        #: The price table for C{cost_usd} (None: no costs).
+        self.prices: Any = None
+        #: Called with the seconds LMGate spent on a call before sending it upstream.
+        self.observeOverhead: Any = None
         self.rateLog = RateLimitedLog(log, clock)
         #: Calls relayed and not yet recorded.
         self.active: set[ProxiedCall] = set()

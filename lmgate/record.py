@@ -96,6 +96,7 @@ RECORD_FIELDS = (
     "upstream_request_id",
     "client",
     "error",
+    "cost_usd",
 )
 
 
@@ -130,6 +131,7 @@ class UsageRecord:
     upstream_request_id: str | None
     client: str | None
     error: str | None
+    cost_usd: float | None = None
 
     def asDict(self) -> dict[str, Any]:
         """The record as a plain dict, fields in contract order."""

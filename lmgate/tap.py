@@ -127,6 +127,10 @@ RESTART_ONLY = (
     ("pool.max_per_host", "poolMaxPerHost"),
     ("tls.ca_bundle", "tlsCABundle"),
     ("stub.listen", "stubListen"),
+    ("admin.listen", "adminListen"),
+    ("metrics.models", "metricsModels"),
+    ("metrics.per_key", "metricsPerKey"),
+    ("metrics.per_key_limit", "metricsPerKeyLimit"),
 )
 
 
@@ -144,6 +148,24 @@ def limitsFor(settings: Settings) -> Any:
             name.encode("ascii"): p.maxBody for name, p in settings.providers.items() if p.maxBody is not None
         },
     )
+
+
+def pricesFor(settings: Settings) -> Any:
+    """
+    The price table for C{cost_usd}: None when C{prices.path} is null, or when the
+    default C{etc/prices.yaml} is absent (logged); a named file must load.
+
+    @raise ConfigError: the file is unreadable or wrong.
+    """
+    from lmgate.prices import PriceTable
+
+    path = settings.pricesPath
+    if path is None:
+        return None
+    if path == Settings.pricesPath and not os.path.exists(path):
+        log.warn("No price table at {path}: cost_usd stays null", path=path)
+        return None
+    return PriceTable.load(path)
 
 
 def applySettings(settings: Settings, gateway: Any, site: Any) -> None:
@@ -194,6 +216,10 @@ class Reloader:
         if pending:
             log.warn("Changed, and applied at the next restart only: {keys}", keys=", ".join(pending))
             new = replace(new, **{attr: getattr(old, attr) for _, attr in RESTART_ONLY})
+        try:
+            self._gateway.prices = pricesFor(new)
+        except ConfigError as e:
+            log.error("Keeping the previous price table: {problem}", problem=str(e))
         applySettings(new, self._gateway, self._site)
         self._drain.timeout = new.drainTimeout
         self.settings = new
@@ -342,7 +368,25 @@ def buildService(
         clock=reactor,
     )
     upstream = Upstream.fromSettings(reactor, settings)
-    gateway = Gateway({}, allowList, upstream, usageLog, reactor)
+    metrics = None
+    sink: Any = usageLog
+    if settings.adminListen is not None:
+        from lmgate.metrics import Fanout, Metrics
+
+        metrics = Metrics(
+            models=settings.metricsModels,
+            perKey=settings.metricsPerKey,
+            perKeyLimit=settings.metricsPerKeyLimit,
+            writerStats=lambda: (usageLog.written, usageLog.pending, usageLog.dropped),
+            keyCount=lambda: allowList.size,
+            reloadErrors=lambda: allowList.reloadErrors,
+        )
+        sink = Fanout([usageLog, metrics])
+    gateway = Gateway({}, allowList, upstream, sink, reactor)
+    gateway.prices = pricesFor(settings)
+    if metrics is not None:
+        metrics.inFlight = lambda: len(gateway.active)
+        gateway.observeOverhead = metrics.observeOverhead
     site = GatewaySite(GatewayResource(gateway), reactor=reactor)
     applySettings(settings, gateway, site)
     listener: Service
@@ -361,6 +405,18 @@ def buildService(
     upstream.setServiceParent(top)
     if settings.stubListen is not None:
         stubService(reactor, settings).setServiceParent(top)
+    if metrics is not None:
+        from twisted.web.server import Site
+
+        from lmgate.metrics import adminResource
+
+        adminSite = Site(adminResource(metrics))
+        adminSite.noisy = False
+        adminSite.log = lambda request: None
+        assert settings.adminListen is not None
+        admin = StreamServerEndpointService(_endpoint(reactor, settings.adminListen, settings, "admin.listen"), adminSite)
+        admin._raiseSynchronously = True
+        admin.setServiceParent(top)
     drain = DrainService(gateway.drain, settings.drainTimeout)
     drain.setServiceParent(top)
     reloader = Reloader(settings, gateway, site, allowList, drain)

@@ -542,3 +542,39 @@ class WorkerTests(DaemonTestCase):
         self.assertEqual(files, ["stats-w1.jsonl", "stats-w2.jsonl"])
         records = readRecords(os.path.join(statsDir, "stats"))
         self.assertEqual(len(records), 40)
+
+
+class OperationsTests(DaemonTestCase):
+    async def test_metricsAndCosts(self) -> None:
+        """The admin listener's /metrics counts real calls and their tokens; records carry cost_usd."""
+        import treq
+        from prometheus_client.parser import text_string_to_metric_families
+
+        admin = freePort()
+        prices = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "prices.yaml")
+        config = self.config() + f'admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}\nprices: {{path: {prices}}}\n'
+        daemon = Daemon(self, config, self.directory)
+        daemon.start()
+        await daemon.waitUntilHealthy(self.port)
+        headers = {"Authorization": f"Bearer {PLAIN_KEY}"}
+        for model in ("gpt-4o-mini", "gpt-4o-mini", "no-such-model"):
+            r = await treq.post(self.base + "/openai/v1/chat/completions",
+                                json.dumps({"model": model, "messages": [{"role": "user", "content": "a b c"}]}).encode(),
+                                headers=headers, persistent=False)
+            await r.content()
+        r = await treq.get(self.base + "/openai/v1/models", headers={"Authorization": "Bearer nope-nope-nope"}, persistent=False)
+        await r.content()
+        r = await treq.get(f"http://127.0.0.1:{admin}/metrics", persistent=False)
+        text = await r.text()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        self.assertEqual(samples[("lmgate_calls_total", (("error", "none"), ("provider", "openai"), ("status", "200")))], 3)
+        self.assertEqual(samples[("lmgate_calls_total", (("error", "forbidden"), ("provider", "openai"), ("status", "403")))], 1)
+        self.assertEqual(samples[("lmgate_tokens_total", (("kind", "input"), ("model", "gpt-4o"), ("provider", "openai")))], 6)
+        self.assertEqual(samples[("lmgate_allowlist_keys", ())], 2)
+        self.assertEqual(samples[("lmgate_overhead_seconds_count", ())], 3)
+        self.assertEqual(await daemon.stop(), 0)
+        records = readRecords(self.statsPath)
+        self.assertEqual([r["cost_usd"] is not None for r in records], [True, True, False, False])
+        first = records[0]
+        self.assertAlmostEqual(first["cost_usd"], (first["input_tokens"] * 0.15 + first["output_tokens"] * 0.60) / 1e6)

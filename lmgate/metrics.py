@@ -1,0 +1,169 @@
+"""
+Prometheus metrics on a separate admin listener (C{admin.listen}), served by
+prometheus_client from a registry of LMGate's own.
+
+Metrics are fed the same finished records the stats file gets (L{Metrics} is an
+L{IUsageSink}), so the two never disagree. Label cardinality is bounded: models
+fold into the configured families or C{other}, and per-key labels exist only
+when enabled, capped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from lmgate.interfaces import IUsageSink
+from lmgate.record import UsageRecord
+
+log = Logger()
+
+#: Model families with their own label when C{metrics.models} is not set.
+DEFAULT_MODELS = (
+    "gpt-5", "gpt-4.1", "gpt-4o", "o3", "o4-mini", "text-embedding-3",
+    "claude-opus", "claude-sonnet", "claude-haiku", "claude-3-5", "claude-3-7", "claude-3",
+    "gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.0-flash",
+    "anthropic.", "amazon.nova", "amazon.titan", "meta.llama",
+)
+TOKEN_KINDS = ("input", "output", "cached", "cache_write", "reasoning")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+
+@implementer(IUsageSink)
+class Fanout:
+    """Hands each record to several sinks, in order; one failing never stops the others."""
+
+    def __init__(self, sinks: Sequence[IUsageSink]) -> None:
+        self._sinks = list(sinks)
+
+    def write(self, record: UsageRecord) -> None:
+        for sink in self._sinks:
+            try:
+                sink.write(record)
+            except Exception:
+                log.failure("A usage sink failed")
+
+
+class _Callbacks:
+    """Values read from the running gateway at scrape time."""
+
+    def __init__(self, metrics: "Metrics") -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        m = self._metrics
+        written, pending, dropped = m.writerStats()
+        yield CounterMetricFamily("lmgate_records_written", "Usage records written to disk.", value=written)
+        yield GaugeMetricFamily("lmgate_records_backlog", "Usage records waiting to be written.", value=pending)
+        yield CounterMetricFamily("lmgate_records_dropped", "Usage records dropped (backlog full).", value=dropped)
+        yield GaugeMetricFamily("lmgate_calls_in_flight", "Calls relayed and not yet finished.", value=m.inFlight())
+        yield GaugeMetricFamily("lmgate_allowlist_keys", "Keys on the allow-list.", value=m.keyCount())
+        yield CounterMetricFamily("lmgate_allowlist_reload_errors", "Allow-list reloads that failed.", value=m.reloadErrors())
+
+
+@implementer(IUsageSink)
+class Metrics:
+    """
+    LMGate's metrics. Takes finished records (C{write}) and the time LMGate spent
+    on each call before it went upstream (C{observeOverhead}).
+    """
+
+    def __init__(
+        self,
+        models: Sequence[str] = (),
+        perKey: bool = False,
+        perKeyLimit: int = 100,
+        inFlight: Callable[[], int] = lambda: 0,
+        writerStats: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0),
+        keyCount: Callable[[], int] = lambda: 0,
+        reloadErrors: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self._models = tuple(sorted(models or DEFAULT_MODELS, key=len, reverse=True))
+        self._perKey, self._perKeyLimit = perKey, perKeyLimit
+        self._keys: set[str] = set()
+        self.inFlight, self.writerStats, self.keyCount, self.reloadErrors = inFlight, writerStats, keyCount, reloadErrors
+        r = self.registry
+        self.calls = Counter("lmgate_calls", "Calls that reached routing.", ["provider", "status", "error"], registry=r)
+        self.tokens = Counter("lmgate_tokens", "Tokens reported by providers.", ["provider", "model", "kind"], registry=r)
+        self.cost = Counter("lmgate_cost_usd", "Cost of calls (US dollars, from the price table).", ["provider", "model"], registry=r)
+        self.duration = Histogram("lmgate_call_duration_seconds", "From request arrival to the last byte.", ["provider"],
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.ttfb = Histogram("lmgate_upstream_ttfb_seconds", "From request arrival to the upstream's response headers.",
+                              ["provider"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram("lmgate_overhead_seconds", "Time LMGate spent on a call before sending it upstream.",
+                                  buckets=OVERHEAD_BUCKETS, registry=r)
+        self.keyCalls = Counter("lmgate_key_calls", "Calls by allow-list id (when enabled; capped).", ["lmgate_id"], registry=r) if perKey else None
+        r.register(_Callbacks(self))
+
+    def modelLabel(self, model: str | None) -> str:
+        """The model's family (a configured id or prefix), or C{other}; C{unknown} when none."""
+        if not model:
+            return "unknown"
+        for family in self._models:
+            if model == family or model.startswith(family):
+                return family
+        return "other"
+
+    def write(self, record: UsageRecord) -> None:
+        provider = record.provider or "none"
+        error = record.error or "none"
+        if error.startswith("provider_error:"):
+            error = "provider_error"
+        self.calls.labels(provider, str(record.status), error).inc()
+        model = self.modelLabel(record.model)
+        for kind in TOKEN_KINDS:
+            value = getattr(record, f"{kind}_tokens")
+            if value:
+                self.tokens.labels(provider, model, kind).inc(value)
+        if record.cost_usd:
+            self.cost.labels(provider, model).inc(record.cost_usd)
+        if record.provider is not None and record.error not in ("forbidden", "not_found", "bad_request"):
+            self.duration.labels(provider).observe(record.latency_ms / 1000)
+        if record.ttfb_ms is not None:
+            self.ttfb.labels(provider).observe(record.ttfb_ms / 1000)
+        if self.keyCalls is not None and record.lmgate_id:
+            ident = record.lmgate_id
+            if ident not in self._keys and len(self._keys) >= self._perKeyLimit:
+                ident = "other"
+            else:
+                self._keys.add(ident)
+            self.keyCalls.labels(ident).inc()
+
+    def observeOverhead(self, seconds: float) -> None:
+        self.overhead.observe(max(0.0, seconds))
+
+
+class _MetricsPage(Resource):
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        Resource.__init__(self)
+        self._metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self._metrics.registry)
+
+
+class _Health(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"ok"
+
+
+def adminResource(metrics: Metrics) -> Resource:
+    """The admin listener's root: C{/metrics} and C{/healthz}."""
+    root = Resource()
+    root.putChild(b"metrics", _MetricsPage(metrics))
+    root.putChild(b"healthz", _Health())
+    return root
