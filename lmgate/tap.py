@@ -323,6 +323,8 @@ def supervisorService(settings: Settings, reactor: Any, configPath: str | None, 
     from lmgate.jsonl import checkStatsPath
     from lmgate.workers import Supervisor, listeningSocket, workerStatsPath
 
+    if settings.adminListen is not None:
+        raise ConfigError(settings.source, "admin.listen", "not available with --workers yet (each worker would need its own port)")
     AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
     for index in range(1, workers + 1):
         checkStatsPath(workerStatsPath(settings.statsPath, index), settings.source)
