@@ -1,0 +1,312 @@
+"""
+C{lmgate report}: usage summed from the stats files, for whoever pays the bill.
+
+Reads the current and rotated stats files (C{.gz} too) line by line in bounded
+memory: sums are exact, latency percentiles come from log-spaced buckets
+(within 1 %). Filters by time, owner, key id, provider, model and status; groups
+by any of owner, key_id, provider, model, day, hour, status; prints a table, CSV
+or JSON, and with C{--html FILE} writes a self-contained page with charts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import io
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import IO, Any, Iterator, Sequence
+
+GROUPS = ("owner", "key_id", "provider", "model", "day", "hour", "status")
+_RELATIVE = re.compile(r"^(\d+)([mhdw])$")
+_STEP = math.log(1.01)  # latency buckets 1 % apart
+
+
+def parseWhen(text: str, now: datetime | None = None) -> str:
+    """An ISO date/datetime or a relative span (30m, 24h, 7d, 2w) as an ISO UTC timestamp prefix."""
+    now = now or datetime.now(timezone.utc)
+    match = _RELATIVE.match(text.strip())
+    if match:
+        amount, unit = int(match.group(1)), match.group(2)
+        delta = {"m": timedelta(minutes=amount), "h": timedelta(hours=amount), "d": timedelta(days=amount), "w": timedelta(weeks=amount)}[unit]
+        return (now - delta).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date, a datetime or a span like 24h / 7d: {text!r}") from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def statsFiles(paths: Sequence[str]) -> list[str]:
+    """
+    The files to read: a directory gives every C{*.jsonl*} file in it; a stats
+    file gives itself and its rotated and per-worker siblings.
+    """
+    found: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            found += [os.path.join(path, n) for n in sorted(os.listdir(path)) if ".jsonl" in n]
+            continue
+        directory, name = os.path.split(path)
+        stem = name.split(".jsonl")[0]
+        if os.path.isdir(directory or "."):
+            siblings = [n for n in sorted(os.listdir(directory or ".")) if n.startswith(stem) and ".jsonl" in n]
+            found += [os.path.join(directory, n) for n in siblings]
+        if not found and os.path.exists(path):
+            found.append(path)
+    return list(dict.fromkeys(found))
+
+
+class Latency:
+    """Latency percentiles from log-spaced buckets (1 % apart): bounded memory, exact count."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, int] = {}
+        self.count = 0
+
+    def add(self, ms: float) -> None:
+        index = int(math.log(max(ms, 0.001)) / _STEP)
+        self.buckets[index] = self.buckets.get(index, 0) + 1
+        self.count += 1
+
+    def percentile(self, p: float) -> float | None:
+        if not self.count:
+            return None
+        target = p / 100 * self.count
+        seen = 0
+        for index in sorted(self.buckets):
+            seen += self.buckets[index]
+            if seen >= target:
+                return math.exp((index + 0.5) * _STEP)
+        return None  # pragma: no cover
+
+
+@dataclass
+class Totals:
+    calls: int = 0
+    errors: int = 0
+    input: int = 0
+    output: int = 0
+    cached: int = 0
+    cost: float = 0.0
+    costKnown: int = 0
+    latency: Latency = field(default_factory=Latency)
+
+    def add(self, r: dict[str, Any], cost: float | None) -> None:
+        self.calls += 1
+        self.errors += r.get("error") is not None
+        self.input += r.get("input_tokens") or 0
+        self.output += r.get("output_tokens") or 0
+        self.cached += r.get("cached_tokens") or 0
+        if cost is not None:
+            self.cost += cost
+            self.costKnown += 1
+        latency = r.get("latency_ms")
+        if isinstance(latency, (int, float)):
+            self.latency.add(float(latency))
+
+    def row(self) -> dict[str, Any]:
+        p50, p95 = self.latency.percentile(50), self.latency.percentile(95)
+        return {"calls": self.calls, "errors": self.errors, "input_tokens": self.input, "output_tokens": self.output,
+                "cached_tokens": self.cached, "cost_usd": round(self.cost, 6),
+                "p50_ms": None if p50 is None else round(p50, 1), "p95_ms": None if p95 is None else round(p95, 1)}
+
+
+def keyOf(r: dict[str, Any], name: str) -> str:
+    if name == "key_id":
+        value = r.get("lmgate_id")
+    elif name == "day":
+        value = (r.get("timestamp") or "")[:10]
+    elif name == "hour":
+        value = (r.get("timestamp") or "")[:13].replace("T", " ") + "h"
+    else:
+        value = r.get(name)
+    return "-" if value is None else str(value)
+
+
+class Filter:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.since, self.until = args.since, args.until
+        self.values = {name: set(v.split(",")) for name, v in
+                       (("owner", args.owner), ("lmgate_id", args.key_id), ("provider", args.provider), ("model", args.model)) if v}
+        self.statuses = set(args.status.split(",")) if args.status else None
+
+    def __call__(self, r: dict[str, Any]) -> bool:
+        stamp = r.get("timestamp") or ""
+        if (self.since and stamp < self.since) or (self.until and stamp >= self.until):
+            return False
+        for name, allowed in self.values.items():
+            if str(r.get(name)) not in allowed:
+                return False
+        if self.statuses is not None:
+            status = str(r.get("status"))
+            if status not in self.statuses and status[:1] + "xx" not in self.statuses:
+                return False
+        return True
+
+
+def readRecords(files: Sequence[str], progress: IO[str] | None, problems: list[str]) -> Iterator[dict[str, Any]]:
+    total = sum(os.path.getsize(f) for f in files) or 1
+    done = 0
+    shown = -1
+    for path in files:
+        opener: Any = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as raw:
+            for number, line in enumerate(raw, 1):
+                try:
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise ValueError("not an object")
+                except ValueError:
+                    problems.append(f"{path}: line {number}: not a JSON record")
+                    continue
+                yield record
+            done += os.path.getsize(path)
+        if progress is not None:
+            percent = int(100 * done / total)
+            if percent != shown:
+                shown = percent
+                bar = "#" * (percent // 4)
+                progress.write(f"\rreading {len(files)} files [{bar:<25}] {percent:3d}%")
+                progress.flush()
+    if progress is not None:
+        progress.write("\n")
+
+
+@dataclass
+class Report:
+    by: tuple[str, ...]
+    groups: dict[tuple[str, ...], Totals] = field(default_factory=dict)
+    total: Totals = field(default_factory=Totals)
+    # for the page's charts: (day, owner) and day
+    daily: dict[tuple[str, str], Totals] = field(default_factory=dict)
+    days: dict[str, Totals] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, r: dict[str, Any], cost: float | None, charts: bool) -> None:
+        key = tuple(keyOf(r, name) for name in self.by)
+        self.groups.setdefault(key, Totals()).add(r, cost)
+        self.total.add(r, cost)
+        if charts:
+            day = keyOf(r, "day")
+            self.daily.setdefault((day, keyOf(r, "owner")), Totals()).add(r, cost)
+            self.days.setdefault(day, Totals()).add(r, cost)
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for key in sorted(self.groups):
+            row = dict(zip(self.by, key))
+            row.update(self.groups[key].row())
+            out.append(row)
+        return out
+
+
+def build(args: argparse.Namespace, progress: IO[str] | None = None) -> Report:
+    files = statsFiles(args.paths)
+    report = Report(tuple(args.by))
+    keep = Filter(args)
+    prices = None
+    if args.prices:
+        from lmgate.prices import PriceTable
+
+        prices = PriceTable.load(args.prices)
+    charts = bool(args.html)
+    for record in readRecords(files, progress, report.problems):
+        if not keep(record):
+            continue
+        cost = record.get("cost_usd")
+        if cost is None and prices is not None:
+            cost = prices.cost(record.get("model"), record.get("input_tokens"), record.get("output_tokens"),
+                               record.get("cached_tokens"), record.get("cache_write_tokens"))
+        report.add(record, cost if isinstance(cost, (int, float)) else None, charts)
+    return report
+
+
+COLUMNS = ("calls", "errors", "input_tokens", "output_tokens", "cached_tokens", "cost_usd", "p50_ms", "p95_ms")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.4f}" if value < 100 else f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def renderTable(report: Report) -> str:
+    header = list(report.by) + list(COLUMNS)
+    rows = [[_cell(r.get(c)) for c in header] for r in report.rows()]
+    total = report.total.row()
+    rows.append(["TOTAL"] + [""] * (len(report.by) - 1) + [_cell(total[c]) for c in COLUMNS])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.upper().ljust(w) if i < len(report.by) else h.upper().rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if i < len(report.by) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines) + "\n"
+
+
+def renderCSV(report: Report) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(report.by) + list(COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in report.rows():
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def renderJSON(report: Report) -> str:
+    return json.dumps({"by": list(report.by), "groups": report.rows(), "total": report.total.row(),
+                       "unreadable_lines": len(report.problems)}, indent=2) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lmgate report", description="Summarise LMGate's usage records.")
+    parser.add_argument("paths", nargs="*", default=["var/stats/stats.jsonl"],
+                        help="stats files or directories (default var/stats/stats.jsonl and its rotated files)")
+    parser.add_argument("--since", type=parseWhen, help="from this time: 2026-11-01, 2026-11-01T08:00, or 24h / 7d ago")
+    parser.add_argument("--until", type=parseWhen, help="before this time (same forms)")
+    parser.add_argument("--owner", help="only these owners (comma-separated)")
+    parser.add_argument("--key-id", help="only these allow-list ids")
+    parser.add_argument("--provider", help="only these providers")
+    parser.add_argument("--model", help="only these models")
+    parser.add_argument("--status", help="only these statuses: codes or classes (200,4xx)")
+    parser.add_argument("--by", default="owner", help=f"group by any of {', '.join(GROUPS)} (comma-separated; default owner)")
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    parser.add_argument("--html", metavar="FILE", help="also write a self-contained page with charts")
+    parser.add_argument("--prices", metavar="FILE", help="a price table for records written without cost_usd")
+    args = parser.parse_args(argv)
+    args.by = [b.strip() for b in args.by.split(",") if b.strip()]
+    bad = [b for b in args.by if b not in GROUPS]
+    if bad or not args.by:
+        parser.error(f"--by takes {', '.join(GROUPS)}; got {', '.join(bad) or 'nothing'}")
+    files = statsFiles(args.paths)
+    if not files:
+        sys.stderr.write(f"lmgate report: no stats files at {', '.join(args.paths)}\n")
+        return 1
+    large = sum(os.path.getsize(f) for f in files) > 50 * 1024 * 1024
+    progress = sys.stderr if sys.stderr.isatty() and large else None
+    report = build(args, progress)
+    for problem in report.problems[:10]:
+        sys.stderr.write(f"lmgate report: {problem}\n")
+    if len(report.problems) > 10:
+        sys.stderr.write(f"lmgate report: {len(report.problems) - 10} more unreadable lines\n")
+    render = {"table": renderTable, "csv": renderCSV, "json": renderJSON}[args.format]
+    sys.stdout.write(render(report))
+    if args.html:
+        from lmgate.report_html import renderHTML
+
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(renderHTML(report, args))
+        sys.stderr.write(f"lmgate report: wrote {args.html}\n")
+    return 0

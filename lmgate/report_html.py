@@ -1,0 +1,152 @@
+"""
+The report as one self-contained HTML page: inline CSS and SVG charts drawn
+here, no scripts and no external assets, so it opens anywhere and can be mailed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+from typing import Any, Sequence
+
+from lmgate.report import COLUMNS, Report, _cell
+
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
+W, H, LEFT, BOTTOM, TOP = 760, 260, 64, 36, 16
+
+
+def _fmt(value: float) -> str:
+    if value >= 1e9:
+        return f"{value / 1e9:.1f}G"
+    if value >= 1e6:
+        return f"{value / 1e6:.1f}M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f}k"
+    if value and value < 1:
+        return f"{value:.3f}"
+    return f"{value:.0f}"
+
+
+def _axes(maximum: float, labels: Sequence[str]) -> list[str]:
+    parts = []
+    for i in range(5):
+        y = TOP + (H - TOP - BOTTOM) * i / 4
+        value = maximum * (1 - i / 4)
+        parts.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{W - 8}" y2="{y:.1f}" class="grid"/>')
+        parts.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">{_fmt(value)}</text>')
+    step = max(1, len(labels) // 8)
+    width = (W - LEFT - 8) / max(1, len(labels))
+    for i, label in enumerate(labels):
+        if i % step == 0:
+            x = LEFT + width * (i + 0.5)
+            parts.append(f'<text x="{x:.1f}" y="{H - BOTTOM + 16}" class="tick" text-anchor="middle">{html.escape(label[5:] if len(label) == 10 else label)}</text>')
+    return parts
+
+
+def stackedBars(title: str, days: Sequence[str], series: dict[str, list[float]]) -> str:
+    """Stacked bars per day, one colour per series (owner)."""
+    totals = [sum(values[i] for values in series.values()) for i in range(len(days))]
+    maximum = max(totals + [0]) or 1
+    plotH = H - TOP - BOTTOM
+    width = (W - LEFT - 8) / max(1, len(days))
+    parts = _axes(maximum, days)
+    for i in range(len(days)):
+        base = 0.0
+        for j, (name, values) in enumerate(series.items()):
+            value = values[i]
+            if not value:
+                continue
+            h = plotH * value / maximum
+            y = TOP + plotH - plotH * (base + value) / maximum
+            parts.append(f'<rect x="{LEFT + width * i + width * 0.15:.1f}" y="{y:.1f}" width="{width * 0.7:.1f}" height="{h:.1f}" '
+                         f'fill="{PALETTE[j % len(PALETTE)]}"><title>{html.escape(name)} {html.escape(days[i])}: {_fmt(value)}</title></rect>')
+            base += value
+    legend = "".join(f'<span class="key"><i style="background:{PALETTE[j % len(PALETTE)]}"></i>{html.escape(name)}</span>'
+                     for j, name in enumerate(series))
+    return _figure(title, parts, legend)
+
+
+def lines(title: str, labels: Sequence[str], series: dict[str, list[float | None]]) -> str:
+    values = [v for vs in series.values() for v in vs if v is not None]
+    maximum = max(values + [0]) or 1
+    plotH = H - TOP - BOTTOM
+    width = (W - LEFT - 8) / max(1, len(labels))
+    parts = _axes(maximum, labels)
+    for j, (name, vs) in enumerate(series.items()):
+        points = [(LEFT + width * (i + 0.5), TOP + plotH - plotH * v / maximum) for i, v in enumerate(vs) if v is not None]
+        colour = PALETTE[j % len(PALETTE)]
+        if len(points) > 1:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2.5"/>')
+        for (x, y), v in zip(points, [v for v in vs if v is not None]):
+            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{colour}"><title>{html.escape(name)}: {_fmt(v)}</title></circle>')
+    legend = "".join(f'<span class="key"><i style="background:{PALETTE[j % len(PALETTE)]}"></i>{html.escape(name)}</span>'
+                     for j, name in enumerate(series))
+    return _figure(title, parts, legend)
+
+
+def _figure(title: str, parts: list[str], legend: str) -> str:
+    return (f'<figure><figcaption>{html.escape(title)}</figcaption>'
+            f'<svg viewBox="0 0 {W} {H}" role="img" aria-label="{html.escape(title)}">{"".join(parts)}</svg>'
+            f'<div class="legend">{legend}</div></figure>')
+
+
+def renderHTML(report: Report, args: argparse.Namespace) -> str:
+    days = sorted(report.days)
+    owners = sorted({owner for _, owner in report.daily}, key=lambda o: -sum(t.input + t.output for (d, ow), t in report.daily.items() if ow == o))
+    top, rest = owners[:8], owners[8:]
+
+    def perOwner(metric: Any) -> dict[str, list[float]]:
+        series: dict[str, list[float]] = {}
+        for owner in top:
+            series[owner] = [metric(report.daily.get((day, owner))) for day in days]
+        if rest:
+            series["others"] = [sum(metric(report.daily.get((day, o))) for o in rest) for day in days]
+        return series
+
+    tokens = perOwner(lambda t: (t.input + t.output) if t else 0)
+    cost = perOwner(lambda t: t.cost if t else 0.0)
+    calls = {"calls": [float(report.days[d].calls) for d in days], "errors": [float(report.days[d].errors) for d in days]}
+    latency: dict[str, list[float | None]] = {
+        "p50 ms": [report.days[d].latency.percentile(50) for d in days],
+        "p95 ms": [report.days[d].latency.percentile(95) for d in days],
+    }
+    total = report.total.row()
+    header = list(report.by) + list(COLUMNS)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in header) + "</tr>" for r in report.rows())
+    rows += "<tr class=total>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in (["TOTAL"] + [""] * (len(report.by) - 1) + [total[c] for c in COLUMNS])) + "</tr>"
+    span = f"{days[0]} to {days[-1]}" if days else "no records"
+    filters = ", ".join(f"{k}={v}" for k, v in vars(args).items() if k in ("since", "until", "owner", "key_id", "provider", "model", "status") and v)
+    cards = "".join(f'<div class="card"><b>{html.escape(v)}</b><span>{html.escape(k)}</span></div>' for k, v in [
+        ("calls", _cell(total["calls"])), ("errors", _cell(total["errors"])), ("input tokens", _cell(total["input_tokens"])),
+        ("output tokens", _cell(total["output_tokens"])), ("cost (USD)", f"{total['cost_usd']:,.2f}"),
+        ("p95 latency (ms)", _cell(total["p95_ms"]))])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>LMGate usage report</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}}
+header{{background:#1d2330;color:#fff;padding:22px 32px}} header h1{{margin:0;font-size:22px}} header p{{margin:4px 0 0;color:#b8c0cc}}
+main{{max-width:1120px;margin:0 auto;padding:24px 32px}}
+.cards{{display:flex;gap:12px;flex-wrap:wrap;margin-bottom:18px}} .card{{background:#fff;border-radius:10px;padding:14px 18px;box-shadow:0 1px 3px #0001;min-width:140px}}
+.card b{{display:block;font-size:22px}} .card span{{color:#667}}
+.charts{{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:16px}}
+figure{{background:#fff;border-radius:10px;margin:0;padding:14px 16px;box-shadow:0 1px 3px #0001}} figcaption{{font-weight:600;margin-bottom:6px}}
+svg{{width:100%;height:auto}} .grid{{stroke:#e4e7ec}} .tick{{font-size:11px;fill:#667}}
+.legend{{display:flex;flex-wrap:wrap;gap:10px;font-size:12px;color:#445}} .key i{{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:5px}}
+table{{border-collapse:collapse;width:100%;background:#fff;border-radius:10px;overflow:hidden;box-shadow:0 1px 3px #0001;margin-top:18px}}
+th,td{{padding:7px 10px;text-align:right;border-bottom:1px solid #eef0f3;font-variant-numeric:tabular-nums}} th{{background:#eef1f6;font-size:12px;text-transform:uppercase;letter-spacing:.03em}}
+td:first-child,th:first-child{{text-align:left}} tr.total td{{font-weight:700;background:#fafbfc}}
+</style></head><body>
+<header><h1>LMGate usage report</h1><p>{html.escape(span)}{' · ' + html.escape(filters) if filters else ''} · grouped by {html.escape(', '.join(report.by))}</p></header>
+<main>
+<div class="cards">{cards}</div>
+<div class="charts">
+{stackedBars("Tokens per day by owner (input + output)", days, tokens)}
+{stackedBars("Cost per day by owner (USD)", days, cost)}
+{lines("Calls and errors per day", days, dict(calls))}
+{lines("Latency per day (ms)", days, latency)}
+</div>
+<table><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead><tbody>{rows}</tbody></table>
+</main></body></html>
+"""
