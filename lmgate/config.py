@@ -45,7 +45,7 @@ DEFAULT_PROVIDERS: Mapping[str, Mapping[str, Any]] = {
 
 ENV_PREFIX = "LMGATE_"
 #: Environment variables that are not configuration keys.
-ENV_NOT_KEYS = frozenset({"LMGATE_CONFIG"})
+ENV_NOT_KEYS = frozenset({"LMGATE_CONFIG", "LMGATE_DEFAULTS"})  # the tac's config path; the init script's defaults file
 
 _PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _RESERVED_NAMES = frozenset({"healthz"})

@@ -22,8 +22,8 @@ def _fmt(value: float) -> str:
         return f"{value / 1e6:.1f}M"
     if value >= 1e3:
         return f"{value / 1e3:.1f}k"
-    if value and value < 1:
-        return f"{value:.3f}"
+    if value and value < 10 and value != int(value):
+        return f"{value:.2f}" if value >= 0.01 else f"{value:.4f}"
     return f"{value:.0f}"
 
 
@@ -113,7 +113,9 @@ def renderHTML(report: Report, args: argparse.Namespace) -> str:
     }
     total = report.total.row()
     header = list(report.by) + list(COLUMNS)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in header) + "</tr>" for r in report.rows())
+    groupCount = len(report.by)
+    rows = "".join("<tr>" + "".join(f'<td{" class=g" if i < groupCount else ""}>{html.escape(_cell(r.get(c)))}</td>'
+                                    for i, c in enumerate(header)) + "</tr>" for r in report.rows())
     rows += "<tr class=total>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in (["TOTAL"] + [""] * (len(report.by) - 1) + [total[c] for c in COLUMNS])) + "</tr>"
     span = f"{days[0]} to {days[-1]}" if days else "no records"
     filters = ", ".join(f"{k}={v}" for k, v in vars(args).items() if k in ("since", "until", "owner", "key_id", "provider", "model", "status") and v)
@@ -136,7 +138,7 @@ svg{{width:100%;height:auto}} .grid{{stroke:#e4e7ec}} .tick{{font-size:11px;fill
 .legend{{display:flex;flex-wrap:wrap;gap:10px;font-size:12px;color:#445}} .key i{{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:5px}}
 table{{border-collapse:collapse;width:100%;background:#fff;border-radius:10px;overflow:hidden;box-shadow:0 1px 3px #0001;margin-top:18px}}
 th,td{{padding:7px 10px;text-align:right;border-bottom:1px solid #eef0f3;font-variant-numeric:tabular-nums}} th{{background:#eef1f6;font-size:12px;text-transform:uppercase;letter-spacing:.03em}}
-td:first-child,th:first-child{{text-align:left}} tr.total td{{font-weight:700;background:#fafbfc}}
+td:first-child,th:first-child,td.g{{text-align:left}} tr.total td{{font-weight:700;background:#fafbfc}}
 </style></head><body>
 <header><h1>LMGate usage report</h1><p>{html.escape(span)}{' · ' + html.escape(filters) if filters else ''} · grouped by {html.escape(', '.join(report.by))}</p></header>
 <main>

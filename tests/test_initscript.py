@@ -1,0 +1,129 @@
+"""
+The LSB init script and the systemd unit, run and checked for real.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import subprocess
+
+import treq
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from tests.daemon import PROJECT, TWISTD, freePort, inThread, readRecords
+
+SCRIPT = os.path.join(PROJECT, "etc", "init.d", "lmgate")
+UNIT = os.path.join(PROJECT, "etc", "systemd", "lmgate.service")
+KEY = "sk-initscript-0000000000000000"
+
+
+class InitScriptTests(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.port, stub = freePort(), freePort()
+        with open(os.path.join(self.dir, "allowlist.csv"), "w") as f:
+            f.write(f"id,api_key,owner,added\nci,{KEY},ops,2026-11-23\n")
+        self.stats = os.path.join(self.dir, "var", "stats.jsonl")
+        with open(os.path.join(self.dir, "lmgate.yaml"), "w") as f:
+            f.write(f"""listen: "tcp:{self.port}:interface=127.0.0.1"
+allowlist: {{path: {self.dir}/allowlist.csv}}
+stats: {{path: {self.stats}, flush_interval: 0.2}}
+stub: {{listen: "tcp:{stub}:interface=127.0.0.1"}}
+providers:
+  openai: {{upstream: "http://127.0.0.1:{stub}"}}
+""")
+        self.pidfile = os.path.join(self.dir, "run", "lmgate.pid")
+        defaults = os.path.join(self.dir, "default-lmgate")
+        with open(defaults, "w") as f:
+            f.write(f"TWISTD={TWISTD}\nRUNDIR={self.dir}\nCONFIG={self.dir}/lmgate.yaml\nPIDFILE={self.pidfile}\n"
+                    f"LOGFILE={self.dir}/log/lmgate.log\nUSER=\nGROUP=\nSTOP_TIMEOUT=30\n")
+        self.env = dict(os.environ, LMGATE_DEFAULTS=defaults, PYTHONPATH=PROJECT)
+        self.addCleanup(self.killLeftover)
+
+    def killLeftover(self) -> None:
+        if os.path.exists(self.pidfile):
+            with open(self.pidfile) as f:
+                pid = int(f.read().strip() or 0)
+            if pid:
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+
+    def script(self, action: str) -> "Deferred[subprocess.CompletedProcess[str]]":
+        return inThread(subprocess.run, ["sh", SCRIPT, action], env=self.env, capture_output=True, text=True, timeout=90)
+
+    async def test_lifecycle(self) -> None:
+        """start → /healthz 200 → a proxied call → reload → status 0 → stop → no process,
+        no pid file, every record on disk; status 3 afterwards."""
+        result = await self.script("start")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        with open(self.pidfile) as f:
+            pid = int(f.read())
+        response = await treq.get(f"http://127.0.0.1:{self.port}/healthz", persistent=False)
+        self.assertEqual((response.code, await response.content()), (200, b"ok"))
+        response = await treq.post(f"http://127.0.0.1:{self.port}/openai/v1/chat/completions",
+                                   b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+                                   headers={"Authorization": f"Bearer {KEY}"}, persistent=False)
+        self.assertEqual(response.code, 200)
+        await response.content()
+        self.assertEqual((await self.script("reload")).returncode, 0)
+        self.assertEqual((await self.script("status")).returncode, 0)
+        self.assertEqual((await self.script("start")).returncode, 0)  # already running: fine
+        result = await self.script("stop")
+        self.assertEqual(result.returncode, 0, result.stdout)
+        self.assertFalse(os.path.exists(self.pidfile))
+        self.assertFalse(os.path.exists(f"/proc/{pid}"))
+        [record] = readRecords(self.stats)
+        self.assertEqual((record["status"], record["lmgate_id"]), (200, "ci"))
+        self.assertEqual((await self.script("status")).returncode, 3)
+        self.assertEqual((await self.script("stop")).returncode, 0)  # not running: still 0
+        with open(os.path.join(self.dir, "log", "lmgate.log")) as f:
+            self.assertIn("Received SIGHUP", f.read())
+
+    async def test_stalePidFile(self) -> None:
+        """A pid file naming a dead process: status 1, and start still works."""
+        os.makedirs(os.path.dirname(self.pidfile))
+        with open(self.pidfile, "w") as f:
+            f.write("999999\n")
+        self.assertEqual((await self.script("status")).returncode, 1)
+        self.assertEqual((await self.script("start")).returncode, 0)
+        self.assertEqual((await self.script("stop")).returncode, 0)
+
+    async def test_badConfigurationFailsStart(self) -> None:
+        """A bad configuration makes start fail with twistd's one-line error."""
+        with open(os.path.join(self.dir, "lmgate.yaml"), "a") as f:
+            f.write("timeouts: {connect: never}\n")
+        result = await self.script("start")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("timeouts.connect: must be a number > 0", result.stdout + result.stderr)
+
+
+class SystemdUnitTests(TestCase):
+    def test_unitSettings(self) -> None:
+        """The unit runs twistd in the foreground, reloads with SIGHUP, outwaits the drain, and is sandboxed."""
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        parser.optionxform = str  # type: ignore[assignment,method-assign]
+        parser.read(UNIT)
+        service = parser["Service"]
+        self.assertIn("twistd -n --pidfile= lmgate --config", service["ExecStart"])
+        self.assertEqual(service["ExecReload"], "/bin/kill -HUP $MAINPID")
+        self.assertGreater(int(service["TimeoutStopSec"]), 30)
+        for key, value in [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("User", "lmgate")]:
+            self.assertEqual(service[key], value)
+        self.assertIn("/var/lib/lmgate", service["ReadWritePaths"])
+
+    def test_systemdAnalyzeVerify(self) -> None:
+        """systemd-analyze verify accepts the units, where it is available."""
+        analyze = shutil.which("systemd-analyze")
+        if analyze is None:
+            raise self.skipTest("systemd-analyze is not installed here")
+        result = subprocess.run([analyze, "verify", UNIT, UNIT.replace(".service", ".socket")], capture_output=True, text=True, timeout=60)
+        problems = [line for line in result.stderr.splitlines() if "lmgate" in line and "Command" not in line]
+        self.assertEqual(problems, [], result.stderr)
