@@ -202,7 +202,8 @@ class GatewayRequest(Request):
         super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        self.content.seek(0, 0)
+        content: Any = self.content
+        content.seek(0, 0)
         self.args = {}
         self.method, self.uri, self.clientproto = command, path, version
         self.path = path.split(b"?", 1)[0]

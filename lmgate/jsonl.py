@@ -95,7 +95,7 @@ class UsageLog(Service):
         if clock is None:
             from twisted.internet import reactor
 
-            clock = reactor  # type: ignore[assignment]
+            clock = reactor
         assert clock is not None
         self.path, self._flushInterval, self._maxBytes, self._backlog = path, flushInterval, maxBytes, backlog
         self._clock = clock

@@ -146,7 +146,7 @@ td:first-child,th:first-child,td.g{{text-align:left}} tr.total td{{font-weight:7
 <div class="charts">
 {stackedBars("Tokens per day by owner (input + output)", days, tokens)}
 {stackedBars("Cost per day by owner (USD)", days, cost)}
-{lines("Calls and errors per day", days, dict(calls))}
+{lines("Calls and errors per day", days, {k: list[float | None](v) for k, v in calls.items()})}
 {lines("Latency per day (ms)", days, latency)}
 </div>
 <table><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead><tbody>{rows}</tbody></table>

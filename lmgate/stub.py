@@ -97,7 +97,8 @@ class StubResource(Resource):
             if match is None:
                 continue
             try:
-                body = json.loads(request.content.read() or b"{}")
+                content: Any = request.content
+                body = json.loads(content.read() or b"{}")
                 if not isinstance(body, dict):
                     raise ValueError("not an object")
             except ValueError:
@@ -393,7 +394,7 @@ def makeStubResource(clock: IReactorTime | None = None) -> StubResource:
     if clock is None:
         from twisted.internet import reactor
 
-        clock = reactor  # type: ignore[assignment]
+        clock = reactor
     assert clock is not None
     return StubResource(clock)
 
@@ -415,7 +416,7 @@ def main(argv: list[str]) -> int:
     from twisted.internet.endpoints import serverFromString
     from twisted.web.server import Site
 
-    site = Site(makeStubResource(reactor))  # type: ignore[arg-type]
+    site = Site(makeStubResource(reactor))
     site.noisy = False
     try:
         endpoint = serverFromString(reactor, options["listen"])
@@ -431,9 +432,9 @@ def main(argv: list[str]) -> int:
     def cannotListen(reason: Any) -> None:
         failed.append(reason.value)
         sys.stderr.write(f"lmgate stub: cannot listen on {options['listen']}: {reason.getErrorMessage()}\n")
-        reactor.stop()  # type: ignore[attr-defined]
+        reactor.stop()
 
     d: Deferred[Any] = endpoint.listen(site)
     d.addCallbacks(listening, cannotListen)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     return 1 if failed else 0

@@ -308,7 +308,7 @@ def stubService(reactor: Any, settings: Settings) -> Service:
     assert settings.stubListen is not None
     stubSite = Site(makeStubResource(reactor))
     stubSite.noisy = False
-    stubSite.log = lambda request: None  # the gateway's own access log already shows each call
+    stubSite.log = lambda request: None  # type: ignore[method-assign]  # the gateway's access log shows each call
     stub = StreamServerEndpointService(_endpoint(reactor, settings.stubListen, settings, "stub.listen"), stubSite)
     stub._raiseSynchronously = True
     return stub
@@ -414,7 +414,7 @@ def buildService(
 
         adminSite = Site(adminResource(metrics))
         adminSite.noisy = False
-        adminSite.log = lambda request: None
+        adminSite.log = lambda request: None  # type: ignore[method-assign]
         assert settings.adminListen is not None
         admin = StreamServerEndpointService(_endpoint(reactor, settings.adminListen, settings, "admin.listen"), adminSite)
         admin._raiseSynchronously = True

@@ -193,7 +193,8 @@ class JSONBodyReader(_DecodingReader):
 
     def __init__(self, decoder: Decoder, limit: int, apply: Callable[[Usage, Json], None]) -> None:
         super().__init__(decoder)
-        self._room, self._parts, self._apply = limit, [], apply
+        self._room, self._apply = limit, apply
+        self._parts: list[bytes] = []
 
     def _take(self, piece: bytes) -> None:
         if len(piece) > self._room:
@@ -609,7 +610,8 @@ def readerFor(fmt: str, status: int, headers: Headers, endpoint: bytes, captureL
     if status >= 400:
         return NullReader(streaming)
     try:
-        decoder = decoderFor((headers.getRawHeaders(b"content-encoding") or [None])[0])
+        encodings = headers.getRawHeaders(b"content-encoding")
+        decoder = decoderFor(encodings[0] if encodings else None)
     except Undecodable:
         return NullReader(streaming)
     if sse:
