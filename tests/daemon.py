@@ -76,6 +76,13 @@ class Daemon:
         )
         self.case.addCleanup(self._kill)
 
+    def startTac(self) -> None:
+        """C{twistd -ny lmgate.tac} with LMGATE_CONFIG naming this daemon's file."""
+        args = [TWISTD, "-ny", os.path.join(PROJECT, "lmgate.tac"), "--pidfile=", "--logfile=-"]
+        env = dict(self.env, LMGATE_CONFIG=self.configPath)
+        self.process = reactor.spawnProcess(self.watch, TWISTD, args, env=env, path=self.directory)  # type: ignore[attr-defined]
+        self.case.addCleanup(self._kill)
+
     async def _kill(self) -> None:
         if not self.watch.ended.called:
             try:

@@ -578,3 +578,18 @@ class OperationsTests(DaemonTestCase):
         self.assertEqual([r["cost_usd"] is not None for r in records], [True, True, False, False])
         first = records[0]
         self.assertAlmostEqual(first["cost_usd"], (first["input_tokens"] * 0.15 + first["output_tokens"] * 0.60) / 1e6)
+
+
+class TacTests(DaemonTestCase):
+    async def test_tacBuildsTheSameTree(self) -> None:
+        """C{twistd -ny lmgate.tac} with LMGATE_CONFIG serves and records like the plugin."""
+        import treq
+
+        daemon = Daemon(self, self.config(), self.directory)
+        daemon.startTac()
+        await daemon.waitUntilHealthy(self.port)
+        r = await treq.get(self.base + "/openai/v1/models", headers={"Authorization": f"Bearer {PLAIN_KEY}"}, persistent=False)
+        await r.content()
+        self.assertEqual(r.code, 200)
+        self.assertEqual(await daemon.stop(), 0)
+        self.assertEqual(len(readRecords(self.statsPath)), 1)
