@@ -280,6 +280,8 @@ class ProxiedCall:
         return tee.done.addBoth(self._bodyEnded)
 
     def _bodyEnded(self, result: Failure | None) -> None:
+        if self._recorded:  # aborted at shutdown: recorded, and the client is already cut
+            return
         if self._tee is not None and self._tee.clientStalled:
             self._recordOnce("client_timeout", result)
         elif self._clientGone:
