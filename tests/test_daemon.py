@@ -424,7 +424,7 @@ class ShutdownTests(DaemonTestCase):
         for _ in range(3):
             r = await treq.get(self.base + "/openai/v1/models", headers={"Authorization": f"Bearer {PLAIN_KEY}"}, persistent=False)
             await r.content()
-        _, chunks, done = await self.streamUntilFirstChunk(events=8, delayMs=150)
+        _, chunks, done = await self.streamUntilFirstChunk(events=20, delayMs=150)
         daemon.signal("TERM")
         refused = False
         for _ in range(50):  # the listener closes as soon as the daemon handles SIGTERM
