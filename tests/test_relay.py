@@ -221,6 +221,35 @@ class FailureTests(TestCase):
         [record] = await gate.sink.waitFor(1)
         self.assertEqual((record.status, record.error), (502, "upstream_unreachable"))
 
+    async def test_tlsFailure(self) -> None:
+        """An upstream whose certificate is not trusted fails the TLS handshake: 502, recorded, nothing sent."""
+        import os
+
+        from twisted.internet.ssl import PrivateCertificate
+        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+        from twisted.web.server import Site
+
+        from lmgate.upstream import Upstream
+        from tests.test_daemon import makeCertificate
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        keyPath, certPath = makeCertificate(directory)
+        with open(keyPath) as k, open(certPath) as c:
+            certificate = PrivateCertificate.loadPEM(c.read() + k.read())
+        untrusted = FakeUpstream()
+        port = reactor.listenSSL(0, Site(untrusted), certificate.options(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        gate = startGateway(self, upstreamURL=f"https://127.0.0.1:{port.getHost().port}")
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        gate.gateway.upstream = Upstream(Agent(reactor, BrowserLikePolicyForHTTPS(), pool=pool, connectTimeout=5), pool)
+        response, body, _ = await call(self, gate.url + CHAT)
+        self.assertEqual(response.code, 502)
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.status, record.error), (502, "upstream_unreachable"))
+        self.assertEqual(untrusted.seen, [])
+
     async def test_responseTimeout(self) -> None:
         """No response headers within C{timeouts.response}: 504, recorded, upstream dropped."""
         clock = Clock()
