@@ -10,6 +10,7 @@ make one call hold more than a piece.
 from __future__ import annotations
 
 import zlib
+from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator
 
 #: The most decoded bytes produced at once.
@@ -20,11 +21,12 @@ class Undecodable(Exception):
     """The body cannot be decoded (bad data, or no decoder for its encoding)."""
 
 
-class Decoder:
+class Decoder(ABC):
     """Turns wire bytes into decoded pieces."""
 
+    @abstractmethod
     def decode(self, data: bytes) -> Iterator[bytes]:
-        raise NotImplementedError  # pragma: no cover - every encoding has its own
+        """The decoded pieces of the next wire bytes, each at most L{PIECE} long."""
 
 
 class Identity(Decoder):

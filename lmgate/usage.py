@@ -15,6 +15,7 @@ None where the provider did not report it, and a reader never raises.
 from __future__ import annotations
 
 import base64
+from abc import ABC, abstractmethod
 import json
 import re
 from typing import Any, Callable
@@ -152,7 +153,7 @@ class NullReader:
 
 
 @implementer(IUsageReader)
-class _DecodingReader:
+class _DecodingReader(ABC):
     """Decodes the wire bytes and hands the pieces to C{_take}; any failure makes the usage unknown."""
 
     streaming = False
@@ -173,11 +174,13 @@ class _DecodingReader:
         except Exception:  # Undecodable, or a reader's own mistake: never the client's problem
             self._broken = True
 
+    @abstractmethod
     def _take(self, piece: bytes) -> None:
-        raise NotImplementedError  # pragma: no cover
+        """Read the next decoded piece."""
 
+    @abstractmethod
     def _result(self) -> Usage:
-        raise NotImplementedError  # pragma: no cover
+        """The usage read, once the body has ended."""
 
     def finish(self) -> Usage:
         if self._broken:
