@@ -37,6 +37,7 @@ class Tee(Protocol):
         why it did not (L{UpstreamIdle}, a connection failure, ...).
     @ivar bytesRelayed: body bytes as they crossed the wire.
     @ivar clientStalled: the client stopped reading for C{clientTimeout} and was cut.
+    @ivar paused: the client's buffer is full, so the upstream is held.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class Tee(Protocol):
         self.done: Deferred[None] = Deferred()
         self.bytesRelayed = 0
         self.clientStalled = False
+        self.paused = False  # the client's buffer is full and the upstream is held
         self._request, self._observe = request, observe
         self._clock, self._idleTimeout, self._clientTimeout = clock, idleTimeout, clientTimeout
         self._idle: IDelayedCall | None = None
@@ -71,6 +73,7 @@ class Tee(Protocol):
 
     def pauseProducing(self) -> None:
         """The client's buffer is full: hold the upstream, and start the client's clock."""
+        self.paused = True
         transport: Any = self.transport
         transport.pauseProducing()
         if self._idle is not None:
@@ -80,6 +83,7 @@ class Tee(Protocol):
             self._stall = self._clock.callLater(self._clientTimeout, self._clientTooSlow)
 
     def resumeProducing(self) -> None:
+        self.paused = False
         if self._stall is not None:
             self._stall.cancel()
             self._stall = None

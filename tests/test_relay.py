@@ -424,6 +424,11 @@ class StreamingTests(TestCase):
         while not producers:
             await _turn()
         await producers[0].paused
+        for _ in range(500):  # the upstream may pause before the client's buffer fills: wait for the tee
+            if any(call._tee is not None and call._tee.paused for call in gate.gateway.active):
+                break
+            await _turn()
+        self.assertTrue(any(call._tee is not None and call._tee.paused for call in gate.gateway.active))
         upstreamGone = upstream.seen[0].request.notifyFinish()
         clock.advance(59)
         self.assertEqual(gate.sink.records, [])
