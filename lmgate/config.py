@@ -69,7 +69,7 @@ class Settings:
 
     source: str = "<defaults>"
     listen: str = "tcp:8080:interface=0.0.0.0"
-    accessLog: bool = True
+    accessLog: bool | str = True
     allowlistPath: str = "etc/allowlist.csv"
     allowlistReloadInterval: float = 30.0
     statsPath: str = "var/stats/stats.jsonl"
@@ -96,6 +96,19 @@ class Settings:
     metricsPerKey: bool = False
     metricsPerKeyLimit: int = 100
     providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
+
+
+def accessLogPath(settings: Settings) -> str | None:
+    """
+    Where the access log goes: C{access_log: true} puts it beside the usage
+    records (C{access.log} in C{stats.path}'s directory), a string names the
+    file, C{false} turns it off (None).
+    """
+    if settings.accessLog is False:
+        return None
+    if settings.accessLog is True:
+        return os.path.join(os.path.dirname(settings.statsPath), "access.log")
+    return settings.accessLog
 
 
 # --- the schema: one validator per leaf key ---------------------------------
@@ -141,6 +154,12 @@ def _flag(value: Any) -> bool:
     return value
 
 
+def _accessLog(value: Any) -> bool | str:
+    if isinstance(value, bool) or (isinstance(value, str) and value.strip()):
+        return value
+    raise _Invalid(f"must be true, false or a file path, got {value!r}")
+
+
 def _textList(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise _Invalid(f"must be a list of non-empty strings, got {value!r}")
@@ -178,7 +197,7 @@ def _format(value: Any) -> str:
 #: section -> key -> (Settings attribute, check)
 SCHEMA: Mapping[str, Any] = {
     "listen": ("listen", _text),
-    "access_log": ("accessLog", _flag),
+    "access_log": ("accessLog", _accessLog),
     "allowlist": {
         "path": ("allowlistPath", _text),
         "reload_interval": ("allowlistReloadInterval", _number()),

@@ -274,16 +274,23 @@ class GatewaySite(Site):
     """
     The gateway's site: L{GatewayChannel}s enforcing L{Limits}, L{GatewayRequest}s,
     and an access log that hides keys.
+
+    @ivar accessLog: where access lines go (anything with C{writeLine(bytes)},
+        the daemon's is a L{lmgate.jsonl.UsageLog} writing off the reactor
+        thread), or None for no access log. A line is formatted and queued;
+        nothing is written to disk in the call's path.
+    @ivar accessLogWriter: the writer built at start-up (None if the access log
+        was off then); a reload turns the access log off or back on by setting
+        C{accessLog} to None or to this.
     """
 
     requestFactory = GatewayRequest
 
-    def __init__(
-        self, resource: GatewayResource, accessLog: bool = True, limits: Limits | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, resource: GatewayResource, accessLog: Any = None, limits: Limits | None = None, **kwargs: Any) -> None:
         self.limits = limits or Limits()
         Site.__init__(self, resource, logFormatter=redactingLogFormatter, timeout=self.limits.clientTimeout, **kwargs)
-        self.accessLog = accessLog
+        self.accessLog = accessLog or None
+        self.accessLogWriter = self.accessLog
 
     def setLimits(self, limits: Limits) -> None:
         """Limits for the connections made from now on."""
@@ -294,5 +301,7 @@ class GatewaySite(Site):
         return GatewayChannel(self.limits)
 
     def log(self, request: Any) -> None:
-        if self.accessLog:
-            super().log(request)
+        writer = self.accessLog
+        if writer is not None:
+            line = redactingLogFormatter(self._logDateTime, request) + "\n"
+            writer.writeLine(line.encode("utf-8", "replace"))

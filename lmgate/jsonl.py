@@ -1,6 +1,8 @@
 """
 The usage-record writer: complete JSON lines appended to C{stats.path},
 flushed and fsynced off the reactor thread, rotated daily (UTC) and by size.
+The access log is a second writer of the same kind (C{what="access log lines"},
+no fsync) sharing the records' writer thread.
 
 A proxied call hands its record over and moves on: C{write} only appends bytes
 to a list. A flush takes the list as one batch to a single writer thread, which
@@ -47,12 +49,12 @@ def utcDay(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d")
 
 
-def checkStatsPath(path: str, source: str) -> None:
+def checkStatsPath(path: str, source: str, key: str = "stats.path") -> None:
     """
-    Make sure records can be written to C{path}: its directory exists (created
+    Make sure lines can be written to C{path}: its directory exists (created
     if need be) and the file can be opened for appending.
 
-    @raise ConfigError: naming C{stats.path} and the problem.
+    @raise ConfigError: naming C{key} (the setting the path came from) and the problem.
     """
     directory = os.path.dirname(os.path.abspath(path))
     try:
@@ -60,9 +62,9 @@ def checkStatsPath(path: str, source: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         os.close(fd)
     except OSError as e:
-        raise ConfigError(source, "stats.path", f"cannot write {path}: {e.strerror or e}") from None
+        raise ConfigError(source, key, f"cannot write {path}: {e.strerror or e}") from None
     if not os.access(directory, os.W_OK):
-        raise ConfigError(source, "stats.path", f"cannot create files in {directory} (needed to rotate)")
+        raise ConfigError(source, key, f"cannot create files in {directory} (needed to rotate)")
 
 
 def _writeAll(fd: int, data: bytes) -> None:
@@ -91,6 +93,8 @@ class UsageLog(Service):
         backlog: int = 100000,
         clock: IReactorTime | None = None,
         runInThread: RunInThread | None = None,
+        what: str = "usage records",
+        fsync: bool = True,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor
@@ -99,6 +103,7 @@ class UsageLog(Service):
         assert clock is not None
         self.path, self._flushInterval, self._maxBytes, self._backlog = path, flushInterval, maxBytes, backlog
         self._clock = clock
+        self.what, self._fsync = what, fsync
         self._pending: list[bytes] = []
         self._flushing: Deferred[Any] | None = None
         self._pool: ThreadPool | None = None
@@ -110,6 +115,11 @@ class UsageLog(Service):
         self.dropped = 0
         self._droppedUnlogged = 0
         self._failing = False
+
+    def runInThread(self, f: Callable[[], T]) -> Deferred[T]:
+        """Run C{f} in this writer's thread (another writer can share it); only while running."""
+        assert self._runInThread is not None, "the writer is not running"
+        return self._runInThread(f)
 
     @property
     def pending(self) -> int:
@@ -160,8 +170,9 @@ class UsageLog(Service):
             await self._flush()
         if self._pending:
             log.error(
-                "{count} usage records could not be written before stopping; they are lost",
+                "{count} {what} could not be written before stopping; they are lost",
                 count=len(self._pending),
+                what=self.what,
             )
         if self._pool is not None:
             self._pool.stop()
@@ -186,8 +197,9 @@ class UsageLog(Service):
     def _tick(self) -> None:
         if self._droppedUnlogged:
             log.error(
-                "Dropped {count} usage records: {pending} are already waiting to be written",
+                "Dropped {count} {what}: {pending} are already waiting to be written",
                 count=self._droppedUnlogged,
+                what=self.what,
                 pending=len(self._pending),
             )
             self._droppedUnlogged = 0
@@ -212,14 +224,15 @@ class UsageLog(Service):
         self.written += len(batch)
         if self._failing:
             self._failing = False
-            log.info("Writing usage records to {path} works again", path=self.path)
+            log.info("Writing {what} to {path} works again", what=self.what, path=self.path)
 
     def _flushFailed(self, reason: Failure, batch: list[bytes]) -> None:
         self._pending[:0] = batch  # first in line again, order kept
         if not self._failing:
             self._failing = True
             log.error(
-                "Cannot write usage records to {path} ({why}); holding them in memory (up to {backlog})",
+                "Cannot write {what} to {path} ({why}); holding them in memory (up to {backlog})",
+                what=self.what,
                 path=self.path,
                 why=reason.getErrorMessage(),
                 backlog=self._backlog,
@@ -269,7 +282,8 @@ class UsageLog(Service):
             before = os.fstat(fd).st_size
             try:
                 _writeAll(fd, data)
-                os.fsync(fd)
+                if self._fsync:
+                    os.fsync(fd)
             except OSError:
                 try:
                     os.ftruncate(fd, before)  # never leave a partial line behind

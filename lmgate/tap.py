@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
-from lmgate.config import Settings, loadSettings, settingsFrom
+from lmgate.config import Settings, accessLogPath, loadSettings, settingsFrom
 from lmgate.errors import ConfigError
 
 log = Logger()
@@ -182,7 +182,7 @@ def applySettings(settings: Settings, gateway: Any, site: Any) -> None:
     gateway.idleTimeout = settings.idleTimeout
     gateway.clientTimeout = settings.clientTimeout
     site.setLimits(limitsFor(settings))
-    site.accessLog = settings.accessLog
+    site.accessLog = site.accessLogWriter if accessLogPath(settings) is not None else None
 
 
 class Reloader:
@@ -197,6 +197,7 @@ class Reloader:
         self._allowList, self._drain = allowList, drain
         self.configPath: str | None = None if settings.source == DEMO_SOURCE else settings.source
         self.listen: str | None = None
+        self.accessLogBase = accessLogPath(settings)  # the file the site's writer appends to (before any -wN)
 
     def reload(self) -> None:
         if self.configPath is not None:
@@ -213,6 +214,11 @@ class Reloader:
 
         old = self.settings
         pending = [key for key, attr in RESTART_ONLY if getattr(new, attr) != getattr(old, attr)]
+        newAccessLog = accessLogPath(new)
+        if newAccessLog is not None and newAccessLog != self.accessLogBase:
+            # Off and on again live; a new file (or a first one) needs a writer made at start-up.
+            pending.append("access_log")
+            new = replace(new, accessLog=old.accessLog if self.accessLogBase is not None else False)
         if pending:
             log.warn("Changed, and applied at the next restart only: {keys}", keys=", ".join(pending))
             new = replace(new, **{attr: getattr(old, attr) for _, attr in RESTART_ONLY})
@@ -326,8 +332,11 @@ def supervisorService(settings: Settings, reactor: Any, configPath: str | None, 
     if settings.adminListen is not None:
         raise ConfigError(settings.source, "admin.listen", "not available with --workers yet (each worker would need its own port)")
     AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
+    accessPath = accessLogPath(settings)
     for index in range(1, workers + 1):
         checkStatsPath(workerStatsPath(settings.statsPath, index), settings.source)
+        if accessPath is not None:
+            checkStatsPath(workerStatsPath(accessPath, index), settings.source, "access_log")
     listeningSocket(reactor, settings).close()  # fail now, in the foreground, if it cannot be bound
     top = OrderedMultiService(reactor)
     if settings.stubListen is not None:
@@ -354,10 +363,11 @@ def buildService(
     from lmgate.jsonl import UsageLog, checkStatsPath
     from lmgate.upstream import Upstream
 
+    from lmgate.workers import workerStatsPath
+
+    configured = settings  # as the file says: what a reload compares with
     if workerIndex is not None:
         from dataclasses import replace
-
-        from lmgate.workers import workerStatsPath
 
         settings = replace(settings, statsPath=workerStatsPath(settings.statsPath, workerIndex), stubListen=None)
     allowList = AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
@@ -369,6 +379,24 @@ def buildService(
         backlog=settings.statsBacklog,
         clock=reactor,
     )
+    accessLog = None
+    accessPath = accessLogPath(settings)
+    if accessPath is not None:
+        if workerIndex is not None:
+            accessPath = workerStatsPath(accessPath, workerIndex)
+        checkStatsPath(accessPath, settings.source, "access_log")
+        # Same rotation and backlog as the records, in the records' writer thread;
+        # no fsync: an access line is a convenience, the record is the account.
+        accessLog = UsageLog(
+            accessPath,
+            flushInterval=settings.statsFlushInterval,
+            maxBytes=settings.statsMaxBytes,
+            backlog=settings.statsBacklog,
+            clock=reactor,
+            runInThread=usageLog.runInThread,
+            what="access log lines",
+            fsync=False,
+        )
     upstream = Upstream.fromSettings(reactor, settings)
     metrics = None
     sink: Any = usageLog
@@ -389,7 +417,7 @@ def buildService(
     if metrics is not None:
         metrics.inFlight = lambda: len(gateway.active)
         gateway.observeOverhead = metrics.observeOverhead
-    site = GatewaySite(GatewayResource(gateway), reactor=reactor)
+    site = GatewaySite(GatewayResource(gateway), accessLog=accessLog, reactor=reactor)
     applySettings(settings, gateway, site)
     listener: Service
     if workerFd is not None:
@@ -403,6 +431,8 @@ def buildService(
     top = OrderedMultiService(reactor)
     # Started in this order, stopped in reverse, one after another.
     usageLog.setServiceParent(top)
+    if accessLog is not None:
+        accessLog.setServiceParent(top)  # after the records' writer: it borrows its thread
     allowList.setServiceParent(top)
     upstream.setServiceParent(top)
     if settings.stubListen is not None:
@@ -421,10 +451,12 @@ def buildService(
         admin.setServiceParent(top)
     drain = DrainService(gateway.drain, settings.drainTimeout)
     drain.setServiceParent(top)
-    reloader = Reloader(settings, gateway, site, allowList, drain)
+    reloader = Reloader(configured, gateway, site, allowList, drain)
     reloader.listen = listen  # a --listen override holds across reloads
     def reopenFiles() -> None:
         usageLog.reopen()
+        if accessLog is not None:
+            accessLog.reopen()
         reopenTwistdLog()
 
     SignalService(reactor, {signal.SIGHUP: reloader.reload, signal.SIGUSR1: reopenFiles}).setServiceParent(top)

@@ -160,6 +160,7 @@ def startGateway(
     formats: dict[str, str] | None = None,
     siteLimits: Any = None,
     siteClock: Any = None,
+    accessLog: Any = None,
     **limits: Any,
 ) -> Running:
     """
@@ -182,7 +183,7 @@ def startGateway(
         providers, StaticKeys({ALLOWED_KEY: ALLOWED_ENTRY}), Upstream(agent, pool), sink, clock or reactor, **limits
     )
     site = GatewaySite(
-        GatewayResource(gateway), accessLog=False, limits=siteLimits, **({"reactor": siteClock} if siteClock else {})
+        GatewayResource(gateway), accessLog=accessLog, limits=siteLimits, **({"reactor": siteClock} if siteClock else {})
     )
     port = listenLocal(case, site)
     return Running(f"http://127.0.0.1:{port}", port, upstream, sink, gateway, upstreamPort, providers)

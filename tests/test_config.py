@@ -76,6 +76,17 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(settings.providers["vllm"].format, "openai")
         self.assertIn("anthropic", settings.providers)  # the defaults are amended, not replaced
 
+    def test_accessLogPath(self) -> None:
+        """C{access_log: true} is C{access.log} beside the records; a string names the file; false is off."""
+        from lmgate.config import accessLogPath
+
+        stats = "stats: {path: /srv/lmgate/stats/stats.jsonl}\n"
+        self.assertEqual(accessLogPath(self.load(stats)), "/srv/lmgate/stats/access.log")
+        self.assertEqual(accessLogPath(self.load(stats + "access_log: true\n")), "/srv/lmgate/stats/access.log")
+        self.assertEqual(accessLogPath(self.load(stats + "access_log: /var/log/lmgate/access.log\n")), "/var/log/lmgate/access.log")
+        self.assertIsNone(accessLogPath(self.load(stats + "access_log: false\n")))
+        self.assertIsNone(accessLogPath(self.load(stats, {"LMGATE_ACCESS_LOG": "false"})))
+
     def test_errorsNameFileKeyAndProblem(self) -> None:
         """Unknown keys, wrong types and bad values give one line: file, key, problem."""
         cases = {
@@ -85,7 +96,8 @@ class ConfigTests(SynchronousTestCase):
             "timeouts: {nap: 1}\n": "timeouts.nap: unknown key",
             "timeouts: 5\n": "timeouts: must be a mapping, got int",
             "stats: {max_bytes: true}\n": "stats.max_bytes: must be a whole number >= 4096, got True",
-            "access_log: 1\n": "access_log: must be true or false, got 1",
+            "access_log: 1\n": "access_log: must be true, false or a file path, got 1",
+            "access_log: ''\n": "access_log: must be true, false or a file path, got ''",
             "providers: {x: {upstream: 'http://h'}}\n": "providers.x.format: required for a custom provider name",
             "providers: {openai: {upstream: 'ftp://h'}}\n": "providers.openai.upstream: must be an http:// or https:// URL",
             "providers: {openai: {upstream: 'http://u:p@h'}}\n": "providers.openai.upstream: must not carry credentials",

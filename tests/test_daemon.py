@@ -261,6 +261,26 @@ class StartupErrorTests(DaemonTestCase):
         self.assertEqual(len(lines), 1, result.stderr)
         self.assertIn(self.allowlistPath, lines[0])
 
+    async def test_unwritableAccessLogIsOneLine(self) -> None:
+        """An access_log path that cannot be written stops the start with one line naming it."""
+        blocker = os.path.join(self.directory, "a-file")
+        open(blocker, "w").close()
+        path = os.path.join(self.directory, "lmgate.yaml")
+        with open(path, "w") as f:
+            f.write(self.config() + f"access_log: {blocker}/access.log\n")
+        result = await inThread(
+            subprocess.run,
+            [TWISTD, "-n", "--pidfile=", "lmgate", "--config", path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.directory,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertTrue(lines[0].startswith(f"lmgate: {path}: access_log: cannot write {blocker}/access.log"), lines[0])
+
 
 _ = sys
 
@@ -507,6 +527,8 @@ class ShutdownTests(DaemonTestCase):
         await pause(0.5)  # one flush
         os.rename(logPath, logPath + ".1")
         os.rename(self.statsPath, self.statsPath + ".rotated")
+        accessPath = os.path.join(os.path.dirname(self.statsPath), "access.log")
+        os.rename(accessPath, accessPath + ".rotated")
         daemon.signal("USR1")
         await pause(0.3)
         r = await treq.get(self.base + "/openai/v1/models", headers=headers, persistent=False)
@@ -516,11 +538,56 @@ class ShutdownTests(DaemonTestCase):
             self.assertEqual(len(f.readlines()), 1)
         with open(self.statsPath) as f:
             self.assertEqual(len(f.readlines()), 1)
+        with open(accessPath) as f:
+            self.assertEqual(len(f.readlines()), 1)
         with open(logPath + ".1") as f:
             self.assertIn("Received SIGUSR1", f.read())  # logged before the reopen
         with open(logPath) as f:
             self.assertIn("Server Shut Down", f.read())  # the reopened file took the rest
         self.assertFalse(os.path.exists(logPath + ".2"))  # reopened, not rotated again
+
+
+    async def test_accessLogFileAndReload(self) -> None:
+        """Access lines go to C{access.log} beside the records, not the twistd log;
+        SIGHUP turns them off and on again; a new path waits for a restart."""
+        import treq
+
+        accessPath = os.path.join(os.path.dirname(self.statsPath), "access.log")
+        daemon = await self.startDaemon(reload="3600")
+        headers = {"Authorization": f"Bearer {PLAIN_KEY}"}
+
+        async def calls(n: int) -> None:
+            for _ in range(n):
+                r = await treq.get(self.base + "/openai/v1/models", headers=headers, persistent=False)
+                await r.content()
+
+        async def reload(line: str) -> None:
+            before = daemon.watch.output.count(b"Reloaded the configuration")
+            with open(daemon.configPath, "a") as f:
+                f.write(line)
+            daemon.signal("HUP")
+            for _ in range(50):
+                if daemon.watch.output.count(b"Reloaded the configuration") > before:
+                    return
+                await pause(0.1)
+            self.fail("no reload")
+
+        await calls(2)
+        await reload("access_log: false\n")
+        await calls(3)
+        await reload("access_log: true\n")
+        await calls(4)
+        await reload(f"access_log: {self.directory}/elsewhere.log\n")
+        await calls(1)
+        self.assertEqual(await daemon.stop(), 0)
+        with open(accessPath) as f:
+            lines = [line for line in f if "/openai/v1/models" in line]
+        self.assertEqual(len(lines), 2 + 4 + 1)
+        self.assertTrue(all(PLAIN_KEY not in line for line in lines))
+        self.assertIn(b"applied at the next restart only: access_log", daemon.watch.output)
+        self.assertFalse(os.path.exists(f"{self.directory}/elsewhere.log"))
+        self.assertNotIn(b"/openai/v1/models HTTP/1.1", daemon.watch.output)  # the twistd log
+        self.assertEqual(len(readRecords(self.statsPath)), 10)
 
 
 class WorkerTests(DaemonTestCase):
@@ -544,10 +611,16 @@ class WorkerTests(DaemonTestCase):
                 break
             await pause(0.1)
         self.assertEqual(daemon.watch.output.count(b"Reloaded the configuration"), 2)
+        self.assertNotIn(b"applied at the next restart only", daemon.watch.output)  # an unchanged file changes nothing
         self.assertEqual(await daemon.stop(), 0)
         statsDir = os.path.dirname(self.statsPath)
         files = sorted(n for n in os.listdir(statsDir) if os.path.getsize(os.path.join(statsDir, n)))
-        self.assertEqual(files, ["stats-w1.jsonl", "stats-w2.jsonl"])
+        self.assertEqual(files, ["access-w1.log", "access-w2.log", "stats-w1.jsonl", "stats-w2.jsonl"])
+        access = []
+        for name in ("access-w1.log", "access-w2.log"):
+            with open(os.path.join(statsDir, name)) as f:
+                access += [line for line in f if "/openai/v1/chat/completions" in line]
+        self.assertEqual(len(access), 40)
         records = readRecords(os.path.join(statsDir, "stats"))
         self.assertEqual(len(records), 40)
 

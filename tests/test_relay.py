@@ -631,3 +631,41 @@ class UpstreamMisbehaviourTests(TestCase):
         """A redirect elsewhere is relayed to the client, never followed."""
         code, record = await self.outcome(b"HTTP/1.1 302 Found\r\nLocation: http://10.9.9.9/x\r\nContent-Length: 0\r\n\r\n")
         self.assertEqual((code, record.error), (302, None))
+
+
+class _Lines:
+    """An access-log writer that keeps its lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def writeLine(self, line: bytes) -> None:
+        self.lines.append(line)
+
+
+class AccessLogTests(TestCase):
+    async def test_oneCombinedLinePerRequestWithoutKeys(self) -> None:
+        """Every request, refused ones included, queues one combined-format line;
+        no key is in it: headers are not logged and a C{key=} query value is masked."""
+        secret = ALLOWED_KEY.decode()  # Gemini clients send their key in the URL
+        lines = _Lines()
+        gate = startGateway(self, FakeUpstream(), accessLog=lines)
+        url = gate.url + f"/gemini/v1beta/models/g:generateContent?alt=sse&key={secret}"
+        headers = {b"User-Agent": [b"sdk/1.0"], b"Referer": [b"app"]}
+        response, _, _ = await call(self, url, headers=headers)
+        self.assertEqual(response.code, 200)
+        refused, _, _ = await call(self, gate.url + CHAT, headers={b"Authorization": [b"Bearer sk-unknown-key-000000000"]})
+        self.assertEqual(refused.code, 403)
+        await call(self, gate.url + CHAT)  # an Authorization header: never in the line
+        self.assertEqual(len(lines.lines), 3)
+        first, second, third = (line.decode("ascii") for line in lines.lines)
+        self.assertRegex(
+            first,
+            r'^"127\.0\.0\.1" - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] '
+            r'"POST /gemini/v1beta/models/g:generateContent\?alt=sse&key=\S+ HTTP/1\.1" 200 \d+ "app" "sdk/1\.0"\n$',
+        )
+        self.assertRegex(second, r'"POST /openai/v1/chat/completions HTTP/1\.1" 403 \d+ "-" "-"\n$')
+        self.assertRegex(third, r'"POST /openai/v1/chat/completions HTTP/1\.1" 200 ')
+        for line in (first, second, third):
+            self.assertNotIn(secret, line)
+            self.assertNotIn("sk-unknown-key", line)
