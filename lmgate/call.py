@@ -8,7 +8,9 @@ that writes a record, so each call yields exactly one.
 
 from __future__ import annotations
 
+import math
 import os
+import random
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -44,16 +46,28 @@ _UNREACHABLE = (
 )
 
 
+#: Request ids need to be unique, not secret: a generator seeded from the OS
+#: once per process, not a system call per request.
+_ids = random.Random(os.urandom(32))
+
+
 def newRequestId() -> str:
-    """A fresh id for a call: 128 random bits, hex."""
-    return os.urandom(16).hex()
+    """A fresh id for a call: 128 random bits, 32 hex digits."""
+    return "%032x" % _ids.getrandbits(128)
+
+
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
 
 
 def isoTimestamp(seconds: float) -> str:
-    """ISO 8601 UTC with milliseconds, e.g. C{2026-11-23T02:49:14.123Z}."""
-    return (
-        datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+    """ISO 8601 UTC with milliseconds (truncated), e.g. C{2026-11-23T02:49:14.123Z}."""
+    whole = math.floor(seconds)
+    micros = round((seconds - whole) * 1_000_000)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    if _second[0] != whole:
+        _second[:] = [whole, datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")]
+    return "%s.%03dZ" % (_second[1], micros // 1000)
 
 
 def _failureKind(reason: Failure) -> str:

@@ -82,6 +82,18 @@ class GatewayChannel(HTTPChannel):
         self._bodyBytes = 0
         self._bodyLimit = limits.maxBody
         self._headerDeadline: IDelayedCall | None = None
+        self._host: Any = None
+
+    def getHost(self) -> Any:
+        """
+        The local address, asked of the socket once per connection: every
+        request asks for it (twisted.web's C{Request.__init__}), and it never
+        changes while the connection lasts.
+        """
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
 
     # -- headers ---------------------------------------------------------
 

@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+#: One encoder for every record (json.dumps with options builds a new one per call).
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
 
 @dataclass(frozen=True)
 class KeyEntry:
@@ -139,6 +142,4 @@ class UsageRecord:
 
     def toLine(self) -> bytes:
         """One complete JSONL line (UTF-8, ending in a newline)."""
-        return (
-            json.dumps(self.asDict(), ensure_ascii=False, separators=(",", ":")) + "\n"
-        ).encode("utf-8")
+        return (_encoder.encode(self.asDict()) + "\n").encode("utf-8")

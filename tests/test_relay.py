@@ -669,3 +669,63 @@ class AccessLogTests(TestCase):
         for line in (first, second, third):
             self.assertNotIn(secret, line)
             self.assertNotIn("sk-unknown-key", line)
+
+
+class ParserPauseTests(TestCase):
+    """The upstream connection is paused for a response's body only when nothing takes it at once."""
+
+    def parse(self, parserClass: Any, deliverAtOnce: bool) -> tuple[Any, list[str], Any]:
+        from twisted.internet.testing import StringTransport
+        from twisted.web._newclient import Request as ClientRequest
+        from twisted.web._newclient import TransportProxyProducer
+
+        calls: list[str] = []
+
+        class Counting(StringTransport):
+            def pauseProducing(self) -> None:
+                calls.append("pause")
+                super().pauseProducing()
+
+            def resumeProducing(self) -> None:
+                calls.append("resume")
+                super().resumeProducing()
+
+        transport = Counting()
+        parser = parserClass(ClientRequest(b"GET", b"/", Headers(), None), lambda rest: None)
+        parser.makeConnection(TransportProxyProducer(transport))
+        body = Collector()
+        responses: list[Any] = []
+        parser._responseDeferred.addCallback(responses.append)
+        if deliverAtOnce:
+            parser._responseDeferred.addCallback(lambda _: responses[0].deliverBody(body))
+        parser.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+        return transport, calls, (responses[0], body)
+
+    def test_stockParserPausesAndResumes(self) -> None:
+        """Twisted's own parser: a pause and a resume (two system calls) for every response."""
+        from lmgate.upstream import BoundedHTTPClientParser
+
+        stock = BoundedHTTPClientParser.__bases__[0]  # the module's name may already be replaced
+        transport, calls, _ = self.parse(stock, deliverAtOnce=True)
+        self.assertEqual(calls, ["pause", "resume"])
+
+    def test_deliveredAtOnceNeverPaused(self) -> None:
+        """The relay takes the body in the same call: the connection is never paused."""
+        from lmgate.upstream import BoundedHTTPClientParser
+
+        transport, calls, (_, body) = self.parse(BoundedHTTPClientParser, deliverAtOnce=True)
+        self.assertNotIn("pause", calls)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(body.body, b"ab")
+
+    def test_deliveredLaterStaysPausedUntilThen(self) -> None:
+        """Nobody takes the body yet: the connection is paused, and resumed when someone does."""
+        from lmgate.upstream import BoundedHTTPClientParser
+
+        transport, calls, (response, _) = self.parse(BoundedHTTPClientParser, deliverAtOnce=False)
+        self.assertEqual(calls, ["pause"])
+        self.assertEqual(transport.producerState, "paused")
+        later = Collector()
+        response.deliverBody(later)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(later.body, b"ab")
