@@ -1,5 +1,6 @@
 """
-The relay hop: one persistent connection pool and an C{Agent} over it.
+The relay hop: one persistent connection pool and an agent over it
+(L{RelayAgent}: Twisted's Agent with each upstream's endpoint built once).
 
 Not C{treq.request}: treq decodes gzip, follows redirects and keeps a cookie jar,
 and a transparent relay must do none of those. The Agent relays what it is
@@ -8,6 +9,8 @@ given; redirects come back to the caller as they are.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -17,7 +20,8 @@ from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
 from twisted.web import _newclient
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -149,6 +153,101 @@ def installBoundedParser() -> None:
     _newclient.HTTPClientParser = BoundedHTTPClientParser  # type: ignore[misc]
 
 
+#: RFC 9110 token (a method) and a request target of visible ASCII only, as Agent checks them.
+_METHOD = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_TARGET = re.compile(rb"\A[\x21-\x7e]+\Z")
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """What a request to one upstream origin needs, built once: pool key, endpoint, Host value."""
+
+    scheme: bytes
+    netloc: bytes
+    host: bytes
+    port: int
+    key: tuple[bytes, bytes, int]
+    endpoint: Any
+    hostHeader: bytes
+
+
+@implementer(IAgent)
+class RelayAgent:
+    """
+    Twisted's C{Agent} for a relay that sends every call to one of a few
+    configured upstreams. Agent parses each URL, builds a new endpoint (and, for
+    https, a TLS connection creator) and copies the headers to add C{Host}, for
+    every request, although a pooled connection needs none of it. Here each
+    upstream origin's pool key, endpoint and C{Host} value are built the first
+    time it is seen and reused; the request then goes to the same pool
+    (C{getConnection}, with its retry of idempotent requests) and the same
+    C{HTTP11ClientProtocol.request} as Agent's.
+
+    The headers given are sent as they are, with C{Host} added when missing
+    (the relay builds a fresh set per call).
+    """
+
+    #: Origins remembered; only configured upstreams are ever asked for, so this is a backstop.
+    maxOrigins = 1024
+
+    def __init__(self, reactor: Any, pool: HTTPConnectionPool, policy: Any, connectTimeout: float = 30.0) -> None:
+        self._reactor, self._pool, self._policy, self._connectTimeout = reactor, pool, policy, connectTimeout
+        self._origins: dict[bytes, _Origin] = {}
+
+    def _origin(self, origin: bytes) -> _Origin:
+        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+        from twisted.web.client import URI
+
+        parsed = URI.fromBytes(origin)
+        if parsed.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"unsupported scheme: {parsed.scheme!r}")
+        host = parsed.host.decode("ascii")
+        endpoint: Any = HostnameEndpoint(self._reactor, host, parsed.port, timeout=self._connectTimeout)
+        if parsed.scheme == b"https":
+            endpoint = wrapClientTLS(self._policy.creatorForNetloc(parsed.host, parsed.port), endpoint)
+        hostHeader = b"[" + parsed.host + b"]" if b":" in parsed.host else parsed.host
+        if (parsed.scheme, parsed.port) not in ((b"http", 80), (b"https", 443)):
+            hostHeader += b":%d" % parsed.port
+        built = _Origin(
+            parsed.scheme, parsed.netloc, parsed.host, parsed.port, (parsed.scheme, parsed.host, parsed.port), endpoint, hostHeader
+        )
+        if len(self._origins) >= self.maxOrigins:
+            self._origins.clear()
+        self._origins[origin] = built
+        return built
+
+    def request(
+        self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: IBodyProducer | None = None
+    ) -> Deferred[IResponse]:
+        from twisted.internet.defer import fail
+        from twisted.web.client import URI
+
+        slash = uri.find(b"/", uri.find(b"//") + 2)
+        origin, target = (uri, b"/") if slash < 0 else (uri[:slash], uri[slash:])
+        try:
+            if not _METHOD.match(method):
+                raise ValueError(f"invalid method {method!r}")
+            if not _TARGET.match(target):
+                raise ValueError(f"invalid request target {target!r}")
+            o = self._origins.get(origin) or self._origin(origin)
+        except Exception:
+            return fail()
+        if headers is None:
+            headers = Headers()
+        if not headers.hasHeader(b"host"):
+            headers.addRawHeader(b"host", o.hostHeader)
+        path, _, query = target.partition(b"?")
+        parsedURI = URI(o.scheme, o.netloc, o.host, o.port, path, b"", query, b"")
+        persistent = self._pool.persistent
+
+        def connected(proto: Any) -> Deferred[IResponse]:
+            return proto.request(  # type: ignore[no-any-return]
+                _newclient.Request._construct(method, target, headers, bodyProducer, persistent=persistent, parsedURI=parsedURI)
+            )
+
+        return self._pool.getConnection(o.key, o.endpoint).addCallback(connected)
+
+
 @implementer(IBodyProducer)
 class BytesProducer:
     """
@@ -230,8 +329,7 @@ class Upstream(Service):
         pool.cachedConnectionTimeout = settings.poolIdleTimeout  # type: ignore[assignment]
         pool.retryAutomatically = True  # Twisted retries only idempotent, body-less requests
         policy = BrowserLikePolicyForHTTPS(trustRoot=trustRootFor(settings))
-        agent = Agent(reactor, contextFactory=policy, connectTimeout=settings.connectTimeout, pool=pool)
-        return cls(agent, pool)
+        return cls(RelayAgent(reactor, pool, policy, connectTimeout=settings.connectTimeout), pool)
 
     def send(
         self, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None

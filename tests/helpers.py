@@ -27,7 +27,7 @@ from lmgate.gateway import Gateway, GatewayResource, GatewaySite
 from lmgate.interfaces import IKeyCheck, IUsageSink
 from lmgate.providers import Provider
 from lmgate.record import KeyEntry, UsageRecord
-from lmgate.upstream import BytesProducer, Upstream
+from lmgate.upstream import BytesProducer, RelayAgent, Upstream
 
 ALLOWED_KEY = b"sk-test-allowed-0123456789abcdef"
 ALLOWED_ENTRY = KeyEntry("app1", "team-a", "2026-11-23")
@@ -177,7 +177,9 @@ def startGateway(
     providers = {name: Provider(ProviderSettings(name, base, fmt)) for name, fmt in routes.items()}
     pool = HTTPConnectionPool(reactor, persistent=True)
     case.addCleanup(pool.closeCachedConnections)
-    agent = Agent(reactor, pool=pool, connectTimeout=5)
+    from twisted.web.client import BrowserLikePolicyForHTTPS
+
+    agent = RelayAgent(reactor, pool, BrowserLikePolicyForHTTPS(), connectTimeout=5)  # the daemon's agent
     sink = RecordingSink()
     gateway = Gateway(
         providers, StaticKeys({ALLOWED_KEY: ALLOWED_ENTRY}), Upstream(agent, pool), sink, clock or reactor, **limits

@@ -222,11 +222,12 @@ class FailureTests(TestCase):
         self.assertEqual((record.status, record.error), (502, "upstream_unreachable"))
 
     async def test_tlsFailure(self) -> None:
-        """An upstream whose certificate is not trusted fails the TLS handshake: 502, recorded, nothing sent."""
+        """An upstream whose certificate is not trusted fails the TLS handshake: 502, recorded,
+        nothing sent; once its certificate is trusted, calls go through."""
         import os
 
         from twisted.internet.ssl import PrivateCertificate
-        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+        from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
         from twisted.web.server import Site
 
         from lmgate.upstream import Upstream
@@ -240,15 +241,25 @@ class FailureTests(TestCase):
         untrusted = FakeUpstream()
         port = reactor.listenSSL(0, Site(untrusted), certificate.options(), interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(port.stopListening)
-        gate = startGateway(self, upstreamURL=f"https://127.0.0.1:{port.getHost().port}")
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(pool.closeCachedConnections)
-        gate.gateway.upstream = Upstream(Agent(reactor, BrowserLikePolicyForHTTPS(), pool=pool, connectTimeout=5), pool)
+        gate = startGateway(self, upstreamURL=f"https://127.0.0.1:{port.getHost().port}")  # the platform's trust
         response, body, _ = await call(self, gate.url + CHAT)
         self.assertEqual(response.code, 502)
         [record] = await gate.sink.waitFor(1)
         self.assertEqual((record.status, record.error), (502, "upstream_unreachable"))
         self.assertEqual(untrusted.seen, [])
+
+        # The same upstream, its certificate trusted: relayed over TLS, Host and all.
+        from twisted.internet.ssl import Certificate
+
+        from lmgate.upstream import RelayAgent
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(open(certPath).read()))
+        gate.gateway.upstream = Upstream(RelayAgent(reactor, pool, policy, connectTimeout=5), pool)
+        response, body, _ = await call(self, gate.url + CHAT)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(untrusted.seen[0].headers.getRawHeaders(b"host"), [b"127.0.0.1:%d" % port.getHost().port])
 
     async def test_responseTimeout(self) -> None:
         """No response headers within C{timeouts.response}: 504, recorded, upstream dropped."""
@@ -729,3 +740,60 @@ class ParserPauseTests(TestCase):
         response.deliverBody(later)
         self.assertEqual(transport.producerState, "producing")
         self.assertEqual(later.body, b"ab")
+
+
+class RelayAgentTests(TestCase):
+    """The relay's agent: each upstream origin's endpoint and Host are built once; bad input fails the call."""
+
+    def agent(self) -> Any:
+        from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
+
+        from lmgate.upstream import RelayAgent
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        return RelayAgent(reactor, pool, BrowserLikePolicyForHTTPS(), connectTimeout=5)
+
+    async def test_hostHeaderAndOriginBuiltOnce(self) -> None:
+        """Requests to one origin share one endpoint; Host is the origin's, the raw target is kept."""
+        from twisted.web.server import Site
+
+        upstream = FakeUpstream()
+        port = reactor.listenTCP(0, Site(upstream), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        agent = self.agent()
+        base = b"http://127.0.0.1:%d" % port.getHost().port
+        for target in (b"/v1/models?a=%2F&b", b"/v1/chat/completions"):
+            response = await agent.request(b"GET", base + target, Headers({b"x-a": [b"1"]}))
+            collector = Collector()
+            response.deliverBody(collector)
+            await collector.done
+            self.assertEqual(response.code, 200)
+        self.assertEqual([seen.uri for seen in upstream.seen], [b"/v1/models?a=%2F&b", b"/v1/chat/completions"])
+        self.assertEqual(upstream.seen[0].headers.getRawHeaders(b"host"), [b"127.0.0.1:%d" % port.getHost().port])
+        self.assertEqual(upstream.seen[0].headers.getRawHeaders(b"x-a"), [b"1"])
+        self.assertEqual(len(agent._origins), 1)
+
+    def test_hostValues(self) -> None:
+        """Default ports are left out of Host; IPv6 hosts are bracketed."""
+        agent = self.agent()
+        self.assertEqual(agent._origin(b"https://api.example.com").hostHeader, b"api.example.com")
+        self.assertEqual(agent._origin(b"http://h.example:80").hostHeader, b"h.example")
+        self.assertEqual(agent._origin(b"http://h.example:8000").hostHeader, b"h.example:8000")
+        self.assertEqual(agent._origin(b"http://[::1]:8000").hostHeader, b"[::1]:8000")
+        self.assertEqual(agent._origin(b"https://[::1]").key, (b"https", b"::1", 443))
+
+    async def test_badInputFailsTheCall(self) -> None:
+        """A bad method, a target with spaces or control bytes, or another scheme: a failed Deferred."""
+        from twisted.web.error import SchemeNotSupported
+
+        agent = self.agent()
+        for method, uri, kind in (
+            (b"GE T", b"http://127.0.0.1:1/x", ValueError),
+            (b"GET", b"http://127.0.0.1:1/a b", ValueError),
+            (b"GET", b"http://127.0.0.1:1/a\x00", ValueError),
+            (b"GET", b"ftp://127.0.0.1:1/x", SchemeNotSupported),
+        ):
+            with self.assertRaises(kind):
+                await agent.request(method, uri)
+        self.assertEqual(agent._origins, {})
