@@ -84,6 +84,12 @@ class GatewayChannel(HTTPChannel):
         self._headerDeadline: IDelayedCall | None = None
         self._host: Any = None
 
+    def connectionMade(self) -> None:
+        from lmgate.eager import makeEager
+
+        makeEager(self.transport)  # plain TCP: each write is sent at once (lmgate.eager)
+        super().connectionMade()
+
     def getHost(self) -> Any:
         """
         The local address, asked of the socket once per connection: every
@@ -206,6 +212,15 @@ class GatewayRequest(Request):
     defaultContentType = None
     _parsePOSTFormSubmission = False
     gateBodyLimit: int | None = None
+
+    def write(self, data: bytes) -> None:
+        """The first write sends the head and the first body bytes as one piece."""
+        if self.startedWriting or self.channel is None:
+            return super().write(data)  # type: ignore[no-any-return]
+        from lmgate.eager import heldWrites
+
+        with heldWrites(self.channel.transport):
+            super().write(data)
 
     def handleContentChunk(self, data: bytes) -> None:
         channel: Any = self.channel
