@@ -102,6 +102,23 @@ class OrderedMultiService(MultiService):
             self._reactor._exitSignal = None
 
 
+class FreezeService(Service):
+    """
+    Started last: moves every object alive after start-up (modules, the
+    configuration, the allow-list) out of the garbage collector's reach
+    (C{gc.freeze}). A full collection then walks only what calls create, so
+    it pauses the reactor for a few milliseconds instead of tens, which
+    would otherwise show up in every relayed event's delay.
+    """
+
+    def startService(self) -> None:
+        import gc
+
+        super().startService()
+        gc.collect()
+        gc.freeze()
+
+
 class DrainService(Service):
     """Stops after the listener: waits for calls in flight (bounded), then aborts the rest."""
 
@@ -461,6 +478,7 @@ def buildService(
 
     SignalService(reactor, {signal.SIGHUP: reloader.reload, signal.SIGUSR1: reopenFiles}).setServiceParent(top)
     listener.setServiceParent(top)
+    FreezeService().setServiceParent(top)
     if settings.source == DEMO_SOURCE:
         log.warn(
             "No --config given: running the embedded demo. Providers are routed to the stub "
