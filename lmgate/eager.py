@@ -1,5 +1,5 @@
 """
-Eager writes on plain TCP connections.
+Eager writes on the clients' plain TCP connections.
 
 Twisted's TCP transport never writes in C{write()}: it queues the bytes, asks
 epoll to watch the socket for writability (an C{epoll_ctl} system call), sends
@@ -16,7 +16,13 @@ is registered (it is driven by the queue draining), once the connection is
 closing, and while writes are queued.
 
 C{holdWrites()} / C{releaseWrites()} gather the writes of one step (a
-response's head and first body bytes; a request's head and body) into one send.
+response's head and first body bytes) into one send.
+
+Only the connections from clients are made eager: that is where each relayed
+event is written. Measured under C{wrk -c50} (bench/RESULTS.md), eager writes on
+the client side alone, or on the upstream side alone, cost nothing, while both
+at once lowered the requests per second by a fifth; the upstream side stays
+Twisted's, where a request's head and body are gathered by the reactor turn.
 """
 
 from __future__ import annotations
@@ -84,11 +90,7 @@ class EagerServer(_EagerWrites, tcp.Server):
     """An accepted TCP connection that writes eagerly."""
 
 
-class EagerClient(_EagerWrites, tcp.Client):
-    """An outgoing TCP connection that writes eagerly."""
-
-
-_EAGER = {tcp.Server: EagerServer, tcp.Client: EagerClient}
+_EAGER: dict[type, type] = {tcp.Server: EagerServer}
 
 
 def makeEager(transport: Any) -> bool:

@@ -27,7 +27,6 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from lmgate.config import Settings
-from lmgate.eager import heldWrites, makeEager
 from lmgate.errors import ConfigError
 
 log = Logger()
@@ -127,8 +126,6 @@ class _NoDelayProtocol(_newclient.HTTP11ClientProtocol):
                     transport.setTcpNoDelay(True)
                 except Exception:
                     pass
-                if transport is self.transport:  # plain TCP, not under TLS
-                    makeEager(transport)
                 return
             transport = getattr(transport, "transport", None)
 
@@ -244,12 +241,9 @@ class RelayAgent:
         persistent = self._pool.persistent
 
         def connected(proto: Any) -> Deferred[IResponse]:
-            # The pool may hand out a wrapper that retries on a fresh connection.
-            transport = getattr(getattr(proto, "_clientProtocol", proto), "transport", None)
-            with heldWrites(transport):  # the head and the body as one piece
-                return proto.request(  # type: ignore[no-any-return]
-                    _newclient.Request._construct(method, target, headers, bodyProducer, persistent=persistent, parsedURI=parsedURI)
-                )
+            return proto.request(  # type: ignore[no-any-return]
+                _newclient.Request._construct(method, target, headers, bodyProducer, persistent=persistent, parsedURI=parsedURI)
+            )
 
         return self._pool.getConnection(o.key, o.endpoint).addCallback(connected)
 
