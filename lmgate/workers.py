@@ -22,6 +22,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet import tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -165,8 +166,27 @@ class Supervisor(Service):
         return DeferredList(ended).addBoth(closeSocket)
 
 
+class _OneAcceptAtATime(tcp.Port):
+    """
+    A shared listening socket's port in one worker: one C{accept} per wake-up.
+    Twisted's port accepts up to 100 connections per wake-up and raises that as
+    traffic grows, so when a client opens its keep-alive connections in a burst
+    (every pool does), the worker woken first took them all and the other
+    workers idled. Every worker is woken for each new connection; taking one at
+    a time lets the least busy one take the next.
+    """
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass
+
+
 class AdoptedListener(Service):
-    """A worker's listener: the supervisor's socket, adopted; closed when stopping."""
+    """A worker's listener: the supervisor's socket, adopted (one accept at a time); closed when stopping."""
 
     def __init__(self, reactor: Any, fd: int, site: Any) -> None:
         self._reactor, self._fd, self._site = reactor, fd, site
@@ -178,6 +198,8 @@ class AdoptedListener(Service):
             family = probe.family
         self._port = self._reactor.adoptStreamPort(self._fd, family, self._site)
         os.close(self._fd)  # the port holds its own duplicate
+        if type(self._port) is tcp.Port:
+            self._port.__class__ = _OneAcceptAtATime
 
     def stopService(self) -> Any:
         Service.stopService(self)
