@@ -242,12 +242,11 @@ class StartupErrorTests(DaemonTestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertEqual(result.stderr.strip().splitlines(), [f"lmgate: {path}: timeouts.connect: must be a number > 0, got 'never'"])
 
-    async def test_missingAllowListFailsClosed(self) -> None:
-        """Without a loadable allow-list the daemon does not start."""
-        os.remove(self.allowlistPath)
+    async def refusedStart(self, config: str) -> tuple[str, str]:
+        """Start the daemon with C{config}; it must fail with one line on stderr: (config path, line)."""
         path = os.path.join(self.directory, "lmgate.yaml")
         with open(path, "w") as f:
-            f.write(self.config())
+            f.write(config)
         result = await inThread(
             subprocess.run,
             [TWISTD, "-n", "--pidfile=", "lmgate", "--config", path],
@@ -259,27 +258,20 @@ class StartupErrorTests(DaemonTestCase):
         self.assertNotEqual(result.returncode, 0)
         lines = result.stderr.strip().splitlines()
         self.assertEqual(len(lines), 1, result.stderr)
-        self.assertIn(self.allowlistPath, lines[0])
+        return path, lines[0]
+
+    async def test_missingAllowListFailsClosed(self) -> None:
+        """Without a loadable allow-list the daemon does not start."""
+        os.remove(self.allowlistPath)
+        _, line = await self.refusedStart(self.config())
+        self.assertIn(self.allowlistPath, line)
 
     async def test_unwritableAccessLogIsOneLine(self) -> None:
         """An access_log path that cannot be written stops the start with one line naming it."""
         blocker = os.path.join(self.directory, "a-file")
         open(blocker, "w").close()
-        path = os.path.join(self.directory, "lmgate.yaml")
-        with open(path, "w") as f:
-            f.write(self.config() + f"access_log: {blocker}/access.log\n")
-        result = await inThread(
-            subprocess.run,
-            [TWISTD, "-n", "--pidfile=", "lmgate", "--config", path],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=self.directory,
-        )
-        self.assertNotEqual(result.returncode, 0)
-        lines = result.stderr.strip().splitlines()
-        self.assertEqual(len(lines), 1, result.stderr)
-        self.assertTrue(lines[0].startswith(f"lmgate: {path}: access_log: cannot write {blocker}/access.log"), lines[0])
+        path, line = await self.refusedStart(self.config() + f"access_log: {blocker}/access.log\n")
+        self.assertTrue(line.startswith(f"lmgate: {path}: access_log: cannot write {blocker}/access.log"), line)
 
 
 _ = sys
