@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.web.client import FileBodyProducer
-from twisted.web.http import _escape
+from twisted.web.http import _escape, datetimeToLogString
 from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -300,8 +300,16 @@ class GatewaySite(Site):
     def protocol(self) -> GatewayChannel:  # type: ignore[override]
         return GatewayChannel(self.limits)
 
+    _logSecond = -1
+    _logStamp = ""
+
     def log(self, request: Any) -> None:
         writer = self.accessLog
         if writer is not None:
-            line = redactingLogFormatter(self._logDateTime, request) + "\n"
+            # The time of the line itself (twisted.web's cached one can be a second old),
+            # formatted once per second.
+            second = int(self.reactor.seconds())
+            if second != self._logSecond:
+                self._logSecond, self._logStamp = second, datetimeToLogString(second)
+            line = redactingLogFormatter(self._logStamp, request) + "\n"
             writer.writeLine(line.encode("utf-8", "replace"))

@@ -797,3 +797,17 @@ class RelayAgentTests(TestCase):
             with self.assertRaises(kind):
                 await agent.request(method, uri)
         self.assertEqual(agent._origins, {})
+
+
+class AccessLogTimeTests(TestCase):
+    async def test_lineCarriesTheTimeOfTheCall(self) -> None:
+        """The line's time is the call's own second (not a cached one up to a second old)."""
+        clock = Clock()
+        lines = _Lines()
+        gate = startGateway(self, FakeUpstream(), accessLog=lines, siteClock=clock)
+        clock.advance(1767225605.75)  # 2026-01-01T00:00:05.75Z
+        await call(self, gate.url + CHAT)
+        clock.advance(0.5)  # 06.25: twisted.web's cached time still says 05 until 06.75
+        await call(self, gate.url + CHAT)
+        self.assertIn(b"[01/Jan/2026:00:00:05 +0000]", lines.lines[0])
+        self.assertIn(b"[01/Jan/2026:00:00:06 +0000]", lines.lines[1])
