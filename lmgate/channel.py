@@ -89,6 +89,31 @@ class GatewayChannel(HTTPChannel):
 
         makeEager(self.transport)  # plain TCP: each write is sent at once (lmgate.eager)
         super().connectionMade()
+        site = getattr(self, "site", None)
+        if site is not None and hasattr(site, "channels"):
+            site.channels.add(self)
+            if site.closing:
+                self.closeWhenIdle()
+
+    def closeWhenIdle(self) -> None:
+        """
+        Shutting down: read no further request from this connection. Idle, it
+        closes now; with a request under way, once that response is complete.
+        """
+        self.persistent = False
+        if self.requests:
+            request = self.requests[0]
+            if not request.startedWriting:
+                request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        elif not self._receiving and self.transport is not None:
+            self.loseConnection()
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        site = getattr(self, "site", None)
+        if site is not None and getattr(site, "closing", False):
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return super().checkPersistence(request, version)  # type: ignore[no-any-return]
 
     def getHost(self) -> Any:
         """
@@ -199,6 +224,9 @@ class GatewayChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancelHeaderDeadline()
+        site = getattr(self, "site", None)
+        if site is not None and hasattr(site, "channels"):
+            site.channels.discard(self)
         super().connectionLost(reason)
 
 

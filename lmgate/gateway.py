@@ -132,12 +132,15 @@ class Gateway:
         self.rateLog = RateLimitedLog(log, clock)
         #: Calls relayed and not yet recorded.
         self.active: set[ProxiedCall] = set()
+        #: Shutting down: calls that arrive now are refused (503, recorded as C{shutdown}).
+        self.draining = False
 
     def drain(self, timeout: float) -> Deferred[None]:
         """
         Wait for the calls in flight to end, at most C{timeout} seconds; then
         abort the rest (each still gets its record).
         """
+        self.draining = True
         done: Deferred[None] = Deferred()
         deadline = self.clock.seconds() + timeout
 
@@ -187,6 +190,14 @@ class GatewayResource(Resource):
             call = ProxiedCall(request, gateway, None, endpoint)
             return call.refuse("not_found", "No provider is configured for this path.")
         call = ProxiedCall(request, gateway, provider, endpoint, rest)
+        if gateway.draining:
+            # A request on a connection opened before the shutdown: its client learns
+            # at once (503, Connection: close) and may retry elsewhere; the call is recorded.
+            request.setHeader(b"connection", b"close")
+            channel: Any = request.channel
+            if channel is not None:
+                channel.persistent = False  # closed once this answer is written
+            return call.refuse("shutting_down", "The gateway is shutting down; retry on a new connection.", "shutdown")
         from lmgate.credentials import CredentialError, extractCredential, maskKey
 
         headers = request.requestHeaders
@@ -291,6 +302,26 @@ class GatewaySite(Site):
         Site.__init__(self, resource, logFormatter=redactingLogFormatter, timeout=self.limits.clientTimeout, **kwargs)
         self.accessLog = accessLog or None
         self.accessLogWriter = self.accessLog
+        #: Open client connections (for shutdown), and whether the site is closing them.
+        self.channels: set[GatewayChannel] = set()
+        self.closing = False
+
+    def closeIdle(self) -> None:
+        """
+        Shutting down: close every client connection with no request under way,
+        and let each busy one close once its response is complete (no further
+        request is read from it).
+        """
+        self.closing = True
+        for channel in list(self.channels):
+            channel.closeWhenIdle()
+
+    def closeAll(self) -> None:
+        """The calls are drained: cut whatever client connection is left."""
+        for channel in list(self.channels):
+            transport: Any = channel.transport
+            if transport is not None:
+                transport.abortConnection()
 
     def setLimits(self, limits: Limits) -> None:
         """Limits for the connections made from now on."""

@@ -19,6 +19,7 @@ STATUS = {
     "forbidden": 403,
     "not_found": 404,
     "upstream_unreachable": 502,
+    "shutting_down": 503,
     "upstream_timeout": 504,
 }
 
@@ -29,6 +30,7 @@ _OPENAI_TYPES = {
     "forbidden": ("invalid_request_error", "invalid_api_key"),
     "not_found": ("invalid_request_error", "unknown_url"),
     "upstream_unreachable": ("api_error", "upstream_unreachable"),
+    "shutting_down": ("api_error", "shutting_down"),
     "upstream_timeout": ("api_error", "upstream_timeout"),
 }
 _ANTHROPIC_TYPES = {
@@ -36,6 +38,7 @@ _ANTHROPIC_TYPES = {
     "forbidden": "permission_error",
     "not_found": "not_found_error",
     "upstream_unreachable": "api_error",
+    "shutting_down": "overloaded_error",
     "upstream_timeout": "timeout_error",
 }
 _GOOGLE_STATUS = {
@@ -43,6 +46,7 @@ _GOOGLE_STATUS = {
     "forbidden": "PERMISSION_DENIED",
     "not_found": "NOT_FOUND",
     "upstream_unreachable": "UNAVAILABLE",
+    "shutting_down": "UNAVAILABLE",
     "upstream_timeout": "DEADLINE_EXCEEDED",
 }
 _BEDROCK_TYPES = {
@@ -50,6 +54,7 @@ _BEDROCK_TYPES = {
     "forbidden": "AccessDeniedException",
     "not_found": "ResourceNotFoundException",
     "upstream_unreachable": "ServiceUnavailableException",
+    "shutting_down": "ServiceUnavailableException",
     "upstream_timeout": "ModelTimeoutException",
 }
 

@@ -120,7 +120,11 @@ class FreezeService(Service):
 
 
 class DrainService(Service):
-    """Stops after the listener: waits for calls in flight (bounded), then aborts the rest."""
+    """
+    Stops after the listener: keep-alive connections take no new request,
+    calls in flight finish (bounded), then the rest are aborted and every
+    client connection left is cut.
+    """
 
     def __init__(self, drain: Callable[[float], Deferred[None]], timeout: float) -> None:
         self._drain, self.timeout = drain, timeout
@@ -466,7 +470,16 @@ def buildService(
         admin = StreamServerEndpointService(_endpoint(reactor, settings.adminListen, settings, "admin.listen"), adminSite)
         admin._raiseSynchronously = True
         admin.setServiceParent(top)
-    drain = DrainService(gateway.drain, settings.drainTimeout)
+    def drainCalls(timeout: float) -> Deferred[None]:
+        # No further request is read from client connections (idle ones close now), the
+        # calls in flight finish (or are aborted at the timeout), and whatever connection
+        # is left is cut: no call can start once its record could not be written.
+        site.closeIdle()
+        drained = gateway.drain(timeout)
+        drained.addCallback(lambda _: site.closeAll())
+        return drained
+
+    drain = DrainService(drainCalls, settings.drainTimeout)
     drain.setServiceParent(top)
     reloader = Reloader(configured, gateway, site, allowList, drain)
     reloader.listen = listen  # a --listen override holds across reloads

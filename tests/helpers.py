@@ -150,6 +150,7 @@ class Running:
     gateway: Gateway
     upstreamPort: int
     providers: dict[str, Provider] = field(default_factory=dict)
+    site: Any = None
 
 
 def startGateway(
@@ -188,7 +189,7 @@ def startGateway(
         GatewayResource(gateway), accessLog=accessLog, limits=siteLimits, **({"reactor": siteClock} if siteClock else {})
     )
     port = listenLocal(case, site)
-    return Running(f"http://127.0.0.1:{port}", port, upstream, sink, gateway, upstreamPort, providers)
+    return Running(f"http://127.0.0.1:{port}", port, upstream, sink, gateway, upstreamPort, providers, site)
 
 
 def clientAgent(case: TestCase) -> Agent:

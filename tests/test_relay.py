@@ -811,3 +811,85 @@ class AccessLogTimeTests(TestCase):
         await call(self, gate.url + CHAT)
         self.assertIn(b"[01/Jan/2026:00:00:05 +0000]", lines.lines[0])
         self.assertIn(b"[01/Jan/2026:00:00:06 +0000]", lines.lines[1])
+
+
+class ShutdownConnectionTests(TestCase):
+    """Shutting down: keep-alive connections take no new call, and none is left unrecorded."""
+
+    async def rawConnection(self, port: int) -> tuple[Any, list[bytes], Deferred[None]]:
+        """A raw client connection: its protocol, the bytes it got, and a Deferred for its close."""
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        received: list[bytes] = []
+        closed: Deferred[None] = Deferred()
+
+        class Raw(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+            def connectionLost(self, reason: Any = None) -> None:
+                closed.callback(None)
+
+        protocol = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Raw())
+        self.addCleanup(lambda: protocol.transport.loseConnection())
+        return protocol, received, closed
+
+    def post(self, path: bytes = CHAT.encode()) -> bytes:
+        return (b"POST " + path + b" HTTP/1.1\r\nHost: gate\r\nAuthorization: Bearer " + ALLOWED_KEY
+                + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+
+    async def test_requestWhileDrainingIsRefusedAndRecorded(self) -> None:
+        """A request on a connection opened before the shutdown: 503 in the provider's
+        shape, Connection: close, the connection closed, and a record (shutdown)."""
+        gate = startGateway(self, FakeUpstream())
+        protocol, received, closed = await self.rawConnection(gate.port)
+        await gate.gateway.drain(1.0)  # nothing in flight: drained at once; now refusing
+        protocol.transport.write(self.post(b"/anthropic/v1/messages"))
+        await closed
+        head, _, body = b"".join(received).partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 503 "), head)
+        self.assertIn(b"connection: close", head.lower())
+        self.assertEqual(json.loads(body)["error"]["type"], "overloaded_error")
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.status, record.error, record.provider), (503, "shutdown", "anthropic"))
+        self.assertEqual(gate.upstream.seen, [])
+
+    async def test_idleClosedBusyClosedAfterItsResponse(self) -> None:
+        """closeIdle: an idle keep-alive connection closes at once; one with a call in
+        flight gets its whole response (with Connection: close), then closes."""
+        upstream = FakeUpstream()
+        held: list[Request] = []
+        upstream.handler = lambda request: (held.append(request), NOT_DONE_YET)[1]
+        gate = startGateway(self, upstream)
+        _, _, idleClosed = await self.rawConnection(gate.port)
+        busy, received, busyClosed = await self.rawConnection(gate.port)
+        arrived = upstream.arrived()
+        busy.transport.write(self.post())
+        await arrived
+        gate.site.closeIdle()
+        await idleClosed
+        self.assertFalse(busyClosed.called)
+        held[0].setHeader(b"content-type", b"application/json")
+        held[0].write(b'{"id": "x"}')
+        held[0].finish()
+        await busyClosed
+        head, _, body = b"".join(received).partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertIn(b"connection: close", head.lower())
+        self.assertIn(b'{"id": "x"}', body)
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.status, record.error), (200, None))
+
+    async def test_closeAllCutsWhatIsLeft(self) -> None:
+        """closeAll: every client connection still open is cut."""
+        from tests.daemon import pause
+
+        gate = startGateway(self, FakeUpstream())
+        _, _, closed = await self.rawConnection(gate.port)
+        for _ in range(100):  # bounded: until the site has seen the connection
+            if gate.site.channels:
+                break
+            await pause(0.01)
+        gate.site.closeAll()
+        await closed
+        self.assertEqual(gate.site.channels, set())
