@@ -92,17 +92,22 @@ class EagerServer(_EagerWrites, tcp.Server):
 
 _EAGER: dict[type, type] = {tcp.Server: EagerServer}
 
+#: The parts of Twisted's FileDescriptor the eager path reads; a Twisted without
+#: them keeps its own writes.
+_STATE = ("connected", "disconnecting", "_writeDisconnected", "TLS", "_tempDataLen", "offset", "dataBuffer",
+          "producer", "streamingProducer", "producerPaused", "writeSomeData")
+
 
 def makeEager(transport: Any) -> bool:
     """
     Turn a plain TCP transport into its eager kind (its class changes; its state
-    is untouched). Anything else (TLS, UNIX sockets, test transports) is left
-    as it is.
+    is untouched). Anything else (TLS, UNIX sockets, test transports, a Twisted
+    whose transport lacks the state read here) is left as it is.
 
     @return: whether the transport now writes eagerly.
     """
     eager = _EAGER.get(type(transport))
-    if eager is not None:
+    if eager is not None and all(hasattr(transport, name) for name in _STATE):
         transport.__class__ = eager
         return True
     return isinstance(transport, _EagerWrites)

@@ -43,8 +43,8 @@ class _Producer:
 
 
 class EagerWriteTests(TestCase):
-    async def connection(self) -> tuple[Any, socket.socket]:
-        """An accepted connection's transport (made eager) and the client's blocking socket."""
+    async def accepted(self) -> tuple[Any, socket.socket]:
+        """An accepted connection's transport, as Twisted made it, and the client's blocking socket."""
         factory = Factory.forProtocol(_Accepted)
         factory.accepted = Deferred()  # type: ignore[attr-defined]
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
@@ -53,9 +53,14 @@ class EagerWriteTests(TestCase):
         self.addCleanup(client.close)
         protocol = await factory.accepted  # type: ignore[attr-defined]
         self.addCleanup(protocol.transport.abortConnection)
-        self.assertTrue(makeEager(protocol.transport))
-        self.assertIsInstance(protocol.transport, EagerServer)
         return protocol.transport, client
+
+    async def connection(self) -> tuple[Any, socket.socket]:
+        """The same, made eager."""
+        transport, client = await self.accepted()
+        self.assertTrue(makeEager(transport))
+        self.assertIsInstance(transport, EagerServer)
+        return transport, client
 
     def available(self, client: socket.socket) -> bytes:
         """What the client can read right now, without the reactor running."""
@@ -147,6 +152,16 @@ class EagerWriteTests(TestCase):
         transport.loseConnection()
         transport.write(b"late")
         self.assertEqual(transport._tempDataLen, 10)
+
+    async def test_unknownTwistedLeftAlone(self) -> None:
+        """A transport without the state the eager path reads (another Twisted) keeps Twisted's writes."""
+        import lmgate.eager
+        from twisted.internet import tcp
+
+        transport, _ = await self.accepted()
+        self.patch(lmgate.eager, "_STATE", lmgate.eager._STATE + ("_renamedInANewerTwisted",))
+        self.assertFalse(makeEager(transport))
+        self.assertIs(type(transport), tcp.Server)
 
     def test_otherTransportsLeftAlone(self) -> None:
         """Anything but a plain TCP connection (TLS, UNIX, test transports) is not changed."""
