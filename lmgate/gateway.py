@@ -250,6 +250,9 @@ class GatewayResource(Resource):
             return b'{"error": {"type": "method_not_allowed", "message": "Use GET."}}'
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
+        if self._gateway.draining:  # a load balancer's check on an open connection: take us out
+            request.setResponseCode(503)
+            return b"draining"
         return b"ok"
 
 

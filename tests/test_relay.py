@@ -854,6 +854,17 @@ class ShutdownConnectionTests(TestCase):
         self.assertEqual((record.status, record.error, record.provider), (503, "shutdown", "anthropic"))
         self.assertEqual(gate.upstream.seen, [])
 
+    async def test_healthSaysDraining(self) -> None:
+        """While draining, /healthz on an open connection answers 503, so a load balancer takes the gateway out."""
+        gate = startGateway(self, FakeUpstream())
+        protocol, received, closed = await self.rawConnection(gate.port)
+        await gate.gateway.drain(1.0)
+        protocol.transport.write(b"GET /healthz HTTP/1.1\r\nHost: gate\r\nConnection: close\r\n\r\n")
+        await closed
+        head, _, body = b"".join(received).partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 503 "), head)
+        self.assertEqual(body, b"draining")
+
     async def test_idleClosedBusyClosedAfterItsResponse(self) -> None:
         """closeIdle: an idle keep-alive connection closes at once; one with a call in
         flight gets its whole response (with Connection: close), then closes."""
