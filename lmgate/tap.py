@@ -363,7 +363,17 @@ def supervisorService(settings: Settings, reactor: Any, configPath: str | None, 
     if settings.stubListen is not None:
         stubService(reactor, settings).setServiceParent(top)
     Supervisor(reactor, settings, configPath, listen, workers).setServiceParent(top)
+    _announceDemo(settings)
     return top
+
+
+def _announceDemo(settings: Settings) -> None:
+    if settings.source == DEMO_SOURCE:
+        log.warn(
+            "No --config given: running the embedded demo. Providers are routed to the stub "
+            "upstream on {stub}; use the API key 'lmgate-demo-key'.",
+            stub=settings.stubListen,
+        )
 
 
 def buildService(
@@ -492,12 +502,8 @@ def buildService(
     SignalService(reactor, {signal.SIGHUP: reloader.reload, signal.SIGUSR1: reopenFiles}).setServiceParent(top)
     listener.setServiceParent(top)
     FreezeService().setServiceParent(top)
-    if settings.source == DEMO_SOURCE:
-        log.warn(
-            "No --config given: running the embedded demo. Providers are routed to the stub "
-            "upstream on {stub}; use the API key 'lmgate-demo-key'.",
-            stub=settings.stubListen,
-        )
+    if workerIndex is None:
+        _announceDemo(settings)  # a worker's stub is its supervisor's
     log.info(
         "LMGate on {listen}: providers {providers}; records to {stats}",
         listen=settings.listen,

@@ -32,6 +32,17 @@ def freePort() -> int:
         return int(s.getsockname()[1])
 
 
+def portTaken(port: int) -> bool:
+    """Something listens on 127.0.0.1:C{port}, or it cannot be bound."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def pause(seconds: float) -> Deferred[None]:
     d: Deferred[None] = Deferred()
     reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
@@ -71,6 +82,14 @@ class Daemon:
 
     def start(self, *extra: str, logfile: str = "-") -> None:
         args = [TWISTD, "-n", "--pidfile=", f"--logfile={logfile}", "lmgate", "--config", self.configPath, *extra]
+        self.process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            self.watch, TWISTD, args, env=self.env, path=self.directory
+        )
+        self.case.addCleanup(self._kill)
+
+    def startDemo(self, *extra: str) -> None:
+        """C{twistd -n lmgate} with no configuration: the README's embedded demo."""
+        args = [TWISTD, "-n", "--pidfile=", "--logfile=-", "lmgate", *extra]
         self.process = reactor.spawnProcess(  # type: ignore[attr-defined]
             self.watch, TWISTD, args, env=self.env, path=self.directory
         )

@@ -14,10 +14,10 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
 
-from tests.daemon import LMGATE, TWISTD, Daemon, freePort, inThread, pause, readRecords
+from tests.daemon import LMGATE, TWISTD, Daemon, freePort, inThread, pause, portTaken, readRecords
 
 PLAIN_KEY = "sk-plain-e2e-0000000000000000AbCd"
 HASHED_KEY = "sk-ant-hashed-e2e-111111111111WxYz"
@@ -640,6 +640,60 @@ class WorkerTests(DaemonTestCase):
         self.assertEqual(len(access), calls)
         records = readRecords(os.path.join(statsDir, "stats"))
         self.assertEqual(len(records), calls)
+
+
+class DemoTests(TestCase):
+    """The README's first command, C{twistd -n lmgate}, exactly as written."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        if portTaken(8080) or portTaken(8081):
+            raise SkipTest("the embedded demo needs 127.0.0.1:8080 and :8081, and one is taken")
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+
+    async def demo(self, *extra: str) -> list[dict[str, Any]]:
+        """Run the demo (in a fresh directory), call it with the openai SDK, stop it; its records."""
+        daemon = Daemon(self, "", self.directory)
+        daemon.startDemo(*extra)
+        await daemon.waitUntilHealthy(8080)
+        self.assertFalse(daemon.watch.ended.called, "another process answers on 8080")
+
+        def calls() -> list[Any]:
+            import openai
+
+            client = openai.OpenAI(base_url="http://127.0.0.1:8080/openai/v1", api_key="lmgate-demo-key",
+                                   max_retries=0, timeout=20)
+            chat = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hello"}])
+            try:
+                openai.OpenAI(base_url="http://127.0.0.1:8080/openai/v1", api_key="not-a-key",
+                              max_retries=0, timeout=20).models.list()
+            except openai.PermissionDeniedError as e:
+                return [chat, e.status_code]
+            return [chat, None]
+
+        chat, refused = await inThread(calls)
+        self.assertTrue(chat.choices[0].message.content)
+        self.assertEqual(refused, 403)
+        self.assertEqual(await daemon.stop(), 0)
+        self.assertIn(b"running the embedded demo. Providers are routed to the stub upstream on tcp:8081",
+                      daemon.watch.output)
+        self.assertNotIn(b"stub upstream on None", daemon.watch.output)
+        self.assertEqual(daemon.watch.output.count(b"running the embedded demo"), 1)
+        return readRecords(os.path.join(self.directory, "var", "stats", "stats"))
+
+    async def test_demo(self) -> None:
+        """The demo answers the demo key, refuses another, and records both calls under
+        var/stats; with --workers 2 the supervisor serves the stub and announces it once.
+        (One test: the two runs need the same fixed ports, so they must not overlap.)"""
+        records = await self.demo()
+        self.assertEqual(sorted(r["status"] for r in records), [200, 403])
+        self.assertTrue(os.path.exists(os.path.join(self.directory, "var", "stats", "stats.jsonl")))
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        records = await self.demo("--workers", "2")
+        self.assertEqual(sorted(r["status"] for r in records), [200, 403])
 
 
 class OperationsTests(DaemonTestCase):
