@@ -500,6 +500,10 @@ def buildService(
         reopenTwistdLog()
 
     SignalService(reactor, {signal.SIGHUP: reloader.reload, signal.SIGUSR1: reopenFiles}).setServiceParent(top)
+    if workerFd is not None:
+        from lmgate.workers import SupervisorWatch
+
+        SupervisorWatch(reactor).setServiceParent(top)
     listener.setServiceParent(top)
     FreezeService().setServiceParent(top)
     if workerIndex is None:

@@ -9,7 +9,9 @@ and on SIGHUP), its own upstream pool, and its own stats file
 (C{stats.jsonl} → C{stats-w1.jsonl}, C{stats-w2.jsonl}, ...), so records are
 never interleaved. The supervisor forwards SIGHUP and SIGUSR1, restarts a worker
 that dies, and on SIGTERM stops accepting, lets every worker drain and flush,
-and exits 0 once all have.
+and exits 0 once all have. A worker's standard input is a pipe from the
+supervisor: if the supervisor dies without stopping it (SIGKILL, a crash), the
+pipe ends and the worker drains and exits too, rather than holding the port.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet import tcp
+from twisted.internet import abstract, fdesc, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -206,3 +208,50 @@ class AdoptedListener(Service):
         if self._port is not None:
             return self._port.stopListening()
         return None
+
+
+class _PipeEnd(abstract.FileDescriptor):
+    """Reads a pipe only to learn that it ended."""
+
+    def __init__(self, reactor: Any, fd: int, ended: Any) -> None:
+        super().__init__(reactor)
+        self._fd, self._ended = fd, ended
+        fdesc.setNonBlocking(fd)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def doRead(self) -> Any:
+        return fdesc.readFromFD(self._fd, lambda data: None)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._ended()
+
+
+class SupervisorWatch(Service):
+    """
+    In a worker: stop the worker (a normal drained stop) when its standard
+    input, the supervisor's end of a pipe, closes: the supervisor is gone.
+    """
+
+    def __init__(self, reactor: Any, fd: int = 0) -> None:
+        self._reactor, self._fd = reactor, fd
+        self._reader: _PipeEnd | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._reader = _PipeEnd(self._reactor, self._fd, self._supervisorGone)
+        self._reader.startReading()
+
+    def _supervisorGone(self) -> None:
+        self._reader = None
+        if self.running:
+            log.error("The supervisor is gone (its pipe closed): this worker stops")
+            self._reactor.stop()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._reader is not None:
+            self._reader.stopReading()
+            self._reader = None

@@ -642,6 +642,55 @@ class WorkerTests(DaemonTestCase):
         self.assertEqual(len(records), calls)
 
 
+class WorkerLifetimeTests(DaemonTestCase):
+    async def test_workersEndWithTheSupervisor(self) -> None:
+        """The supervisor killed outright (SIGKILL: no forwarding): its workers notice
+        the pipe from it close, drain, flush their records and exit, freeing the port."""
+        import treq
+
+        daemon = Daemon(self, self.config(), self.directory)
+        daemon.start("--workers", "2")
+        await daemon.waitUntilHealthy(self.port)
+        supervisor = daemon.process.pid
+        with open(f"/proc/{supervisor}/task/{supervisor}/children") as f:
+            workers = [int(pid) for pid in f.read().split()]
+        self.assertEqual(len(workers), 2)
+        self.addCleanup(_killStray, workers)
+        for _ in range(5):
+            r = await treq.get(self.base + "/openai/v1/models", headers={"Authorization": f"Bearer {PLAIN_KEY}"},
+                               persistent=False)
+            await r.content()
+        daemon.signal("KILL")
+        await daemon.watch.ended
+        for _ in range(100):
+            if not any(_alive(pid) for pid in workers):
+                break
+            await pause(0.1)
+        self.assertEqual([pid for pid in workers if _alive(pid)], [])
+        self.assertFalse(portTaken(self.port))
+        self.assertEqual(len(readRecords(os.path.join(os.path.dirname(self.statsPath), "stats"))), 5)
+
+
+def _alive(pid: int) -> bool:
+    """A process that runs (a zombie awaiting its reaper has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _killStray(pids: list[int]) -> None:
+    import signal
+
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
 class DemoTests(TestCase):
     """The README's first command, C{twistd -n lmgate}, exactly as written."""
 

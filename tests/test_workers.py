@@ -9,7 +9,7 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from lmgate.workers import AdoptedListener
+from lmgate.workers import AdoptedListener, SupervisorWatch
 from tests.daemon import pause
 
 
@@ -49,3 +49,57 @@ class AdoptedListenerTests(TestCase):
         self.assertGreaterEqual(counts[0], 5, counts)
         listener._port.numberAccepts = 120  # what Twisted's accept loop sets as traffic grows
         self.assertEqual(listener._port.numberAccepts, 1)
+
+
+class _StopRecorder:
+    """The real reactor, except that C{stop} is only counted."""
+
+    def __init__(self) -> None:
+        self.stops = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(reactor, name)
+
+    def stop(self) -> None:
+        self.stops += 1
+
+
+class SupervisorWatchTests(TestCase):
+    def pipe(self) -> tuple[int, int]:
+        r, w = os.pipe()
+        self.open = {r, w}
+        self.addCleanup(lambda: [os.close(fd) for fd in self.open])
+        return r, w
+
+    def close(self, fd: int) -> None:
+        self.open.discard(fd)  # never closed twice: the number may be reused at once
+        os.close(fd)
+
+    async def test_pipeEndStopsTheWorker(self) -> None:
+        """The supervisor's end of the pipe closes (it died): the worker stops, once."""
+        r, w = self.pipe()
+        fake = _StopRecorder()
+        watch = SupervisorWatch(fake, r)
+        watch.startService()
+        self.addCleanup(watch.stopService)
+        os.write(w, b"anything the supervisor might write is ignored\n")
+        await pause(0.05)
+        self.assertEqual(fake.stops, 0)
+        self.close(w)
+        for _ in range(100):
+            if fake.stops:
+                break
+            await pause(0.02)
+        self.assertEqual(fake.stops, 1)
+
+    async def test_stoppedWatchIgnoresTheEnd(self) -> None:
+        """A worker already stopping stops watching: the pipe closing then changes nothing."""
+        r, w = self.pipe()
+        fake = _StopRecorder()
+        watch = SupervisorWatch(fake, r)
+        watch.startService()
+        watch.stopService()
+        self.close(w)
+        await pause(0.1)
+        self.assertEqual(fake.stops, 0)
+        self.assertNotIn(r, [reader.fileno() for reader in reactor.getReaders()])
