@@ -296,6 +296,56 @@ class SignalService(Service):
         self._previous.clear()
 
 
+class StopSignalGuard(Service):
+    """
+    Twisted stops the reactor on every SIGTERM and SIGINT; a second one while
+    draining (Ctrl-C in a terminal reaches the supervisor and its workers,
+    which the supervisor then signals too) raised C{ReactorNotRunning} with a
+    traceback. Once the reactor runs, its handlers are wrapped: the first
+    signal stops as before, any later one is only logged.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._trigger: Any = None
+        self._previous: dict[int, Any] = {}
+        self.stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        # Twisted installs its handlers while starting up: wrap them after.
+        self._trigger = self._reactor.addSystemEventTrigger("after", "startup", self._wrap)
+
+    def _wrap(self) -> None:
+        self._trigger = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            first = signal.getsignal(signum)
+            if callable(first):
+                self._previous[signum] = first
+                signal.signal(signum, self._onceFor(first))
+
+    def _onceFor(self, first: Callable[[int, Any], None]) -> Callable[[int, Any], None]:
+        def onStop(signum: int, frame: Any) -> None:
+            if self.stopping:
+                self._reactor.callFromThread(
+                    log.info, "Received {signal} again: already shutting down", signal=signal.Signals(signum).name
+                )
+                return
+            self.stopping = True
+            first(signum, frame)
+
+        return onStop
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._trigger is not None:
+            try:
+                self._reactor.removeSystemEventTrigger(self._trigger)
+            except ValueError:
+                pass
+            self._trigger = None
+
+
 def _twistdLogFile() -> Any:
     """
     The log file twistd opened for C{--logfile}, if any. twistd keeps it only in
@@ -363,6 +413,7 @@ def supervisorService(settings: Settings, reactor: Any, configPath: str | None, 
     if settings.stubListen is not None:
         stubService(reactor, settings).setServiceParent(top)
     Supervisor(reactor, settings, configPath, listen, workers).setServiceParent(top)
+    StopSignalGuard(reactor).setServiceParent(top)
     _announceDemo(settings)
     return top
 
@@ -500,6 +551,7 @@ def buildService(
         reopenTwistdLog()
 
     SignalService(reactor, {signal.SIGHUP: reloader.reload, signal.SIGUSR1: reopenFiles}).setServiceParent(top)
+    StopSignalGuard(reactor).setServiceParent(top)
     if workerFd is not None:
         from lmgate.workers import SupervisorWatch
 

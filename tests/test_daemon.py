@@ -471,6 +471,23 @@ class ShutdownTests(DaemonTestCase):
         [record] = readRecords(self.statsPath)
         self.assertEqual(record["error"], "shutdown")
 
+    async def test_secondSigtermWhileDraining(self) -> None:
+        """A second SIGTERM (or SIGINT) while a stream drains is only logged: the
+        stream still finishes, no traceback, exit 0."""
+        daemon = await self.startDaemon()
+        _, chunks, done = await self.streamUntilFirstChunk(events=6, delayMs=100)
+        daemon.signal("TERM")
+        await pause(0.2)
+        daemon.signal("INT")
+        daemon.signal("TERM")
+        self.assertIsNone(await done)
+        self.assertTrue(b"".join(chunks).endswith(b"data: [DONE]\n\n"))
+        self.assertEqual(await daemon.watch.ended, 0)
+        self.assertEqual(daemon.watch.output.count(b"again: already shutting down"), 2)
+        self.assertNotIn(b"Traceback", daemon.watch.output)
+        [record] = readRecords(self.statsPath)
+        self.assertIsNone(record["error"])
+
     async def test_sighupReloadsConfiguration(self) -> None:
         """SIGHUP applies a new route; a broken file afterwards keeps the running configuration."""
         import treq
