@@ -298,45 +298,44 @@ class SignalService(Service):
 
 class StopSignalGuard(Service):
     """
-    Twisted stops the reactor on every SIGTERM and SIGINT; a second one while
-    draining (Ctrl-C in a terminal reaches the supervisor and its workers,
-    which the supervisor then signals too) raised C{ReactorNotRunning} with a
-    traceback. Once the reactor runs, its handlers are wrapped: the first
-    signal stops as before, any later one is only logged.
+    SIGTERM and SIGINT stop the reactor once. Twisted's own handlers call
+    C{reactor.stop} on every one, so a second signal while draining (Ctrl-C in
+    a terminal reaches the supervisor and its workers, and the supervisor then
+    signals the workers too; or a worker already stopping because its
+    supervisor died) raised C{ReactorNotRunning} with a traceback. Installed
+    once the reactor runs (Twisted installs its handlers while starting up),
+    these stop the reactor if it still runs and otherwise only log.
     """
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         self._trigger: Any = None
-        self._previous: dict[int, Any] = {}
-        self.stopping = False
 
     def startService(self) -> None:
         super().startService()
-        # Twisted installs its handlers while starting up: wrap them after.
-        self._trigger = self._reactor.addSystemEventTrigger("after", "startup", self._wrap)
+        self._trigger = self._reactor.addSystemEventTrigger("after", "startup", self._install)
 
-    def _wrap(self) -> None:
+    def _install(self) -> None:
         self._trigger = None
         for signum in (signal.SIGTERM, signal.SIGINT):
-            first = signal.getsignal(signum)
-            if callable(first):
-                self._previous[signum] = first
-                signal.signal(signum, self._onceFor(first))
+            signal.signal(signum, self._onSignal)
 
-    def _onceFor(self, first: Callable[[int, Any], None]) -> Callable[[int, Any], None]:
-        def onStop(signum: int, frame: Any) -> None:
-            if self.stopping:
-                self._reactor.callFromThread(
-                    log.info, "Received {signal} again: already shutting down", signal=signal.Signals(signum).name
-                )
-                return
-            self.stopping = True
-            first(signum, frame)
+    def _onSignal(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self._stop, signal.Signals(signum).name)
 
-        return onStop
+    def _stop(self, name: str) -> None:
+        from twisted.internet.error import ReactorNotRunning
+
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            log.info("Received {signal} again: already shutting down", signal=name)
+        else:
+            log.info("Received {signal}, shutting down.", signal=name)
 
     def stopService(self) -> None:
+        # The handlers stay until the reactor has stopped (Twisted then restores
+        # the ones it found): a signal during the drain must still only log.
         super().stopService()
         if self._trigger is not None:
             try:

@@ -26,6 +26,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet import abstract, fdesc, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -248,7 +249,10 @@ class SupervisorWatch(Service):
         self._reader = None
         if self.running:
             log.error("The supervisor is gone (its pipe closed): this worker stops")
-            self._reactor.stop()
+            try:
+                self._reactor.stop()
+            except ReactorNotRunning:
+                pass  # already stopping
 
     def stopService(self) -> None:
         super().stopService()
