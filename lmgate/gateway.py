@@ -256,6 +256,19 @@ class GatewayResource(Resource):
         return b"ok"
 
 
+#: Printable ASCII but for the double quote and the backslash: what twisted.web's
+#: C{_escape} (a C{repr}, requoted) returns unchanged.
+_UNESCAPED = re.compile(rb"[ !#-\[\]-~]*")
+
+
+def _logEscape(value: bytes | str) -> str:
+    """twisted.web's access-log escaping, without its C{repr} for the usual plain values."""
+    raw = value if isinstance(value, bytes) else value.encode("ascii")
+    if _UNESCAPED.fullmatch(raw):
+        return raw.decode("ascii")
+    return str(_escape(raw))
+
+
 def redactingLogFormatter(timestamp: str | None, request: Request) -> str:
     """
     The combined log format, with any C{key=} query value masked: Gemini clients
@@ -269,14 +282,14 @@ def redactingLogFormatter(timestamp: str | None, request: Request) -> str:
         uri = path + b"?" + redactQuery(query)
     client = request.getClientAddress()
     ip = getattr(client, "host", None) or "-"
-    referrer = _escape(request.getHeader(b"referer") or b"-")
-    agent = _escape(request.getHeader(b"user-agent") or b"-")
+    referrer = _logEscape(request.getHeader(b"referer") or b"-")
+    agent = _logEscape(request.getHeader(b"user-agent") or b"-")
     return '"%s" - - %s "%s %s %s" %d %s "%s" "%s"' % (
-        _escape(ip),
+        _logEscape(ip),
         timestamp,
-        _escape(request.method),
-        _escape(uri),
-        _escape(request.clientproto),
+        _logEscape(request.method),
+        _logEscape(uri),
+        _logEscape(request.clientproto),
         request.code,
         request.sentLength or "-",
         referrer,

@@ -124,7 +124,7 @@ class Tee(Protocol):
             self._request.unregisterProducer()
         if self._idleFired:
             self.done.errback(Failure(UpstreamIdle()))
-        elif reason.check(ResponseDone, PotentialDataLoss):
+        elif isinstance(reason.value, (ResponseDone, PotentialDataLoss)):  # Failure.check walks the MRO by name
             self.done.callback(None)
         else:
             self.done.errback(reason)  # not callback(reason): a Failure there goes down the errbacks

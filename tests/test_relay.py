@@ -655,6 +655,20 @@ class _Lines:
 
 
 class AccessLogTests(TestCase):
+    def test_escapeAsTwisted(self) -> None:
+        """The access line's escaping is twisted.web's, byte for byte, for every byte
+        value alone and for mixed values (its plain-value shortcut changes nothing)."""
+        from twisted.web.http import _escape
+
+        from lmgate.gateway import _logEscape
+
+        values: list[bytes | str] = [bytes([b]) for b in range(256)]
+        values += [b"", b"GET", b"/v1/models?x=1&key=sk-...&y=%20", b"it's", b'say "hi"', b"it's \"both\"",
+                   b"back\\slash", b"tab\there", b"caf\xc3\xa9", b"line\nbreak", b"\x7f", "127.0.0.1", "::1",
+                   b"openai-python/1.99 (x86_64; Linux) 'q' \"dq\""]
+        for value in values:
+            self.assertEqual(_logEscape(value), _escape(value), repr(value))
+
     async def test_oneCombinedLinePerRequestWithoutKeys(self) -> None:
         """Every request, refused ones included, queues one combined-format line;
         no key is in it: headers are not logged and a C{key=} query value is masked."""
