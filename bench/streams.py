@@ -3,7 +3,7 @@ Concurrent SSE streams against one URL, for bench/run: time to first byte, each
 event's relay delay, or simply many streams held open (memory per stream).
 
     python bench/streams.py URL N [--repeat R] [--events E] [--interval-ms I]
-                            [--phase random] [--key KEY] [--ready-file PATH]
+                            [--phase random] [--key KEY] [--ready-file PATH] [--dump PATH]
 
 N streams are connected first, then all N requests are written at once (so
 connection set-up is not part of the figures). For each stream:
@@ -33,6 +33,7 @@ import re
 import time
 from urllib.parse import urlsplit
 
+DUMP: list[tuple[int, int]] = []  # (send stamp, arrival) of every event, for --dump
 STAMP = re.compile(rb'"t": ?(\d+)')
 BODY = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Count to twenty."}]}'
 
@@ -96,6 +97,8 @@ class Stream:
                         firstByte.set()
                 for match in STAMP.finditer(chunk):
                     self.delays.append((now - int(match.group(1))) / 1e6)
+                    if self.args.dump:
+                        DUMP.append((int(match.group(1)), now))
                 tail = (tail + chunk)[-64:]
                 if tail.endswith(b"\r\n0\r\n\r\n"):  # the chunked terminator: the stream is complete
                     break
@@ -135,6 +138,7 @@ async def main() -> None:
     parser.add_argument("--phase", choices=["lockstep", "random"], default="lockstep")
     parser.add_argument("--key", default="bench-key")
     parser.add_argument("--ready-file", default=None)
+    parser.add_argument("--dump", default=None, help="write each event's send stamp and arrival (ns) to this file")
     args = parser.parse_args()
     done: list[Stream] = []
     for _ in range(max(1, min(args.repeat, 1000))):
@@ -147,6 +151,9 @@ async def main() -> None:
         "event_delay_ms_p50": percentile(delays, 50), "event_delay_ms_p99": percentile(delays, 99),
         "event_delay_ms_max": max(delays) if delays else None,
     }))
+    if args.dump:
+        with open(args.dump, "w") as f:
+            f.writelines(f"{sent} {arrived}\n" for sent, arrived in DUMP)
 
 
 if __name__ == "__main__":
