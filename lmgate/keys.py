@@ -5,7 +5,7 @@ C{lmgate keys}: manage the allow-list file.
   lmgate keys add --id ID --owner OWNER [--plain] [--key KEY] [--file PATH]
   lmgate keys list [--file PATH]
   lmgate keys remove --id ID [--file PATH]
-  lmgate keys check FILE
+  lmgate keys check [FILE | --file PATH]
 
 Every change is written atomically (a temporary file in the same directory,
 fsynced, then renamed over the old one), so a running daemon reads either the
@@ -179,14 +179,21 @@ def _parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list ids, owners, dates and masked keys")
     listing.add_argument("--file", default=DEFAULT_FILE)
     check = commands.add_parser("check", help="validate a file, naming every bad line")
-    check.add_argument("file")
+    # the file as a positional (as it always was) or as --file like the other subcommands
+    check.add_argument("path", nargs="?", metavar="FILE", help=f"the allow-list (default {DEFAULT_FILE})")
+    check.add_argument("--file", dest="fileOption", metavar="PATH", help="the same, as for the other subcommands")
     return parser
 
 
 def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Run C{lmgate keys ...}; returns the exit code."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        if args.path is not None and args.fileOption is not None and args.path != args.fileOption:
+            parser.error(f"keys check: two files given ({args.path} and --file {args.fileOption}); give one")
+        args.file = args.path or args.fileOption or DEFAULT_FILE
     try:
         if args.command == "hash":
             stdout.write(hashKey(_readKey(stdin)) + "\n")

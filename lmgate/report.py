@@ -65,6 +65,130 @@ def statsFiles(paths: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+#: The largest count a record may carry: beyond it a number is not a real count (and
+#: 2**53 is where JSON readers that use doubles stop being exact).
+MAX_COUNT = 2**53
+#: The largest magnitude of a cost or a latency; anything past it is not a call's.
+MAX_NUMBER = 1e12
+
+_TEXT = ("request_id", "lmgate_id", "owner", "key", "provider", "method", "endpoint", "model", "usage_source",
+         "upstream_request_id", "client", "error")
+_COUNTS = ("input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens", "total_tokens",
+           "request_bytes", "response_bytes")
+_NUMBERS = ("latency_ms", "ttfb_ms", "cost_usd")
+
+
+def _shown(value: Any) -> str:
+    """A value for a problem line: its JSON-ish repr, control characters escaped, cut short."""
+    text = printable(repr(value)) if not isinstance(value, int) or abs(value) < 10**40 else f"an integer of {len(str(abs(value)))} digits"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def recordProblem(record: Any) -> str | None:
+    """
+    Why a parsed JSON line cannot be summed as a usage record, or None when it can.
+
+    A record is an object with a C{timestamp} (string) and a C{status} (an HTTP status
+    code); every other documented field it carries is null or of its documented type
+    (docs/records.md): counts are integers from 0 to 2**53, costs and latencies finite
+    numbers (costs not negative). Fields the report does not know are ignored, so
+    records can grow new fields.
+    """
+    if not isinstance(record, dict):
+        return f"not a JSON object ({type(record).__name__})"
+    stamp = record.get("timestamp")
+    if not isinstance(stamp, str):
+        return "timestamp: missing" if stamp is None else f"timestamp: not a string ({_shown(stamp)})"
+    status = record.get("status")
+    if status is None:
+        return "status: missing"
+    if type(status) is not int or not 100 <= status <= 999:
+        return f"status: not an HTTP status ({_shown(status)})"
+    for name in _TEXT:
+        value = record.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"{name}: not a string ({_shown(value)})"
+    streaming = record.get("streaming")
+    if streaming is not None and not isinstance(streaming, bool):
+        return f"streaming: not true or false ({_shown(streaming)})"
+    for name in _COUNTS:
+        value = record.get(name)
+        if value is not None and (type(value) is not int or not 0 <= value <= MAX_COUNT):
+            return f"{name}: not a count ({_shown(value)})"
+    for name in _NUMBERS:
+        value = record.get(name)
+        if value is None:
+            continue
+        if type(value) not in (int, float) or not math.isfinite(value) or abs(value) > MAX_NUMBER:
+            return f"{name}: not a finite number ({_shown(value)})"
+        if name == "cost_usd" and value < 0:
+            return f"cost_usd: negative ({_shown(value)})"
+    return None
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def printable(text: str) -> str:
+    """
+    C{text} with control characters (C0, C1, line separators and the invisible
+    direction marks) written as C{\\xNN} / C{\\uNNNN}: a value from a record cannot
+    move the cursor, recolour the terminal, break a table row or reorder what it shows.
+    """
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
+
+
+def formatMoney(value: float) -> str:
+    """
+    US dollars with the digits that matter: cents from a dollar up (C{12.35},
+    C{1,234.50}), three significant digits below (C{0.0123}, C{0.000277}); never
+    C{0.00} for a cost that is not zero.
+    """
+    if value == 0:
+        return "0.00"
+    if abs(value) >= 1:
+        return f"{value:,.2f}"
+    if abs(value) < 1e-9:
+        return f"{value:.2e}"
+    decimals = 2 - math.floor(math.log10(abs(value)))
+    text = f"{value:.{decimals}f}".rstrip("0")
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction:0<2}"
+
+
+def formatMs(value: float) -> str:
+    """A latency in milliseconds: one decimal under a second (C{12.6}), whole milliseconds above (C{1,235})."""
+    return f"{value:,.1f}" if abs(round(value, 1)) < 1000 else f"{value:,.0f}"
+
+
+class ExactSum:
+    """
+    A running sum of floats without rounding drift (Shewchuk's partials, as
+    C{math.fsum} does): a million costs of 0.1 sum to 100000.0, not 100000.00000133288.
+    Memory stays a handful of floats.
+    """
+
+    def __init__(self) -> None:
+        self._partials: list[float] = []
+
+    def add(self, x: float) -> None:
+        kept = 0
+        for y in self._partials:
+            if abs(x) < abs(y):
+                x, y = y, x
+            high = x + y
+            low = y - (high - x)
+            if low:
+                self._partials[kept] = low
+                kept += 1
+            x = high
+        self._partials[kept:] = [x]
+
+    @property
+    def value(self) -> float:
+        return math.fsum(self._partials)
+
+
 class Latency:
     """Latency percentiles from log-spaced buckets (1 % apart): bounded memory, exact count."""
 
@@ -96,7 +220,7 @@ class Totals:
     input: int = 0
     output: int = 0
     cached: int = 0
-    cost: float = 0.0
+    costSum: ExactSum = field(default_factory=ExactSum)
     costKnown: int = 0
     latency: Latency = field(default_factory=Latency)
 
@@ -107,16 +231,22 @@ class Totals:
         self.output += r.get("output_tokens") or 0
         self.cached += r.get("cached_tokens") or 0
         if cost is not None:
-            self.cost += cost
+            self.costSum.add(cost)
             self.costKnown += 1
         latency = r.get("latency_ms")
         if isinstance(latency, (int, float)):
             self.latency.add(float(latency))
 
+    @property
+    def cost(self) -> float:
+        """The sum of the known costs, in US dollars."""
+        return self.costSum.value
+
     def row(self) -> dict[str, Any]:
+        """The figures for output; the cost at full precision (CSV and JSON are read by programs)."""
         p50, p95 = self.latency.percentile(50), self.latency.percentile(95)
         return {"calls": self.calls, "errors": self.errors, "input_tokens": self.input, "output_tokens": self.output,
-                "cached_tokens": self.cached, "cost_usd": round(self.cost, 6),
+                "cached_tokens": self.cached, "cost_usd": self.cost,
                 "p50_ms": None if p50 is None else round(p50, 1), "p95_ms": None if p95 is None else round(p95, 1)}
 
 
@@ -154,6 +284,11 @@ class Filter:
 
 
 def readRecords(files: Sequence[str], progress: IO[str] | None, problems: list[str]) -> Iterator[dict[str, Any]]:
+    """
+    The usable records of C{files}, in order. A line that is not JSON, or whose
+    record has the wrong shape (L{recordProblem}), is skipped and named in
+    C{problems} with its file and line number.
+    """
     total = sum(os.path.getsize(f) for f in files) or 1
     done = 0
     shown = -1
@@ -163,10 +298,12 @@ def readRecords(files: Sequence[str], progress: IO[str] | None, problems: list[s
             for number, line in enumerate(raw, 1):
                 try:
                     record = json.loads(line)
-                    if not isinstance(record, dict):
-                        raise ValueError("not an object")
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: nesting too deep to parse
                     problems.append(f"{path}: line {number}: not a JSON record")
+                    continue
+                problem = recordProblem(record)
+                if problem is not None:
+                    problems.append(f"{path}: line {number}: {problem}")
                     continue
                 yield record
             done += os.path.getsize(path)
@@ -186,8 +323,8 @@ class Report:
     by: tuple[str, ...]
     groups: dict[tuple[str, ...], Totals] = field(default_factory=dict)
     total: Totals = field(default_factory=Totals)
-    # for the page's charts: (day, owner) and day
-    daily: dict[tuple[str, str], Totals] = field(default_factory=dict)
+    # for the page's charts: (day, owner; None for calls refused before a key was known) and day
+    daily: dict[tuple[str, str | None], Totals] = field(default_factory=dict)
     days: dict[str, Totals] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -197,7 +334,7 @@ class Report:
         self.total.add(r, cost)
         if charts:
             day = keyOf(r, "day")
-            self.daily.setdefault((day, keyOf(r, "owner")), Totals()).add(r, cost)
+            self.daily.setdefault((day, r.get("owner")), Totals()).add(r, cost)
             self.days.setdefault(day, Totals()).add(r, cost)
 
     def rows(self) -> list[dict[str, Any]]:
@@ -233,21 +370,40 @@ def build(args: argparse.Namespace, progress: IO[str] | None = None) -> Report:
 COLUMNS = ("calls", "errors", "input_tokens", "output_tokens", "cached_tokens", "cost_usd", "p50_ms", "p95_ms")
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, column: str = "") -> str:
+    """One value as the table and the page show it: money and latency by their own rules, text printable."""
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:,.4f}" if value < 100 else f"{value:,.2f}"
+    if column == "cost_usd":
+        return formatMoney(value)
+    if column in ("p50_ms", "p95_ms"):
+        return formatMs(value)
     if isinstance(value, int):
         return f"{value:,}"
-    return str(value)
+    if isinstance(value, float):
+        return f"{value:,.6g}"
+    return printable(str(value))
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def csvSafe(value: Any) -> Any:
+    """
+    A CSV cell that a spreadsheet will not run: text starting with C{= + - @}, a
+    tab or a line break gets a leading C{'} (a group named C{=HYPERLINK(...)} stays
+    text). Numbers, and the lone C{-} that stands for a missing value, stay as they are.
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA) and value != "-":
+        return "'" + value
+    return value
 
 
 def renderTable(report: Report) -> str:
     header = list(report.by) + list(COLUMNS)
-    rows = [[_cell(r.get(c)) for c in header] for r in report.rows()]
+    rows = [[_cell(r.get(c), c) for c in header] for r in report.rows()]
     total = report.total.row()
-    rows.append(["TOTAL"] + [""] * (len(report.by) - 1) + [_cell(total[c]) for c in COLUMNS])
+    rows.append(["TOTAL"] + [""] * (len(report.by) - 1) + [_cell(total[c], c) for c in COLUMNS])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.upper().ljust(w) if i < len(report.by) else h.upper().rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
     lines.append("  ".join("-" * w for w in widths))
@@ -257,11 +413,16 @@ def renderTable(report: Report) -> str:
 
 
 def renderCSV(report: Report) -> str:
+    """
+    The rows as CSV: RFC 4180 line endings (CRLF), so that a value holding a bare
+    carriage return is quoted rather than splitting its row; text cells made safe by
+    L{csvSafe}.
+    """
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(report.by) + list(COLUMNS), lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=list(report.by) + list(COLUMNS), lineterminator="\r\n")
     writer.writeheader()
     for row in report.rows():
-        writer.writerow(row)
+        writer.writerow({name: csvSafe(value) for name, value in row.items()})
     return out.getvalue()
 
 

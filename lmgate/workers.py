@@ -74,6 +74,22 @@ def listeningSocket(reactor: Any, settings: Settings) -> socket.socket:
     return sock
 
 
+def describeEnding(reason: Failure) -> str:
+    """
+    How a child process ended, for the log: C{"exit 0"}, C{"exit 3"}, or C{"killed by
+    signal 9 (SIGKILL)"}. A process killed by a signal has no exit code, so the exit
+    code alone would read C{exit None}.
+    """
+    code = getattr(reason.value, "exitCode", None)
+    number = getattr(reason.value, "signal", None)
+    if code is not None or number is None:
+        return f"exit {code}" if code is not None else f"ended: {reason.getErrorMessage()}"
+    try:
+        return f"killed by signal {number} ({signal.Signals(number).name})"
+    except ValueError:
+        return f"killed by signal {number}"
+
+
 class _Worker(ProcessProtocol):
     def __init__(self, supervisor: "Supervisor", index: int) -> None:
         self.supervisor, self.index = supervisor, index
@@ -88,9 +104,8 @@ class _Worker(ProcessProtocol):
                 log.info("[w{index}] {line}", index=self.index, line=line.decode("utf-8", "replace"))
 
     def processEnded(self, reason: Failure) -> None:
-        code = getattr(reason.value, "exitCode", None)
+        self.supervisor.workerEnded(self, describeEnding(reason))
         self.ended.callback(None)
-        self.supervisor.workerEnded(self, code)
 
 
 class Supervisor(Service):
@@ -141,11 +156,16 @@ class Supervisor(Service):
         )
         self._workers[index] = (transport, worker)
 
-    def workerEnded(self, worker: _Worker, code: int | None) -> None:
+    def workerEnded(self, worker: _Worker, ending: str) -> None:
+        """
+        A worker process ended: unless stopping, log how and start it again.
+
+        @param ending: how it ended, from L{describeEnding} ("exit 1", "killed by signal 9 (SIGKILL)").
+        """
         self._workers.pop(worker.index, None)
         if self._stopping:
             return
-        log.error("Worker {index} ended (exit {code}); starting it again", index=worker.index, code=code)
+        log.error("Worker {index} ended ({ending}); starting it again", index=worker.index, ending=ending)
         self._reactor.callLater(RESTART_DELAY, self._respawn, worker.index)
 
     def _respawn(self, index: int) -> None:

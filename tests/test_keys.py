@@ -94,3 +94,14 @@ class KeysTests(SynchronousTestCase):
         self.path.setContent(b"id,api_key,owner,added\nc,k3,t,1\n")
         code, out = self.run_("check", self.path.path)
         self.assertEqual(code, 0)
+
+    def test_checkTakesTheFileEitherWay(self) -> None:
+        """C{keys check} takes the file as a positional or as C{--file} like the other subcommands;
+        two different files are refused."""
+        self.path.setContent(b"id,api_key,owner,added\nc,k3,t,1\n")
+        expected = (0, f"{self.path.path}: 1 keys, no problems\n")
+        self.assertEqual(self.run_("check", self.path.path), expected)
+        self.assertEqual(self.run_("check", "--file", self.path.path), expected)
+        self.assertEqual(self.run_("check", self.path.path, "--file", self.path.path), expected)
+        with self.assertRaises(SystemExit):
+            self.run_("check", self.path.path, "--file", self.path.path + ".other")

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import gzip
 import io
+import csv
 import json
+import math
 import os
 import random
+import re
 import shutil
 import subprocess
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from lmgate.report import main, parseWhen
+from lmgate.report import formatMoney, formatMs, main, parseWhen
+from lmgate.report_html import COUNT, MONEY, MS, niceScale, tickLabels
 
 OWNERS = ("team-a", "team-b", "team-c")
 
@@ -144,3 +148,180 @@ class ReportTests(SynchronousTestCase):
         self.assertGreater(len(png), 30000)  # a blank page compresses to a few KB; drawn charts do not
 
 
+
+
+def record(**fields: Any) -> dict[str, Any]:
+    """A valid record for 2026-11-20 from team-a, with C{fields} changed."""
+    base = makeRecords(1)[0]
+    base.update({"timestamp": "2026-11-20T10:00:00.000Z", "owner": "team-a", "status": 200, "error": None,
+                 "input_tokens": 10, "output_tokens": 5, "cached_tokens": 0, "cost_usd": 0.000100, "latency_ms": 12.6})
+    base.update(fields)
+    return base
+
+
+def ticksOf(page: str) -> list[list[str]]:
+    """The value-axis labels of each chart on the page."""
+    return [re.findall(r'class="tick" text-anchor="end">([^<]*)<', svg) for svg in page.split("<svg")[1:]]
+
+
+class ReportShapeTests(SynchronousTestCase):
+    """Valid JSON of the wrong shape is skipped and counted; output is safe to open."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "stats.jsonl")
+
+    def write(self, lines: list[str]) -> None:
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+
+    def report(self, *args: str) -> tuple[str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            self.assertEqual(main([self.path, *args]), 0)
+        return out.getvalue(), err.getvalue()
+
+    def test_wrongShapesAreSkippedWithTheirLineNumbers(self) -> None:
+        """Records of the wrong shape (a string count, NaN, a 400-digit integer, a list, missing fields,
+        a wrong type in each field) are skipped, named with their line number on stderr and counted;
+        every output format still renders the good records."""
+        good = json.dumps(record())
+        bad = [
+            '{"timestamp": "2026-11-20T10:00:00.000Z", "status": 200, "input_tokens": "10"}',
+            json.dumps(record(latency_ms=math.nan)),  # json.dumps writes NaN, as the issue saw
+            json.dumps(record(cost_usd=math.inf)),
+            json.dumps(record(output_tokens=10**400)),
+            json.dumps(record(cached_tokens=-1)),
+            json.dumps(record(input_tokens=True)),
+            json.dumps(record(cost_usd=-0.5)),
+            json.dumps([record()]),
+            "null",
+            '"text"',
+            "{}",
+            json.dumps({k: v for k, v in record().items() if k != "status"}),
+            json.dumps({k: v for k, v in record().items() if k != "timestamp"}),
+            "[" * 100000,  # nesting too deep to parse
+        ]
+        wrongTypes = {"timestamp": 20261120, "status": "200", "owner": ["team-a"], "lmgate_id": 3, "provider": {"x": 1},
+                      "model": 4.5, "error": False, "streaming": "yes", "latency_ms": "12", "ttfb_ms": [1],
+                      "cost_usd": "0.1", "request_bytes": 1.5, "total_tokens": "15", "key": 1, "endpoint": None}
+        for name, value in wrongTypes.items():
+            if value is not None:
+                bad.append(json.dumps(record(**{name: value})))
+        self.write([good] + bad + [good])
+        for fmt in ("json", "csv", "table"):
+            out, err = self.report("--format", fmt, "--html", os.path.join(self.dir, "page.html"))
+            if fmt == "json":
+                data = json.loads(out)
+                self.assertEqual((data["total"]["calls"], data["total"]["input_tokens"]), (2, 20))
+                self.assertEqual(data["unreadable_lines"], len(bad))
+        problems = [line for line in err.splitlines() if ": line " in line]
+        self.assertEqual(len(problems), 10)  # the first ten are shown, the rest counted
+        self.assertIn(f"lmgate report: {self.path}: line 2: input_tokens: not a count ('10')", problems)
+        self.assertIn(f"lmgate report: {self.path}: line 3: latency_ms: not a finite number (nan)", problems)
+        self.assertIn(f"lmgate report: {self.path}: line 5: output_tokens: not a count (an integer of 401 digits)", problems)
+        self.assertIn(f"lmgate report: {self.path}: line 9: not a JSON object (list)", problems)
+        self.assertIn(f"{len(bad) - 10} more unreadable lines", err)
+
+    def test_csvCellsCannotBeFormulas(self) -> None:
+        """CSV text cells starting with = + - @, a tab or a line break are prefixed with ', so a
+        spreadsheet shows them instead of running them; the - of a missing value stays."""
+        owners = ["=HYPERLINK(\"x\")", "+1", "-2+3", "@SUM(A1)", "\tx", "\rx", "plain", None]
+        self.write([json.dumps(record(owner=owner)) for owner in owners])
+        out, _ = self.report("--format", "csv")
+        cells = sorted(row[0] for row in csv.reader(io.StringIO(out, newline="")))
+        self.assertEqual(cells, sorted(["owner", "'=HYPERLINK(\"x\")", "'+1", "'-2+3", "'@SUM(A1)", "'\tx", "'\rx", "plain", "-"]))
+
+    def test_controlCharactersAreEscapedInTheTable(self) -> None:
+        """Control characters in a record's values are written out in the table (an escape sequence
+        cannot recolour the terminal, a newline cannot break a row, a direction mark cannot reorder it)."""
+        self.write([json.dumps(record(owner="a\x1b[2J\nb\u202ec\x9b"))])
+        out, _ = self.report()
+        self.assertEqual(len(out.splitlines()), 4)  # header, rule, the row, the total
+        self.assertIn("a\\x1b[2J\\x0ab\\u202ec\\x9b", out)
+        self.assertNotRegex(out, "[\x00-\x09\x0b-\x1f\x7f-\x9f\u202e]")
+
+    def test_htmlIsEscaped(self) -> None:
+        """Values from records are escaped in the page: markup shows as text, control characters are written out."""
+        self.write([json.dumps(record(owner="<script>alert(1)</script>\x1b", model="<img src=x onerror=alert(1)>"))])
+        page = os.path.join(self.dir, "page.html")
+        self.report("--html", page, "--by", "owner,model")
+        with open(page, encoding="utf-8") as f:
+            text = f.read()
+        self.assertNotIn("<script", text)
+        self.assertNotIn("<img", text)
+        self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;\\x1b", text)
+        self.assertNotIn("\x1b", text)
+
+    def test_smallCostsKeepTheirDigits(self) -> None:
+        """A total of $0.000277 shows as 0.000277 in the table, the page's card and its tooltips, never 0.00;
+        CSV and JSON carry the sum at full precision (not rounded to 6 decimals)."""
+        self.write([json.dumps(record(cost_usd=0.0001)), json.dumps(record(cost_usd=0.000177)),
+                    json.dumps(record(owner="team-b", cost_usd=1.23456789e-7))])
+        exact = math.fsum([0.0001, 0.000177, 1.23456789e-7])
+        table, _ = self.report()
+        self.assertIn(" 0.000277 ", table)
+        self.assertIn(" 0.000000123 ", table)
+        self.assertIn(" 0.000277 ", table.splitlines()[-1] + " ")
+        data = json.loads(self.report("--format", "json")[0])
+        self.assertEqual(data["total"]["cost_usd"], exact)
+        self.assertEqual([g["cost_usd"] for g in data["groups"]], [math.fsum([0.0001, 0.000177]), 1.23456789e-7])
+        rows = list(csv.DictReader(io.StringIO(self.report("--format", "csv")[0])))
+        self.assertEqual([float(r["cost_usd"]) for r in rows], [math.fsum([0.0001, 0.000177]), 1.23456789e-7])
+        page = os.path.join(self.dir, "page.html")
+        self.report("--html", page)
+        with open(page, encoding="utf-8") as f:
+            text = f.read()
+        self.assertIn("<b>0.000277</b><span>cost (USD)</span>", text)
+        self.assertIn("team-a 2026-11-20: 0.000277</title>", text)
+
+    def test_latencyWithSensiblePrecision(self) -> None:
+        """Latencies show one decimal (12.6), not four (12.6000)."""
+        self.write([json.dumps(record(latency_ms=12.6))])
+        table, _ = self.report()
+        total = table.splitlines()[-1].split()
+        self.assertEqual(total[-2:], ["12.6", "12.6"])
+
+    def test_moneyAndLatencyFormats(self) -> None:
+        """Money: cents from a dollar up, three significant digits below, never 0.00 unless zero."""
+        cases = {0: "0.00", 0.000277: "0.000277", 0.0123: "0.0123", 0.5: "0.50", 12.345: "12.35",
+                 1234.5: "1,234.50", 0.0009999: "0.001", 1e-12: "1.00e-12", 0.1 + 0.2: "0.30"}
+        self.assertEqual({v: formatMoney(v) for v in cases}, cases)
+        self.assertEqual([formatMs(v) for v in (12.6, 0.4, 999.94, 999.96, 1234.4)], ["12.6", "0.4", "999.9", "1,000", "1,234"])
+
+    def test_chartTicksNeverRepeatAndCountsAreWhole(self) -> None:
+        """For any maximum, a chart's ticks are distinct, cover the maximum, and are whole for counts."""
+        rng = random.Random(11)
+        maxima = [0, 1, 2, 3, 4.25, 7, 10, 0.000277, 0.0001, 0.0003, 1e-9, 999, 1000, 9999, 123456, 3e9]
+        maxima += [10 ** rng.uniform(-8, 10) for _ in range(2000)]
+        for kind in (COUNT, MONEY, MS):
+            for maximum in maxima:
+                top, ticks, step = niceScale(maximum, kind)
+                labels = tickLabels(ticks, step)
+                self.assertEqual(len(set(labels)), len(labels), (kind, maximum, labels))
+                self.assertGreaterEqual(top * (1 + 1e-9), maximum)
+                self.assertLessEqual(len(ticks), 6)
+                if kind == COUNT:
+                    self.assertTrue(all(t == int(t) for t in ticks), (maximum, ticks))
+        self.assertEqual(tickLabels(*niceScale(0.000277, MONEY)[1:]), ["0", "0.0001", "0.0002", "0.0003"])
+        self.assertEqual(tickLabels(*niceScale(3, COUNT)[1:]), ["0", "1", "2", "3"])
+
+    def test_pageTicksAndRefusedCalls(self) -> None:
+        """On the page, no chart repeats a tick or shows a fractional call count, and calls refused
+        before a key was known are "refused" in the legends, not a bare "-"."""
+        self.write([json.dumps(record(cost_usd=0.0001)), json.dumps(record(cost_usd=0.000177, status=429)),
+                    json.dumps(record(owner=None, lmgate_id=None, status=403, error="forbidden", cost_usd=None,
+                                      input_tokens=None, output_tokens=None)),
+                    json.dumps(record(timestamp="2026-11-21T10:00:00.000Z", error="upstream_reset"))])
+        page = os.path.join(self.dir, "page.html")
+        self.report("--html", page)
+        with open(page, encoding="utf-8") as f:
+            text = f.read()
+        tokens, cost, calls, latency = ticksOf(text)
+        for ticks in (tokens, cost, calls, latency):
+            self.assertEqual(len(set(ticks)), len(ticks), ticks)
+        self.assertEqual(calls, ["0", "1", "2", "3"])
+        self.assertEqual(cost, ["0", "0.0001", "0.0002", "0.0003"])
+        self.assertIn('<i style="background:#f28e2b"></i>refused</span>', text)
+        self.assertNotIn("</i>-</span>", text)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
 
 from twisted.internet import reactor
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from lmgate.workers import AdoptedListener, SupervisorWatch
+from lmgate.workers import AdoptedListener, Supervisor, SupervisorWatch, _Worker, describeEnding
 from tests.daemon import pause
 
 
@@ -103,3 +109,24 @@ class SupervisorWatchTests(TestCase):
         await pause(0.1)
         self.assertEqual(fake.stops, 0)
         self.assertNotIn(r, [reader.fileno() for reader in reactor.getReaders()])
+
+
+class WorkerEndingTests(TestCase):
+    async def test_killedWorkerNamesTheSignal(self) -> None:
+        """A worker killed by SIGKILL is logged as killed by that signal, not as C{exit None}."""
+        supervisor = Supervisor(Clock(), None, None, None, 1)  # a fake clock: the restart never runs
+        worker = _Worker(supervisor, 1)
+        with capturedLogs() as events:
+            reactor.spawnProcess(worker, sys.executable,
+                                 [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                                 env=dict(os.environ))
+            await worker.ended
+        messages = [e["log_format"].format(**e) for e in events if "ended" in e.get("log_format", "")]
+        self.assertEqual(messages, ["Worker 1 ended (killed by signal 9 (SIGKILL)); starting it again"])
+
+    def test_describeEnding(self) -> None:
+        """Exit codes read as C{exit N}; signals by number and name."""
+        self.assertEqual(describeEnding(Failure(ProcessDone(0))), "exit 0")
+        self.assertEqual(describeEnding(Failure(ProcessTerminated(exitCode=3))), "exit 3")
+        self.assertEqual(describeEnding(Failure(ProcessTerminated(signal=signal.SIGTERM))), "killed by signal 15 (SIGTERM)")
+        self.assertEqual(describeEnding(Failure(ProcessTerminated(signal=200))), "killed by signal 200")
