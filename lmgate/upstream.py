@@ -31,13 +31,30 @@ from lmgate.errors import ConfigError
 
 log = Logger()
 
-#: The most an upstream's response head (status line and headers) may hold.
+#: The most an upstream's response head may hold: every byte from the status line
+#: to the blank line that ends the head, line ends included. One line may use all of it.
 UPSTREAM_HEADER_BYTES = 256 * 1024
+#: The most header lines (the status line and the blank line not counted) in a response head.
 UPSTREAM_HEADER_LINES = 1000
 
 
-class UpstreamHeadersTooLarge(Exception):
+class UpstreamHeadInvalid(Exception):
+    """
+    An upstream's response head that LMGate will not relay: over
+    L{UPSTREAM_HEADER_BYTES} or L{UPSTREAM_HEADER_LINES}, control bytes,
+    a header name that is not a token, a folded line, an unreadable status line.
+    """
+
+
+class UpstreamHeadersTooLarge(UpstreamHeadInvalid):
     """An upstream's response head went past L{UPSTREAM_HEADER_BYTES} or L{UPSTREAM_HEADER_LINES}."""
+
+
+#: A status line: no control byte (a bare CR would split it into two lines
+#: downstream); HTAB is allowed in the reason phrase (RFC 9112 section 4).
+_STATUS_LINE = re.compile(rb"\AHTTP/[0-9]\.[0-9] [0-9]{3}(?: [\t\x20-\x7e\x80-\xff]*)?\Z")
+#: A header line: a token, a colon, a value of HTAB, SP, visible ASCII and obs-text (RFC 9110 section 5).
+_FIELD_LINE = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\Z")
 
 
 class _HeldPause:
@@ -73,21 +90,58 @@ class _HeldPause:
 
 class BoundedHTTPClientParser(_newclient.HTTPClientParser):
     """
-    Twisted's response parser, with a bound on the response head: a broken or
-    hostile upstream sending 200,000 headers makes the call fail (502) instead
-    of growing memory. (A single line is already bounded by C{MAX_LENGTH}.)
+    Twisted's response parser, strict about the response head, which LMGate
+    relays to its clients:
+
+      - the head is bounded (L{UPSTREAM_HEADER_BYTES}, L{UPSTREAM_HEADER_LINES}):
+        a broken or hostile upstream sending 200,000 headers makes the call fail
+        (502) instead of growing memory. One line may take all of the room;
+        Twisted's own line limit (C{MAX_LENGTH}, 16 KiB) is replaced by the room left;
+      - a status line or header line with a control byte (other than HTAB), a
+        header name that is not a token, or a folded line fails the call: Twisted
+        would pass a bare CR or a NUL on to the client;
+      - the upstream's C{Connection} header stays in the response's headers
+        (Twisted keeps it apart), so the relay can drop the headers it names.
+
+    Every such failure is an L{UpstreamHeadInvalid} (inside Twisted's
+    C{ResponseFailed}).
     """
 
+    MAX_LENGTH = UPSTREAM_HEADER_BYTES - 1  # the longest line, without its LF; lowered as lines arrive
     _headBytes = 0
     _headLines = 0
 
     def lineReceived(self, line: bytes) -> None:
-        if self.state in (_newclient.STATUS, _newclient.HEADER):
-            self._headBytes += len(line) + 2
+        if self.state not in (_newclient.STATUS, _newclient.HEADER):
+            super().lineReceived(line)
+            return
+        self._headBytes += len(line) + 1  # the LF that LineReceiver took off
+        self.MAX_LENGTH = UPSTREAM_HEADER_BYTES - self._headBytes - 1  # the next line gets what is left
+        content = line[:-1] if line[-1:] == b"\r" else line
+        if self.state == _newclient.STATUS:
+            if not _STATUS_LINE.match(content):
+                raise UpstreamHeadInvalid(f"invalid status line {content[:200]!r}")
+        elif content:
             self._headLines += 1
-            if self._headBytes > UPSTREAM_HEADER_BYTES or self._headLines > UPSTREAM_HEADER_LINES:
-                raise UpstreamHeadersTooLarge(f"{self._headLines} lines, {self._headBytes} bytes")
-        super().lineReceived(line)
+            if self._headLines > UPSTREAM_HEADER_LINES:
+                raise UpstreamHeadersTooLarge(f"more than {UPSTREAM_HEADER_LINES} header lines")
+            if not _FIELD_LINE.match(content):
+                raise UpstreamHeadInvalid(f"invalid header line {content[:200]!r}")
+        try:
+            super().lineReceived(line)
+        except UpstreamHeadInvalid:
+            raise
+        except Exception as e:  # Twisted's own checks (a bad version, conflicting lengths...): the same answer
+            raise UpstreamHeadInvalid(f"{type(e).__name__}: {e}") from e
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A line longer than the room left in the head (LineReceiver would only drop the connection)."""
+        raise UpstreamHeadersTooLarge(f"over {UPSTREAM_HEADER_BYTES} bytes")
+
+    def headerReceived(self, name: bytes, value: bytes) -> None:
+        super().headerReceived(name, value)
+        if name.lower() == b"connection":  # Twisted files it with the connection headers only
+            self.headers.addRawHeader(name, value)
 
     def allHeadersReceived(self) -> None:
         """
@@ -114,7 +168,22 @@ class BoundedHTTPClientParser(_newclient.HTTPClientParser):
 
 
 class _NoDelayProtocol(_newclient.HTTP11ClientProtocol):
-    """An upstream connection with Nagle off: a request's head and body leave at once."""
+    """
+    An upstream connection with Nagle off (a request's head and body leave at
+    once), whose responses are read by L{BoundedHTTPClientParser}.
+    """
+
+    def request(self, request: Any) -> Deferred[IResponse]:
+        # Private: HTTP11ClientProtocol.request builds its parser from the
+        # module's global name HTTPClientParser and offers no hook. The name is
+        # swapped only while this connection builds its parser, so no other
+        # HTTP client in the process is affected.
+        stock = _newclient.HTTPClientParser
+        _newclient.HTTPClientParser = BoundedHTTPClientParser  # type: ignore[misc]
+        try:
+            return super().request(request)
+        finally:
+            _newclient.HTTPClientParser = stock  # type: ignore[misc]
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -138,19 +207,12 @@ class _RelayConnectionFactory(_HTTP11ClientFactory):
 
 
 class RelayPool(HTTPConnectionPool):
-    """The relay's persistent pool: connections with Nagle off, opened quietly."""
+    """
+    The relay's persistent pool: connections with Nagle off, opened quietly,
+    reading responses with L{BoundedHTTPClientParser}.
+    """
 
     _factory = _RelayConnectionFactory
-
-
-def installBoundedParser() -> None:
-    """
-    Make every Agent response parser in this process a L{BoundedHTTPClientParser}.
-
-    C{HTTP11ClientProtocol} builds its parser from the module's global name and
-    offers no hook; the relay is the only HTTP client in the daemon.
-    """
-    _newclient.HTTPClientParser = BoundedHTTPClientParser  # type: ignore[misc]
 
 
 #: RFC 9110 token (a method) and a request target of visible ASCII only, as Agent checks them.
@@ -323,7 +385,6 @@ class Upstream(Service):
     @classmethod
     def fromSettings(cls, reactor: Any, settings: Settings) -> "Upstream":
         """The production relay: a persistent pool and a TLS-verifying Agent."""
-        installBoundedParser()
         pool = RelayPool(reactor, persistent=True)
         pool.maxPersistentPerHost = settings.poolMaxPerHost
         pool.cachedConnectionTimeout = settings.poolIdleTimeout  # type: ignore[assignment]
