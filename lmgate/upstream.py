@@ -10,15 +10,27 @@ given; redirects come back to the caller as they are.
 from __future__ import annotations
 
 import re
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IHostnameResolver,
+    IHostResolution,
+    IReactorPluggableNameResolver,
+    IResolutionReceiver,
+)
+from twisted.internet.threads import deferToThreadPool
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import _newclient
 from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.error import SchemeNotSupported
@@ -28,6 +40,7 @@ from zope.interface import implementer
 
 from lmgate.config import Settings
 from lmgate.errors import ConfigError
+from lmgate.ratelog import RateLimitedLog
 
 log = Logger()
 
@@ -233,6 +246,100 @@ class _Origin:
     hostHeader: bytes
 
 
+@implementer(IHostResolution)
+class _Resolution:
+    """One name being resolved (nothing to cancel: getaddrinfo cannot be stopped)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+@implementer(IHostnameResolver)
+class ReportingResolver:
+    """
+    Name resolution for the relay's endpoints in which every failure is an
+    answer: C{getaddrinfo} in the reactor's thread pool, as Twisted's own
+    resolver does it, but where Twisted's resolver turns only C{socket.gaierror}
+    into "no address" and lets any other exception escape (a host name the
+    C{idna} codec refuses, or cannot be loaded for, raises C{UnicodeError} or
+    C{LookupError}: "Unhandled error in Deferred", and the endpoint waits for
+    ever), here any failure ends the resolution with no address, so the
+    endpoint fails at once (C{DNSLookupError}) and the call is answered 502.
+
+    @param resolve: runs C{getaddrinfo(host, port, family, type)} and returns a
+        Deferred of its result (by default in the reactor's thread pool;
+        tests pass a synchronous one).
+    """
+
+    def __init__(self, reactor: Any, resolve: Callable[..., Deferred[Any]] | None = None) -> None:
+        if resolve is None:
+
+            def resolve(*args: Any) -> Deferred[Any]:
+                return deferToThreadPool(reactor, reactor.getThreadPool(), socket.getaddrinfo, *args)
+
+        self._resolve = resolve
+        self._log = RateLimitedLog(log, reactor)
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type[IAddress]] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        resolution = _Resolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        types = set(addressTypes or (IPv4Address, IPv6Address))
+        family = socket.AF_UNSPEC if len(types) != 1 else socket.AF_INET6 if IPv6Address in types else socket.AF_INET
+        kind = socket.SOCK_DGRAM if transportSemantics == "UDP" else socket.SOCK_STREAM
+        try:
+            pending = self._resolve(hostName, portNumber, family, kind)
+        except Exception:
+            pending = fail()
+
+        def deliver(results: Any) -> None:
+            try:
+                for af, _, _, _, address in results:
+                    if af == socket.AF_INET:
+                        resolutionReceiver.addressResolved(IPv4Address(transportSemantics, *address))  # type: ignore[arg-type]
+                    elif af == socket.AF_INET6:
+                        resolutionReceiver.addressResolved(IPv6Address(transportSemantics, *address))  # type: ignore[arg-type]
+            finally:
+                resolutionReceiver.resolutionComplete()
+
+        def failed(reason: Failure) -> None:
+            self._log.info("name resolution", "Resolving {host!r} failed: {why}", host=hostName, why=reason.getErrorMessage())
+            resolutionReceiver.resolutionComplete()
+
+        pending.addCallbacks(deliver, failed)
+        pending.addErrback(lambda reason: log.failure("Delivering the addresses of {host!r} failed", reason, host=hostName))
+        return resolution
+
+
+@implementer(IReactorPluggableNameResolver)
+class _ResolvingWith:
+    """
+    The reactor as the relay's endpoints see it: the same, but for its name
+    resolver. C{HostnameEndpoint} takes its resolver from the reactor it is
+    given and has no parameter for one.
+    """
+
+    def __init__(self, reactor: Any, resolver: IHostnameResolver) -> None:
+        self._reactor = reactor
+        self.nameResolver = resolver
+
+    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
+        previous, self.nameResolver = self.nameResolver, resolver
+        return previous
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
 @implementer(IAgent)
 class RelayAgent:
     """
@@ -246,14 +353,27 @@ class RelayAgent:
     C{HTTP11ClientProtocol.request} as Agent's.
 
     The headers given are sent as they are, with C{Host} added when missing
-    (the relay builds a fresh set per call).
+    (the relay builds a fresh set per call). Whatever goes wrong on the way to
+    the upstream (a bad URL, an endpoint, resolver or pool that raises) fails
+    the returned Deferred; nothing raises to the caller.
+
+    @param resolver: names to addresses for the endpoints (by default a
+        L{ReportingResolver}).
     """
 
     #: Origins remembered; only configured upstreams are ever asked for, so this is a backstop.
     maxOrigins = 1024
 
-    def __init__(self, reactor: Any, pool: HTTPConnectionPool, policy: Any, connectTimeout: float = 30.0) -> None:
-        self._reactor, self._pool, self._policy, self._connectTimeout = reactor, pool, policy, connectTimeout
+    def __init__(
+        self,
+        reactor: Any,
+        pool: HTTPConnectionPool,
+        policy: Any,
+        connectTimeout: float = 30.0,
+        resolver: IHostnameResolver | None = None,
+    ) -> None:
+        self._pool, self._policy, self._connectTimeout = pool, policy, connectTimeout
+        self._reactor = _ResolvingWith(reactor, resolver or ReportingResolver(reactor))
         self._origins: dict[bytes, _Origin] = {}
 
     def _origin(self, origin: bytes) -> _Origin:
@@ -281,9 +401,6 @@ class RelayAgent:
     def request(
         self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: IBodyProducer | None = None
     ) -> Deferred[IResponse]:
-        from twisted.internet.defer import fail
-        from twisted.web.client import URI
-
         slash = uri.find(b"/", uri.find(b"//") + 2)
         origin, target = (uri, b"/") if slash < 0 else (uri[:slash], uri[slash:])
         try:
@@ -292,8 +409,15 @@ class RelayAgent:
             if not _TARGET.match(target):
                 raise ValueError(f"invalid request target {target!r}")
             o = self._origins.get(origin) or self._origin(origin)
-        except Exception:
+            return self._send(o, method, target, headers, bodyProducer)
+        except Exception:  # a bad URL, or an endpoint, resolver or pool raising: the call still gets its answer
             return fail()
+
+    def _send(
+        self, o: _Origin, method: bytes, target: bytes, headers: Headers | None, bodyProducer: IBodyProducer | None
+    ) -> Deferred[IResponse]:
+        from twisted.web.client import URI
+
         if headers is None:
             headers = Headers()
         if not headers.hasHeader(b"host"):
@@ -397,9 +521,13 @@ class Upstream(Service):
     ) -> Deferred[IResponse]:
         """
         Relay one request; the Deferred fires with the response once its headers
-        have arrived.
+        have arrived, or fails with whatever went wrong (never raises: the
+        call's answer hangs on this Deferred).
         """
-        return self._agent.request(method, url, headers, body)
+        try:
+            return self._agent.request(method, url, headers, body)
+        except Exception:
+            return fail()
 
     def stopService(self) -> Deferred[None] | None:
         Service.stopService(self)

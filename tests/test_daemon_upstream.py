@@ -1,17 +1,19 @@
 """
-The running daemon (C{twistd -n lmgate}) against a raw socket upstream on
-loopback sending hostile response heads.
+The running daemon (C{twistd -n lmgate}) against upstreams that misbehave
+before or while answering: a resolver that cannot load its codec, and a raw
+socket upstream on loopback sending hostile response heads.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
 from lmgate.upstream import UPSTREAM_HEADER_BYTES
-from tests.daemon import inThread, readRecords
+from tests.daemon import PROJECT, Daemon, inThread, readRecords
 from tests.test_abuse import AUTH, exchange
 from tests.test_daemon import DaemonTestCase
 
@@ -78,3 +80,23 @@ class DaemonUpstreamTests(DaemonTestCase):
                 ("/openai/4", 502, "upstream_malformed"),
             ],
         )
+
+    async def test_resolverWithoutItsCodec(self) -> None:
+        """The resolver cannot load the idna codec (getaddrinfo raises LookupError): the call is
+        answered 502 at once (not 504 after C{timeouts.response}), one record, no unhandled error."""
+        site = os.path.abspath(self.mktemp())
+        os.makedirs(site)
+        with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+            f.write('import sys\nsys.modules["encodings.idna"] = None  # the codec cannot be loaded\n')
+        daemon = Daemon(self, self.config() + "timeouts: {response: 60}\n", self.directory)
+        daemon.env["PYTHONPATH"] = site + os.pathsep + PROJECT
+        daemon.start()
+        await daemon.waitUntilHealthy(self.port)
+        request = b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: g\r\n%sContent-Length: 2\r\nConnection: close\r\n\r\n{}" % AUTH
+        status, _, body = _split(await inThread(exchange, self.port, request, 0, 30))
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (502, "upstream_unreachable"))
+        self.assertEqual(await daemon.stop(), 0)
+        [record] = readRecords(self.statsPath)
+        self.assertEqual((record["status"], record["error"]), (502, "upstream_unreachable"))
+        self.assertNotIn(b"Unhandled error", daemon.watch.output)
+        self.assertIn(b"unknown encoding: idna", daemon.watch.output)

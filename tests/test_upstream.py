@@ -1,27 +1,41 @@
 """
-The relay hop's own parts: the strict, bounded response parser.
+The relay hop's own parts: the strict, bounded response parser; name
+resolution that always answers; and failures on the way to the upstream
+reaching the call (a prompt 502 and one record), never a hang.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import DNSLookupError
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from lmgate.upstream import (
     UPSTREAM_HEADER_BYTES,
     UPSTREAM_HEADER_LINES,
     BoundedHTTPClientParser,
+    RelayAgent,
+    RelayPool,
+    ReportingResolver,
+    Upstream,
     UpstreamHeadInvalid,
 )
-from tests.helpers import ALLOWED_KEY, startGateway
+from tests.helpers import ALLOWED_KEY, call, startGateway
+
+CHAT = "/openai/v1/chat/completions"
 
 #: Heads an upstream must not get past the gateway, and why.
 HOSTILE_HEADS = [
@@ -241,3 +255,137 @@ class HostileUpstreamTests(TestCase):
         self.assertEqual(code, 502)
         records = await gate.sink.waitFor(4)
         self.assertEqual([(r.status, r.error) for r in records], [(200, None), (502, "upstream_malformed"), (200, None), (502, "upstream_malformed")])
+
+
+class _Receiver:
+    """An IResolutionReceiver that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.began, self.completed = 0, 0
+        self.addresses: list[Any] = []
+
+    def resolutionBegan(self, resolution: IHostResolution) -> None:
+        self.began += 1
+
+    def addressResolved(self, address: Any) -> None:
+        self.addresses.append(address)
+
+    def resolutionComplete(self) -> None:
+        self.completed += 1
+
+
+class ReportingResolverTests(SynchronousTestCase):
+    """Every resolution ends: with the addresses, or with none when anything went wrong."""
+
+    def resolveWith(self, resolve: Any) -> _Receiver:
+        receiver = _Receiver()
+        ReportingResolver(reactor, resolve).resolveHostName(receiver, "api.example", 443)  # type: ignore[arg-type]
+        return receiver
+
+    def test_addresses(self) -> None:
+        """Both families are delivered, then the resolution completes once."""
+        answer = [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 443)),
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2001:db8::1", 443, 0, 0)),
+        ]
+        receiver = self.resolveWith(lambda *args: succeed(answer))
+        self.assertEqual(
+            receiver.addresses, [IPv4Address("TCP", "192.0.2.1", 443), IPv6Address("TCP", "2001:db8::1", 443, 0, 0)]
+        )
+        self.assertEqual((receiver.began, receiver.completed), (1, 1))
+
+    def test_failuresEndWithNoAddress(self) -> None:
+        """A codec that cannot be loaded, a name the codec refuses, getaddrinfo raising at once: no address, complete."""
+
+        def raiseNow(*args: Any) -> Deferred[Any]:
+            raise LookupError("unknown encoding: idna")
+
+        for resolve in (
+            lambda *args: fail(LookupError("unknown encoding: idna")),
+            lambda *args: fail(UnicodeError("encoding with 'idna' codec failed")),
+            lambda *args: fail(socket.gaierror(-2, "Name or service not known")),
+            raiseNow,
+        ):
+            receiver = self.resolveWith(resolve)
+            self.assertEqual((receiver.addresses, receiver.completed), ([], 1))
+
+    def test_aNameTheCodecRefuses(self) -> None:
+        """With the real getaddrinfo (in the thread pool, run here in line): a 64-character label
+        raises UnicodeError there, and the resolution still completes."""
+        receiver = _Receiver()
+        inLine = ReportingResolver(reactor, lambda *args: succeed(args).addCallback(lambda a: socket.getaddrinfo(*a)))
+        inLine.resolveHostName(receiver, "a" * 64 + ".invalid", 80)  # type: ignore[arg-type]
+        self.assertEqual((receiver.addresses, receiver.completed), ([], 1))
+
+
+@implementer(IHostnameResolver)
+class _RaisingResolver:
+    """A resolver that raises when asked, as one that cannot load its codec may."""
+
+    def resolveHostName(self, *args: Any, **kwargs: Any) -> IHostResolution:
+        raise LookupError("unknown encoding: idna")
+
+
+class _RaisingPool(RelayPool):
+    def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:
+        raise RuntimeError("the pool broke")
+
+
+class _RaisingAgent:
+    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        raise RuntimeError("the agent broke")
+
+
+class BeforeConnectingTests(TestCase):
+    """A failure before any connection attempt reaches the call: a prompt 502 and one record."""
+
+    async def assertPrompt502(self, gate: Any) -> None:
+        response, body, _ = await call(self, gate.url + CHAT)
+        self.assertEqual(response.code, 502)
+        self.assertEqual(json.loads(body)["error"]["code"], "upstream_unreachable")
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.status, record.error), (502, "upstream_unreachable"))
+
+    def relayWith(self, gate: Any, pool: Any = None, resolver: Any = None) -> None:
+        pool = pool or RelayPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        agent = RelayAgent(reactor, pool, BrowserLikePolicyForHTTPS(), connectTimeout=5, resolver=resolver)
+        gate.gateway.upstream = Upstream(agent, pool)
+
+    async def test_codecCannotBeLoaded(self) -> None:
+        """getaddrinfo raising something other than socket.gaierror (the idna codec could not be
+        loaded): 502 at once, not a 504 after C{timeouts.response}."""
+
+        def noCodec(*args: Any, **kwargs: Any) -> Any:
+            raise LookupError("unknown encoding: idna")
+
+        self.patch(socket, "getaddrinfo", noCodec)
+        gate = startGateway(self, upstreamURL="http://localhost:1", responseTimeout=20)
+        await self.assertPrompt502(gate)
+
+    async def test_resolverRaises(self) -> None:
+        """A resolver that raises when asked: 502."""
+        gate = startGateway(self, upstreamURL="http://upstream.invalid:1")
+        self.relayWith(gate, resolver=_RaisingResolver())
+        await self.assertPrompt502(gate)
+
+    async def test_poolRaises(self) -> None:
+        """A pool that raises instead of failing its Deferred: 502."""
+        gate = startGateway(self)
+        self.relayWith(gate, pool=_RaisingPool(reactor, persistent=True))
+        await self.assertPrompt502(gate)
+
+    async def test_agentRaises(self) -> None:
+        """Any agent that raises: 502."""
+        gate = startGateway(self)
+        gate.gateway.upstream = Upstream(_RaisingAgent())  # type: ignore[arg-type]
+        await self.assertPrompt502(gate)
+
+    async def test_resolverFailureIsDNSLookupError(self) -> None:
+        """The agent's Deferred fails with DNSLookupError when resolution failed in any way."""
+        pool = RelayPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        resolver = ReportingResolver(reactor, lambda *args: fail(LookupError("unknown encoding: idna")))
+        agent = RelayAgent(reactor, pool, BrowserLikePolicyForHTTPS(), resolver=resolver)
+        with self.assertRaises(DNSLookupError):
+            await agent.request(b"GET", b"http://upstream.invalid:1/x")
