@@ -27,6 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from lmgate.headers import copyEndToEndHeaders
 from lmgate.record import KeyEntry, Usage, UsageRecord
 from lmgate.tee import Tee, UpstreamIdle
+from lmgate.upstream import UpstreamHeadInvalid
 
 if TYPE_CHECKING:
     from lmgate.gateway import Gateway
@@ -76,6 +77,8 @@ def _failureKind(reason: Failure) -> str:
         return "upstream_timeout"
     if reason.check(ResponseNeverReceived, ResponseFailed):
         inner = getattr(reason.value, "reasons", [])
+        if any(r.check(UpstreamHeadInvalid) for r in inner):
+            return "upstream_malformed"
         if any(r.check(error.SSLError) or _isTLSError(r) for r in inner):
             return "upstream_unreachable"
         return "upstream_reset"
@@ -255,6 +258,8 @@ class ProxiedCall:
             body = self.refuse(kind, "The upstream did not answer in time.")
         elif kind == "upstream_reset":
             body = self.refuse("upstream_unreachable", "The upstream closed the connection without answering.", kind)
+        elif kind == "upstream_malformed":
+            body = self.refuse("upstream_unreachable", "The upstream's response head was malformed.", kind)
         else:
             body = self.refuse(kind, "The upstream could not be reached.")
         self._request.write(body)

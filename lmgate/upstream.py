@@ -10,15 +10,27 @@ given; redirects come back to the caller as they are.
 from __future__ import annotations
 
 import re
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IHostnameResolver,
+    IHostResolution,
+    IReactorPluggableNameResolver,
+    IResolutionReceiver,
+)
+from twisted.internet.threads import deferToThreadPool
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import _newclient
 from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.error import SchemeNotSupported
@@ -28,16 +40,34 @@ from zope.interface import implementer
 
 from lmgate.config import Settings
 from lmgate.errors import ConfigError
+from lmgate.ratelog import RateLimitedLog
 
 log = Logger()
 
-#: The most an upstream's response head (status line and headers) may hold.
+#: The most an upstream's response head may hold: every byte from the status line
+#: to the blank line that ends the head, line ends included. One line may use all of it.
 UPSTREAM_HEADER_BYTES = 256 * 1024
+#: The most header lines (the status line and the blank line not counted) in a response head.
 UPSTREAM_HEADER_LINES = 1000
 
 
-class UpstreamHeadersTooLarge(Exception):
+class UpstreamHeadInvalid(Exception):
+    """
+    An upstream's response head that LMGate will not relay: over
+    L{UPSTREAM_HEADER_BYTES} or L{UPSTREAM_HEADER_LINES}, control bytes,
+    a header name that is not a token, a folded line, an unreadable status line.
+    """
+
+
+class UpstreamHeadersTooLarge(UpstreamHeadInvalid):
     """An upstream's response head went past L{UPSTREAM_HEADER_BYTES} or L{UPSTREAM_HEADER_LINES}."""
+
+
+#: A status line: no control byte (a bare CR would split it into two lines
+#: downstream); HTAB is allowed in the reason phrase (RFC 9112 section 4).
+_STATUS_LINE = re.compile(rb"\AHTTP/[0-9]\.[0-9] [0-9]{3}(?: [\t\x20-\x7e\x80-\xff]*)?\Z")
+#: A header line: a token, a colon, a value of HTAB, SP, visible ASCII and obs-text (RFC 9110 section 5).
+_FIELD_LINE = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\Z")
 
 
 class _HeldPause:
@@ -73,21 +103,58 @@ class _HeldPause:
 
 class BoundedHTTPClientParser(_newclient.HTTPClientParser):
     """
-    Twisted's response parser, with a bound on the response head: a broken or
-    hostile upstream sending 200,000 headers makes the call fail (502) instead
-    of growing memory. (A single line is already bounded by C{MAX_LENGTH}.)
+    Twisted's response parser, strict about the response head, which LMGate
+    relays to its clients:
+
+      - the head is bounded (L{UPSTREAM_HEADER_BYTES}, L{UPSTREAM_HEADER_LINES}):
+        a broken or hostile upstream sending 200,000 headers makes the call fail
+        (502) instead of growing memory. One line may take all of the room;
+        Twisted's own line limit (C{MAX_LENGTH}, 16 KiB) is replaced by the room left;
+      - a status line or header line with a control byte (other than HTAB), a
+        header name that is not a token, or a folded line fails the call: Twisted
+        would pass a bare CR or a NUL on to the client;
+      - the upstream's C{Connection} header stays in the response's headers
+        (Twisted keeps it apart), so the relay can drop the headers it names.
+
+    Every such failure is an L{UpstreamHeadInvalid} (inside Twisted's
+    C{ResponseFailed}).
     """
 
+    MAX_LENGTH = UPSTREAM_HEADER_BYTES - 1  # the longest line, without its LF; lowered as lines arrive
     _headBytes = 0
     _headLines = 0
 
     def lineReceived(self, line: bytes) -> None:
-        if self.state in (_newclient.STATUS, _newclient.HEADER):
-            self._headBytes += len(line) + 2
+        if self.state not in (_newclient.STATUS, _newclient.HEADER):
+            super().lineReceived(line)
+            return
+        self._headBytes += len(line) + 1  # the LF that LineReceiver took off
+        self.MAX_LENGTH = UPSTREAM_HEADER_BYTES - self._headBytes - 1  # the next line gets what is left
+        content = line[:-1] if line[-1:] == b"\r" else line
+        if self.state == _newclient.STATUS:
+            if not _STATUS_LINE.match(content):
+                raise UpstreamHeadInvalid(f"invalid status line {content[:200]!r}")
+        elif content:
             self._headLines += 1
-            if self._headBytes > UPSTREAM_HEADER_BYTES or self._headLines > UPSTREAM_HEADER_LINES:
-                raise UpstreamHeadersTooLarge(f"{self._headLines} lines, {self._headBytes} bytes")
-        super().lineReceived(line)
+            if self._headLines > UPSTREAM_HEADER_LINES:
+                raise UpstreamHeadersTooLarge(f"more than {UPSTREAM_HEADER_LINES} header lines")
+            if not _FIELD_LINE.match(content):
+                raise UpstreamHeadInvalid(f"invalid header line {content[:200]!r}")
+        try:
+            super().lineReceived(line)
+        except UpstreamHeadInvalid:
+            raise
+        except Exception as e:  # Twisted's own checks (a bad version, conflicting lengths...): the same answer
+            raise UpstreamHeadInvalid(f"{type(e).__name__}: {e}") from e
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A line longer than the room left in the head (LineReceiver would only drop the connection)."""
+        raise UpstreamHeadersTooLarge(f"over {UPSTREAM_HEADER_BYTES} bytes")
+
+    def headerReceived(self, name: bytes, value: bytes) -> None:
+        super().headerReceived(name, value)
+        if name.lower() == b"connection":  # Twisted files it with the connection headers only
+            self.headers.addRawHeader(name, value)
 
     def allHeadersReceived(self) -> None:
         """
@@ -114,7 +181,22 @@ class BoundedHTTPClientParser(_newclient.HTTPClientParser):
 
 
 class _NoDelayProtocol(_newclient.HTTP11ClientProtocol):
-    """An upstream connection with Nagle off: a request's head and body leave at once."""
+    """
+    An upstream connection with Nagle off (a request's head and body leave at
+    once), whose responses are read by L{BoundedHTTPClientParser}.
+    """
+
+    def request(self, request: Any) -> Deferred[IResponse]:
+        # Private: HTTP11ClientProtocol.request builds its parser from the
+        # module's global name HTTPClientParser and offers no hook. The name is
+        # swapped only while this connection builds its parser, so no other
+        # HTTP client in the process is affected.
+        stock = _newclient.HTTPClientParser
+        _newclient.HTTPClientParser = BoundedHTTPClientParser  # type: ignore[misc]
+        try:
+            return super().request(request)
+        finally:
+            _newclient.HTTPClientParser = stock  # type: ignore[misc]
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -138,19 +220,12 @@ class _RelayConnectionFactory(_HTTP11ClientFactory):
 
 
 class RelayPool(HTTPConnectionPool):
-    """The relay's persistent pool: connections with Nagle off, opened quietly."""
+    """
+    The relay's persistent pool: connections with Nagle off, opened quietly,
+    reading responses with L{BoundedHTTPClientParser}.
+    """
 
     _factory = _RelayConnectionFactory
-
-
-def installBoundedParser() -> None:
-    """
-    Make every Agent response parser in this process a L{BoundedHTTPClientParser}.
-
-    C{HTTP11ClientProtocol} builds its parser from the module's global name and
-    offers no hook; the relay is the only HTTP client in the daemon.
-    """
-    _newclient.HTTPClientParser = BoundedHTTPClientParser  # type: ignore[misc]
 
 
 #: RFC 9110 token (a method) and a request target of visible ASCII only, as Agent checks them.
@@ -171,6 +246,100 @@ class _Origin:
     hostHeader: bytes
 
 
+@implementer(IHostResolution)
+class _Resolution:
+    """One name being resolved (nothing to cancel: getaddrinfo cannot be stopped)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+@implementer(IHostnameResolver)
+class ReportingResolver:
+    """
+    Name resolution for the relay's endpoints in which every failure is an
+    answer: C{getaddrinfo} in the reactor's thread pool, as Twisted's own
+    resolver does it, but where Twisted's resolver turns only C{socket.gaierror}
+    into "no address" and lets any other exception escape (a host name the
+    C{idna} codec refuses, or cannot be loaded for, raises C{UnicodeError} or
+    C{LookupError}: "Unhandled error in Deferred", and the endpoint waits for
+    ever), here any failure ends the resolution with no address, so the
+    endpoint fails at once (C{DNSLookupError}) and the call is answered 502.
+
+    @param resolve: runs C{getaddrinfo(host, port, family, type)} and returns a
+        Deferred of its result (by default in the reactor's thread pool;
+        tests pass a synchronous one).
+    """
+
+    def __init__(self, reactor: Any, resolve: Callable[..., Deferred[Any]] | None = None) -> None:
+        if resolve is None:
+
+            def resolve(*args: Any) -> Deferred[Any]:
+                return deferToThreadPool(reactor, reactor.getThreadPool(), socket.getaddrinfo, *args)
+
+        self._resolve = resolve
+        self._log = RateLimitedLog(log, reactor)
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type[IAddress]] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        resolution = _Resolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        types = set(addressTypes or (IPv4Address, IPv6Address))
+        family = socket.AF_UNSPEC if len(types) != 1 else socket.AF_INET6 if IPv6Address in types else socket.AF_INET
+        kind = socket.SOCK_DGRAM if transportSemantics == "UDP" else socket.SOCK_STREAM
+        try:
+            pending = self._resolve(hostName, portNumber, family, kind)
+        except Exception:
+            pending = fail()
+
+        def deliver(results: Any) -> None:
+            try:
+                for af, _, _, _, address in results:
+                    if af == socket.AF_INET:
+                        resolutionReceiver.addressResolved(IPv4Address(transportSemantics, *address))  # type: ignore[arg-type]
+                    elif af == socket.AF_INET6:
+                        resolutionReceiver.addressResolved(IPv6Address(transportSemantics, *address))  # type: ignore[arg-type]
+            finally:
+                resolutionReceiver.resolutionComplete()
+
+        def failed(reason: Failure) -> None:
+            self._log.info("name resolution", "Resolving {host!r} failed: {why}", host=hostName, why=reason.getErrorMessage())
+            resolutionReceiver.resolutionComplete()
+
+        pending.addCallbacks(deliver, failed)
+        pending.addErrback(lambda reason: log.failure("Delivering the addresses of {host!r} failed", reason, host=hostName))
+        return resolution
+
+
+@implementer(IReactorPluggableNameResolver)
+class _ResolvingWith:
+    """
+    The reactor as the relay's endpoints see it: the same, but for its name
+    resolver. C{HostnameEndpoint} takes its resolver from the reactor it is
+    given and has no parameter for one.
+    """
+
+    def __init__(self, reactor: Any, resolver: IHostnameResolver) -> None:
+        self._reactor = reactor
+        self.nameResolver = resolver
+
+    def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
+        previous, self.nameResolver = self.nameResolver, resolver
+        return previous
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
 @implementer(IAgent)
 class RelayAgent:
     """
@@ -184,14 +353,27 @@ class RelayAgent:
     C{HTTP11ClientProtocol.request} as Agent's.
 
     The headers given are sent as they are, with C{Host} added when missing
-    (the relay builds a fresh set per call).
+    (the relay builds a fresh set per call). Whatever goes wrong on the way to
+    the upstream (a bad URL, an endpoint, resolver or pool that raises) fails
+    the returned Deferred; nothing raises to the caller.
+
+    @param resolver: names to addresses for the endpoints (by default a
+        L{ReportingResolver}).
     """
 
     #: Origins remembered; only configured upstreams are ever asked for, so this is a backstop.
     maxOrigins = 1024
 
-    def __init__(self, reactor: Any, pool: HTTPConnectionPool, policy: Any, connectTimeout: float = 30.0) -> None:
-        self._reactor, self._pool, self._policy, self._connectTimeout = reactor, pool, policy, connectTimeout
+    def __init__(
+        self,
+        reactor: Any,
+        pool: HTTPConnectionPool,
+        policy: Any,
+        connectTimeout: float = 30.0,
+        resolver: IHostnameResolver | None = None,
+    ) -> None:
+        self._pool, self._policy, self._connectTimeout = pool, policy, connectTimeout
+        self._reactor = _ResolvingWith(reactor, resolver or ReportingResolver(reactor))
         self._origins: dict[bytes, _Origin] = {}
 
     def _origin(self, origin: bytes) -> _Origin:
@@ -219,9 +401,6 @@ class RelayAgent:
     def request(
         self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: IBodyProducer | None = None
     ) -> Deferred[IResponse]:
-        from twisted.internet.defer import fail
-        from twisted.web.client import URI
-
         slash = uri.find(b"/", uri.find(b"//") + 2)
         origin, target = (uri, b"/") if slash < 0 else (uri[:slash], uri[slash:])
         try:
@@ -230,8 +409,15 @@ class RelayAgent:
             if not _TARGET.match(target):
                 raise ValueError(f"invalid request target {target!r}")
             o = self._origins.get(origin) or self._origin(origin)
-        except Exception:
+            return self._send(o, method, target, headers, bodyProducer)
+        except Exception:  # a bad URL, or an endpoint, resolver or pool raising: the call still gets its answer
             return fail()
+
+    def _send(
+        self, o: _Origin, method: bytes, target: bytes, headers: Headers | None, bodyProducer: IBodyProducer | None
+    ) -> Deferred[IResponse]:
+        from twisted.web.client import URI
+
         if headers is None:
             headers = Headers()
         if not headers.hasHeader(b"host"):
@@ -323,7 +509,6 @@ class Upstream(Service):
     @classmethod
     def fromSettings(cls, reactor: Any, settings: Settings) -> "Upstream":
         """The production relay: a persistent pool and a TLS-verifying Agent."""
-        installBoundedParser()
         pool = RelayPool(reactor, persistent=True)
         pool.maxPersistentPerHost = settings.poolMaxPerHost
         pool.cachedConnectionTimeout = settings.poolIdleTimeout  # type: ignore[assignment]
@@ -336,9 +521,13 @@ class Upstream(Service):
     ) -> Deferred[IResponse]:
         """
         Relay one request; the Deferred fires with the response once its headers
-        have arrived.
+        have arrived, or fails with whatever went wrong (never raises: the
+        call's answer hangs on this Deferred).
         """
-        return self._agent.request(method, url, headers, body)
+        try:
+            return self._agent.request(method, url, headers, body)
+        except Exception:
+            return fail()
 
     def stopService(self) -> Deferred[None] | None:
         Service.stopService(self)

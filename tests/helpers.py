@@ -27,7 +27,7 @@ from lmgate.gateway import Gateway, GatewayResource, GatewaySite
 from lmgate.interfaces import IKeyCheck, IUsageSink
 from lmgate.providers import Provider
 from lmgate.record import KeyEntry, UsageRecord
-from lmgate.upstream import BytesProducer, RelayAgent, Upstream
+from lmgate.upstream import BytesProducer, RelayAgent, RelayPool, Upstream
 
 ALLOWED_KEY = b"sk-test-allowed-0123456789abcdef"
 ALLOWED_ENTRY = KeyEntry("app1", "team-a", "2026-11-23")
@@ -176,11 +176,11 @@ def startGateway(
     routes = {"openai": "openai", "anthropic": "anthropic", "gemini": "google", "bedrock": "bedrock"}
     routes.update(formats or {})
     providers = {name: Provider(ProviderSettings(name, base, fmt)) for name, fmt in routes.items()}
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = RelayPool(reactor, persistent=True)
     case.addCleanup(pool.closeCachedConnections)
     from twisted.web.client import BrowserLikePolicyForHTTPS
 
-    agent = RelayAgent(reactor, pool, BrowserLikePolicyForHTTPS(), connectTimeout=5)  # the daemon's agent
+    agent = RelayAgent(reactor, pool, BrowserLikePolicyForHTTPS(), connectTimeout=5)  # the daemon's agent and pool
     sink = RecordingSink()
     gateway = Gateway(
         providers, StaticKeys({ALLOWED_KEY: ALLOWED_ENTRY}), Upstream(agent, pool), sink, clock or reactor, **limits
