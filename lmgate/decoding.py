@@ -5,6 +5,12 @@ The client always receives the original bytes; the usage readers see them
 decoded, one layer (gzip, deflate, and brotli / zstd where their packages are
 installed), in pieces of at most L{PIECE} bytes, so a decompression bomb cannot
 make one call hold more than a piece.
+
+Decoding costs the reactor time, and reading the decoded bytes costs more (a
+stream reader looks at every line): a compressed body is therefore read only up
+to a budget of decoded bytes per call, and a stream only up to L{CHUNK_BUDGET}
+decoded bytes per wire chunk. Past either, L{Truncated} is raised: the reader
+stops and says so, and the client still gets every byte.
 """
 
 from __future__ import annotations
@@ -16,9 +22,21 @@ from typing import Any, Callable, Iterator
 #: The most decoded bytes produced at once.
 PIECE = 65536
 
+#: The most decoded bytes one wire chunk of a stream may give: what one turn of
+#: the reactor spends reading it stays small (a 64 KiB read inflating 16-fold).
+CHUNK_BUDGET = 16 * PIECE
+
+#: A compressed body's decoded bytes read per call: this many times
+#: C{stats.capture_limit}.
+BUDGET_FACTOR = 16
+
 
 class Undecodable(Exception):
     """The body cannot be decoded (bad data, or no decoder for its encoding)."""
+
+
+class Truncated(Undecodable):
+    """Reading stopped at a bound (decoded bytes per call or per chunk, a frame's size)."""
 
 
 class Decoder(ABC):
@@ -75,9 +93,13 @@ class Brotli(Decoder):
 
 
 class Zstd(Decoder):
-    """zstd, fed in small slices so one slice's output stays small."""
+    """
+    zstd, fed in small slices so one slice's output stays small (the package's
+    C{decompress} has no output limit; an RLE block of 4 bytes can stand for
+    128 KiB, so a slice gives at most 2 MiB), and cut into L{PIECE}s.
+    """
 
-    SLICE = 512
+    SLICE = 64
 
     def __init__(self) -> None:
         import zstandard
@@ -88,9 +110,36 @@ class Zstd(Decoder):
     def decode(self, data: bytes) -> Iterator[bytes]:
         try:
             for start in range(0, len(data), self.SLICE):
-                yield self._decompressor.decompress(data[start : start + self.SLICE])
+                out = self._decompressor.decompress(data[start : start + self.SLICE])
+                if len(out) <= PIECE:
+                    yield out
+                else:
+                    for at in range(0, len(out), PIECE):
+                        yield out[at : at + PIECE]
         except self._zstd.ZstdError as e:
             raise Undecodable(str(e)) from None
+
+
+class Bounded(Decoder):
+    """
+    Another decoder's pieces, up to C{budget} decoded bytes in all and
+    C{perChunk} (when given) for the pieces of one wire chunk.
+    """
+
+    def __init__(self, inner: Decoder, budget: int, perChunk: int | None) -> None:
+        self._inner, self._room, self._perChunk = inner, budget, perChunk
+
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        chunkRoom = self._perChunk
+        for piece in self._inner.decode(data):
+            self._room -= len(piece)
+            if self._room < 0:
+                raise Truncated("past the decoded bytes read per call")
+            if chunkRoom is not None:
+                chunkRoom -= len(piece)
+                if chunkRoom < 0:
+                    raise Truncated("past the decoded bytes read per wire chunk")
+            yield piece
 
 
 def _brotli() -> Decoder:
@@ -112,10 +161,14 @@ _DECODERS: dict[bytes, Callable[[], Decoder]] = {
 }
 
 
-def decoderFor(contentEncoding: bytes | None) -> Decoder:
+def decoderFor(contentEncoding: bytes | None, budget: int | None = None, perChunk: int | None = None) -> Decoder:
     """
     The decoder for a C{Content-Encoding} value.
 
+    @param budget: with a compressed body, the most decoded bytes read in all
+        (L{Truncated} past it); identity bodies are never bounded here, as
+        their bytes are the wire's.
+    @param perChunk: the most decoded bytes one wire chunk may give.
     @raise Undecodable: more than one layer, an unknown encoding, or a codec
         whose package is not installed.
     """
@@ -126,6 +179,9 @@ def decoderFor(contentEncoding: bytes | None) -> Decoder:
     if factory is None:
         raise Undecodable(f"unknown content coding {encoding!r}")
     try:
-        return factory()
+        decoder = factory()
     except ImportError:
         raise Undecodable(f"no decoder installed for {encoding!r}") from None
+    if budget is None or factory is Identity:
+        return decoder
+    return Bounded(decoder, budget, perChunk)

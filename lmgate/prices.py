@@ -3,7 +3,7 @@ Prices per million tokens, and the cost of one call.
 
 The table (C{etc/prices.yaml}) is the operator's: dated, editable, checked at
 start-up. A cost is computed only from counts the provider reported: an unknown
-model or a missing count gives None, never a guess.
+model or an unknown input count gives None, never a guess.
 """
 
 from __future__ import annotations
@@ -86,14 +86,16 @@ class PriceTable:
 
     def cost(self, model: str | None, input: int | None, output: int | None, cached: int | None, cacheWrite: int | None) -> float | None:
         """
-        The call's cost in US dollars, or None when the model is unknown or the
-        input or output count is. Cached and cache-write counts that were not
-        reported count as 0 (the providers that have them report them).
+        The call's cost in US dollars, or None when the model or the input count
+        is unknown. An output count that was not reported is no output (an
+        embedding has none, and its usage names none); cached and cache-write
+        counts that were not reported count as 0 (the providers that have them
+        report them).
         """
         price = self.priceFor(model)
-        if price is None or input is None or output is None:
+        if price is None or input is None:
             return None
-        cached, cacheWrite = cached or 0, cacheWrite or 0
+        output, cached, cacheWrite = output or 0, cached or 0, cacheWrite or 0
         uncached = max(0, input - cached - cacheWrite)
         dollars = (uncached * price.input + cached * price.cachedInput + cacheWrite * price.cacheWrite + output * price.output) / 1e6
         return round(dollars, 9)

@@ -41,6 +41,10 @@ class Usage:
 
     A count is L{None} where the provider did not report it, 0 only where it
     reported 0.
+
+    @ivar unreadable: why the counts are unknown although the response may have
+        carried them: C{"truncated"} (reading stopped at a bound, the relay went
+        on) or C{"invalid"} (a count that is not a sane integer); None otherwise.
     """
 
     model: str | None = None
@@ -51,10 +55,16 @@ class Usage:
     reasoning_tokens: int | None = None
     streaming: bool = False
     providerError: str | None = None  # the provider's error type, seen inside a 200 stream
+    unreadable: str | None = None
 
     @property
     def usage_source(self) -> str:
-        """C{"response"} when the response carried any count, else C{"absent"}."""
+        """
+        C{"response"} when the response carried any count, C{"truncated"} or
+        C{"invalid"} when it could not be read (L{unreadable}), else C{"absent"}.
+        """
+        if self.unreadable is not None:
+            return self.unreadable
         counts = (
             self.input_tokens,
             self.output_tokens,

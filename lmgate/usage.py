@@ -9,7 +9,9 @@ keeping at most one event, and only the events that can carry the model, the
 usage or an error are parsed: a cheap byte check skips the content deltas.
 
 The counts are normalised (docs/records.md, "Token semantics"): a count is
-None where the provider did not report it, and a reader never raises.
+None where the provider did not report it, and a reader never raises. A count
+that is not a sane integer makes the whole usage C{"invalid"}; reading that
+stops at a bound (decoded bytes, an event-stream frame) makes it C{"truncated"}.
 """
 
 from __future__ import annotations
@@ -18,24 +20,65 @@ import base64
 from abc import ABC, abstractmethod
 import json
 import re
+from functools import wraps
 from typing import Any, Callable
 from urllib.parse import unquote
 
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from lmgate.decoding import Decoder, Undecodable, decoderFor
+from lmgate.decoding import BUDGET_FACTOR, CHUNK_BUDGET, Decoder, Truncated, Undecodable, decoderFor
 from lmgate.interfaces import IUsageReader
 from lmgate.record import Usage
 
 Json = dict[str, Any]
 
 
+#: Counts at or past this are not believed (nor can every reader of the record
+#: hold them: JSON numbers are doubles to many, and a price times a huge integer
+#: overflows a float).
+COUNT_LIMIT = 2**53
+
+
+class _InvalidCount(ValueError):
+    """A count that is present but not a sane integer: the usage cannot be trusted."""
+
+
 def _count(value: Any) -> int | None:
-    """A token count: a non-negative integer, else unreported."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    """
+    A token count: None when unreported (absent or null), else an integer
+    0 <= n < L{COUNT_LIMIT}.
+
+    @raise _InvalidCount: anything else (a string, a float, NaN, a boolean, a
+        negative or huge number).
+    """
+    if value is None:
+        return None
+    if type(value) is int and 0 <= value < COUNT_LIMIT:
         return value
-    return None
+    raise _InvalidCount(repr(value)[:40])
+
+
+def _invalidate(usage: Usage) -> None:
+    """No count of this usage is believed: all unknown, and the record says why."""
+    usage.input_tokens = usage.output_tokens = usage.cached_tokens = None
+    usage.cache_write_tokens = usage.reasoning_tokens = None
+    usage.unreadable = "invalid"
+
+
+def _guarded(apply: Callable[[Usage, Any], None]) -> Callable[[Usage, Any], None]:
+    """An apply function that leaves an unreadable usage alone and invalidates it on a bad count."""
+
+    @wraps(apply)
+    def guarded(usage: Usage, raw: Any) -> None:
+        if usage.unreadable is not None:
+            return
+        try:
+            apply(usage, raw)
+        except _InvalidCount:
+            _invalidate(usage)
+
+    return guarded
 
 
 def _sum(*values: int | None) -> int | None:
@@ -50,6 +93,7 @@ def _dict(value: Any) -> Json:
 # -- normalisation, one function per provider family ---------------------------
 
 
+@_guarded
 def applyOpenAI(usage: Usage, raw: Any) -> None:
     """Chat completions, legacy completions, embeddings (C{prompt_tokens}...) and Responses (C{input_tokens}...)."""
     u = _dict(raw)
@@ -67,6 +111,7 @@ def applyOpenAI(usage: Usage, raw: Any) -> None:
     usage.reasoning_tokens = _count(_dict(outputDetails).get("reasoning_tokens"))
 
 
+@_guarded
 def applyAnthropic(usage: Usage, raw: Any) -> None:
     """C{input_tokens} + cache writes + cache reads is all input."""
     u = _dict(raw)
@@ -81,6 +126,7 @@ def applyAnthropic(usage: Usage, raw: Any) -> None:
     usage.output_tokens = _count(u.get("output_tokens"))
 
 
+@_guarded
 def applyGoogle(usage: Usage, raw: Any) -> None:
     """Gemini API and Vertex AI C{usageMetadata}."""
     u = _dict(raw)
@@ -94,10 +140,12 @@ def applyGoogle(usage: Usage, raw: Any) -> None:
 
 
 def _hasGoogleCounts(raw: Any) -> bool:
+    """Any count present (applyGoogle then checks that it is one)."""
     u = _dict(raw)
-    return any(_count(u.get(k)) is not None for k in ("promptTokenCount", "candidatesTokenCount", "totalTokenCount"))
+    return any(u.get(k) is not None for k in ("promptTokenCount", "candidatesTokenCount", "totalTokenCount"))
 
 
+@_guarded
 def applyConverse(usage: Usage, raw: Any) -> None:
     """Bedrock Converse / ConverseStream C{usage}."""
     u = _dict(raw)
@@ -112,6 +160,7 @@ def applyConverse(usage: Usage, raw: Any) -> None:
     usage.cache_write_tokens = write
 
 
+@_guarded
 def applyInvocationMetrics(usage: Usage, raw: Any) -> None:
     """Bedrock C{amazon-bedrock-invocationMetrics} (InvokeModelWithResponseStream), if nothing better was read."""
     m = _dict(raw)
@@ -161,6 +210,7 @@ class _DecodingReader(ABC):
     def __init__(self, decoder: Decoder) -> None:
         self._decoder = decoder
         self._broken = False
+        self._truncated = False  # reading stopped at a bound: the record says so
 
     def feed(self, data: bytes) -> None:
         if self._broken:
@@ -171,8 +221,14 @@ class _DecodingReader(ABC):
                     self._take(piece)
                 if self._broken:
                     return
+        except Truncated:
+            self._truncate()
         except Exception:  # Undecodable, or a reader's own mistake: never the client's problem
             self._broken = True
+
+    def _truncate(self) -> None:
+        """Stop reading at a bound: nothing more is decoded or kept, and the usage is C{"truncated"}."""
+        self._broken = self._truncated = True
 
     @abstractmethod
     def _take(self, piece: bytes) -> None:
@@ -184,7 +240,7 @@ class _DecodingReader(ABC):
 
     def finish(self) -> Usage:
         if self._broken:
-            return Usage(streaming=self.streaming)
+            return Usage(streaming=self.streaming, unreadable="truncated" if self._truncated else None)
         try:
             return self._result()
         except Exception:
@@ -201,7 +257,8 @@ class JSONBodyReader(_DecodingReader):
 
     def _take(self, piece: bytes) -> None:
         if len(piece) > self._room:
-            self._broken, self._parts = True, []  # over the cap: usage unknown
+            self._parts = []  # over the cap: usage unknown
+            self._truncate()
             return
         self._room -= len(piece)
         self._parts.append(piece)
@@ -369,7 +426,8 @@ class JSONArrayStreamReader(_DecodingReader):
     def _keep(self, part: bytes) -> None:
         self._size += len(part)
         if self._size > self._limit:
-            self._broken = True
+            self._element = []
+            self._truncate()
             return
         self._element.append(part)
 
@@ -378,7 +436,11 @@ class JSONArrayStreamReader(_DecodingReader):
 
 
 class EventStreamReader(_DecodingReader):
-    """AWS C{application/vnd.amazon.eventstream} frames (CRCs checked by botocore's parser)."""
+    """
+    AWS C{application/vnd.amazon.eventstream} frames (CRCs checked by botocore's
+    parser). Frame boundaries are followed here, so a frame announcing more than
+    the capture limit is never buffered: reading stops there (C{"truncated"}).
+    """
 
     streaming = True
 
@@ -388,8 +450,28 @@ class EventStreamReader(_DecodingReader):
 
         self._buffer = EventStreamBuffer()
         self._limit, self._handle, self._resultOf = limit, handle, result
+        self._frameLeft = 0  # bytes of the current frame still to come
+        self._length = b""  # the start of the next frame's total length, split across pieces
 
     def _take(self, piece: bytes) -> None:
+        position, size = 0, len(piece)
+        while position < size:  # once per frame: lengths only, no copy
+            if self._frameLeft:
+                step = min(self._frameLeft, size - position)
+                self._frameLeft -= step
+                position += step
+                continue
+            taken = piece[position : position + 4 - len(self._length)]
+            position += len(taken)
+            self._length += taken
+            if len(self._length) < 4:
+                break
+            total = int.from_bytes(self._length, "big")
+            self._length = b""
+            if total > self._limit:
+                self._truncate()
+                return
+            self._frameLeft = max(total - 4, 0)  # a nonsense length fails botocore's checks below
         self._buffer.add_data(piece)
         for message in self._buffer:  # a CRC or framing error raises: the usage is unknown
             try:
@@ -577,10 +659,21 @@ def _bedrockBody(headers: Headers) -> Callable[[Usage, Json], None]:
 def _fromHeaders(usage: Usage, headers: Headers) -> None:
     def header(name: bytes) -> int | None:
         values = headers.getRawHeaders(name)
-        return int(values[0]) if values and values[0].strip().isdigit() else None
+        if not values:
+            return None
+        value = values[0].strip()
+        return _count(int(value) if value.isdigit() and len(value) <= 20 else value)
 
-    usage.input_tokens = header(b"x-amzn-bedrock-input-token-count")
-    usage.output_tokens = header(b"x-amzn-bedrock-output-token-count")
+    if usage.unreadable == "invalid":
+        return
+    try:
+        input, output = header(b"x-amzn-bedrock-input-token-count"), header(b"x-amzn-bedrock-output-token-count")
+    except _InvalidCount:
+        _invalidate(usage)
+        return
+    usage.input_tokens, usage.output_tokens = input, output
+    if input is not None or output is not None:
+        usage.unreadable = None  # a body too large to read: the headers have the counts
 
 
 class _HeaderFallback(JSONBodyReader):
@@ -614,7 +707,10 @@ def readerFor(fmt: str, status: int, headers: Headers, endpoint: bytes, captureL
         return NullReader(streaming)
     try:
         encodings = headers.getRawHeaders(b"content-encoding")
-        decoder = decoderFor(encodings[0] if encodings else None)
+        # Streams are scanned byte by byte, so one wire chunk may not inflate past
+        # CHUNK_BUDGET; a JSON body is only copied, up to the capture limit.
+        perChunk = CHUNK_BUDGET if streaming else None
+        decoder = decoderFor(encodings[0] if encodings else None, BUDGET_FACTOR * captureLimit, perChunk)
     except Undecodable:
         return NullReader(streaming)
     if sse:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lmgate.errors import ConfigError
-from lmgate.prices import PriceTable
+from lmgate.prices import Price, PriceTable
+from tests.helpers import FakeUpstream, call, jsonAnswer, startGateway
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "prices.yaml")
 
@@ -43,11 +45,10 @@ class PriceTests(SynchronousTestCase):
         self.assertEqual(table.cost("m", 10, 0, None, None), 30 / 1e6)
 
     def test_unknownIsNull(self) -> None:
-        """An unknown model or a missing input/output count gives None, never a guess."""
+        """An unknown model or a missing input count gives None, never a guess."""
         table = self.table("models:\n  m: {input: 1, output: 1}\n")
         self.assertIsNone(table.cost("other", 1, 1, 0, 0))
         self.assertIsNone(table.cost("m", None, 1, 0, 0))
-        self.assertIsNone(table.cost("m", 1, None, 0, 0))
 
     def test_badFiles(self) -> None:
         """A bad entry names the file, the model key and the problem."""
@@ -60,3 +61,27 @@ class PriceTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as e:
                 self.table(text)
             self.assertEqual(e.exception.where, where, text)
+
+
+class RecordCostTests(TestCase):
+    async def test_embeddingsCost(self) -> None:
+        """An embeddings call reports no output tokens: its record is priced from its input
+        (OpenAI embeddings response, text-embedding-3-small at $0.02 per million)."""
+        from tests.test_usage import CASES
+
+        [body] = [case[2] for case in CASES if case[0] == "openai embeddings"]
+        upstream = FakeUpstream()
+        upstream.handler = jsonAnswer(json.loads(body))
+        gate = startGateway(self, upstream)
+        gate.gateway.prices = PriceTable.load(EXAMPLE)
+        response, _, _ = await call(self, gate.url + "/openai/v1/embeddings", body=b'{"model":"text-embedding-3-small","input":"a"}')
+        self.assertEqual(response.code, 200)
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.model, record.input_tokens, record.output_tokens, record.total_tokens), ("text-embedding-3-small", 8, None, 8))
+        self.assertEqual(record.cost_usd, round(8 * 0.02 / 1e6, 9))
+
+    def test_noOutputIsZeroOutput(self) -> None:
+        """An unreported output count prices as no output; an unknown input still gives None."""
+        table = PriceTable({"m": Price(2.0, 8.0, 1.0, 2.5)})
+        self.assertEqual(table.cost("m", 10, None, None, None), 20 / 1e6)
+        self.assertIsNone(table.cost("m", None, None, None, None))

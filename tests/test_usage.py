@@ -13,12 +13,13 @@ import zlib
 from typing import Any
 
 from hypothesis import given, settings, strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
 from lmgate.eventstream import event, exception
 from lmgate.record import Usage
 from lmgate.usage import readerFor, requestModel
+from tests.helpers import FakeUpstream, call, startGateway
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 LIMIT = 2 * 1024 * 1024
@@ -204,11 +205,11 @@ class NormalisationTests(SynchronousTestCase):
         u = read("anthropic", body, "text/event-stream")
         self.assertEqual((u.input_tokens, u.cached_tokens, u.output_tokens), (13, 10, 9))
 
-    def test_badCountsAreUnreported(self) -> None:
-        """Booleans, negatives, floats and strings are not counts."""
+    def test_badCountsAreInvalid(self) -> None:
+        """Booleans, negatives, floats and strings are not counts: no count of that usage is believed."""
         body = json.dumps({"usage": {"prompt_tokens": True, "completion_tokens": -1, "prompt_tokens_details": {"cached_tokens": "3"}}}).encode()
         u = read("openai", body, "application/json")
-        self.assertEqual((u.input_tokens, u.output_tokens, u.cached_tokens), (None, None, None))
+        self.assertEqual((u.input_tokens, u.output_tokens, u.cached_tokens, u.usage_source), (None, None, None, "invalid"))
 
     def test_geminiThoughtsOnly(self) -> None:
         """Gemini output is candidates + thoughts; either alone counts."""
@@ -257,18 +258,19 @@ class ErrorTests(SynchronousTestCase):
             self.assertEqual(u.usage_source, "absent", (fmt, data[:20]))
 
     def test_overCaptureLimit(self) -> None:
-        """A JSON body past the capture limit: usage unknown, memory bounded."""
+        """A JSON body past the capture limit: usage unknown and said to be truncated, memory bounded."""
         body = json.dumps({"pad": "x" * 5000, "usage": {"prompt_tokens": 1}}).encode()
-        self.assertEqual(read("openai", body, "application/json", limit=1024).usage_source, "absent")
+        u = read("openai", body, "application/json", limit=1024)
+        self.assertEqual((u.usage_source, u.input_tokens), ("truncated", None))
 
     def test_decompressionBomb(self) -> None:
-        """A gzip bomb (100 MB of zeros) is read in bounded pieces and gives unknown usage."""
+        """A gzip bomb (100 MB of zeros) is read in bounded pieces and gives unknown usage, said to be truncated."""
         bomb = gzip.compress(b"\0" * (100 * 1024 * 1024), compresslevel=9)
         headers = Headers({b"content-type": [b"application/json"], b"content-encoding": [b"gzip"]})
         reader: Any = readerFor("openai", 200, headers, b"/v1/chat/completions", 1024 * 1024)
         reader.feed(bomb)
         self.assertLessEqual(sum(len(p) for p in reader._parts), 1024 * 1024)
-        self.assertEqual(reader.finish().usage_source, "absent")
+        self.assertEqual(reader.finish().usage_source, "truncated")
 
     def test_longSSELineDropped(self) -> None:
         """An SSE line longer than the capture limit is dropped, and later events still count."""
@@ -306,3 +308,240 @@ class PropertyTests(SynchronousTestCase):
     def test_arbitraryBytesNeverRaise(self, fmt: str, ctype: str, encoding: str | None, pieces: list[bytes]) -> None:
         """Arbitrary bytes never raise from any reader."""
         read(fmt, b"", ctype, b"/v1beta/models/m:streamGenerateContent", pieces=pieces, encoding=encoding)
+
+
+#: Values of valid JSON that are not token counts.
+HOSTILE_COUNTS: list[Any] = ["10", float("nan"), float("inf"), 10**400, 2**53, -1, 1.5, True, [1], {"n": 1}]
+
+
+def _b64chunk(inner: Any) -> bytes:
+    return event("chunk", json.dumps({"bytes": base64.b64encode(json.dumps(inner).encode()).decode()}).encode())
+
+
+#: (name, format, content type, endpoint, body with the count C{n} in its usage, the model read)
+COUNT_TEMPLATES: list[tuple[str, str, str, bytes, Any, str | None]] = [
+    ("openai chat", "openai", "application/json", b"/v1/chat/completions",
+     lambda n: json.dumps({"model": "gpt-4o", "usage": {"prompt_tokens": n, "completion_tokens": 2}}).encode(), "gpt-4o"),
+    ("openai chat cached", "openai", "application/json", b"/v1/chat/completions",
+     lambda n: json.dumps({"model": "gpt-4o", "usage": {"prompt_tokens": 3, "completion_tokens": 2,
+                                                         "prompt_tokens_details": {"cached_tokens": n}}}).encode(), "gpt-4o"),
+    ("openai embeddings", "openai", "application/json", b"/v1/embeddings",
+     lambda n: json.dumps({"model": "text-embedding-3-small", "usage": {"prompt_tokens": n, "total_tokens": 8}}).encode(),
+     "text-embedding-3-small"),
+    ("openai chat stream", "openai", "text/event-stream", b"/v1/chat/completions",
+     lambda n: sse((None, {"model": "gpt-4o", "choices": []}), (None, {"model": "gpt-4o", "choices": [],
+                   "usage": {"prompt_tokens": 3, "completion_tokens": n}}), (None, b"[DONE]")), "gpt-4o"),
+    ("openai responses stream", "openai", "text/event-stream", b"/v1/responses",
+     lambda n: sse(("response.completed", {"type": "response.completed", "response": {"model": "o3", "usage": {
+         "input_tokens": 3, "output_tokens": 2, "output_tokens_details": {"reasoning_tokens": n}}}})), "o3"),
+    ("anthropic messages", "anthropic", "application/json", b"/v1/messages",
+     lambda n: json.dumps({"model": "claude-x", "usage": {"input_tokens": 3, "cache_read_input_tokens": n, "output_tokens": 2}}).encode(),
+     "claude-x"),
+    ("anthropic stream start", "anthropic", "text/event-stream", b"/v1/messages",
+     lambda n: sse(("message_start", {"type": "message_start", "message": {"model": "claude-x", "usage": {"input_tokens": n, "output_tokens": 1}}}),
+                   ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 5}})), "claude-x"),
+    ("anthropic stream delta", "anthropic", "text/event-stream", b"/v1/messages",
+     lambda n: sse(("message_start", {"type": "message_start", "message": {"model": "claude-x", "usage": {"input_tokens": 3, "output_tokens": 1}}}),
+                   ("message_delta", {"type": "message_delta", "usage": {"output_tokens": n}})), "claude-x"),
+    ("gemini generateContent", "google", "application/json", b"/v1beta/models/g:generateContent",
+     lambda n: json.dumps({"modelVersion": "g", "usageMetadata": {"promptTokenCount": n, "candidatesTokenCount": 2}}).encode(), "g"),
+    ("gemini sse", "google", "text/event-stream", b"/v1beta/models/g:streamGenerateContent",
+     lambda n: sse((None, {"modelVersion": "g", "usageMetadata": {"promptTokenCount": 3, "thoughtsTokenCount": n}})), "g"),
+    ("gemini array stream", "google", "application/json", b"/v1beta/models/g:streamGenerateContent",
+     lambda n: b"[" + json.dumps({"modelVersion": "g", "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": n}}).encode() + b"]",
+     "g"),
+    ("bedrock converse", "bedrock", "application/json", b"/model/m/converse",
+     lambda n: json.dumps({"usage": {"inputTokens": n, "outputTokens": 2}}).encode(), None),
+    ("bedrock invoke anthropic", "bedrock", "application/json", b"/model/m/invoke",
+     lambda n: json.dumps({"model": "claude-x", "usage": {"input_tokens": 3, "output_tokens": n}}).encode(), "claude-x"),
+    ("bedrock converse stream", "bedrock", "application/vnd.amazon.eventstream", b"/model/m/converse-stream",
+     lambda n: event("metadata", json.dumps({"usage": {"inputTokens": 3, "outputTokens": n}}).encode()), None),
+    ("bedrock invoke stream", "bedrock", "application/vnd.amazon.eventstream", b"/model/m/invoke-with-response-stream",
+     lambda n: _b64chunk({"type": "message_start", "message": {"model": "claude-x", "usage": {"input_tokens": n, "output_tokens": 1}}}),
+     "claude-x"),
+    ("bedrock invoke stream metrics", "bedrock", "application/vnd.amazon.eventstream", b"/model/m/invoke-with-response-stream",
+     lambda n: _b64chunk({"type": "message_stop", "amazon-bedrock-invocationMetrics": {"inputTokenCount": n, "outputTokenCount": 2}}),
+     None),
+]
+
+
+class HostileCountTests(SynchronousTestCase):
+    def test_saneCountsAreRead(self) -> None:
+        """The templates below, with a sane count, are read (so the hostile cases test the count alone)."""
+        for name, fmt, ctype, endpoint, body, model in COUNT_TEMPLATES:
+            u = read(fmt, body(7), ctype, endpoint)
+            self.assertEqual((u.usage_source, u.model), ("response", model), name)
+            self.assertIn(7, (u.input_tokens, u.output_tokens, u.cached_tokens, u.reasoning_tokens, u.input_tokens - 3), name)
+
+    def test_hostileCountsMakeTheUsageInvalid(self) -> None:
+        """A count that is a string, NaN, infinite, 400 digits long, 2**53 or more, negative, a float, a
+        boolean or a container makes the usage invalid, in every format: no count is kept, the model is."""
+        for name, fmt, ctype, endpoint, body, model in COUNT_TEMPLATES:
+            for value in HOSTILE_COUNTS:
+                u = read(fmt, body(value), ctype, endpoint)
+                self.assertEqual(
+                    (u.usage_source, u.input_tokens, u.output_tokens, u.cached_tokens, u.cache_write_tokens,
+                     u.reasoning_tokens, u.total_tokens, u.model),
+                    ("invalid", None, None, None, None, None, None, model), (name, repr(value)[:20]))
+
+    def test_hostileCountsCompressedAndSplit(self) -> None:
+        """The same, gzipped and fed a byte at a time."""
+        for name, fmt, ctype, endpoint, body, model in COUNT_TEMPLATES:
+            for value in ("10", 10**400):
+                wire = compress(body(value), "gzip")
+                u = read(fmt, wire, ctype, endpoint, encoding="gzip", pieces=[wire[i : i + 1] for i in range(len(wire))])
+                self.assertEqual((u.usage_source, u.input_tokens, u.output_tokens), ("invalid", None, None), name)
+
+    def test_invalidStaysInvalid(self) -> None:
+        """A later sane usage in the same stream does not make an invalid one believed."""
+        body = sse((None, {"model": "m", "usage": {"prompt_tokens": "1", "completion_tokens": 2}}),
+                   (None, {"model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 2}}))
+        u = read("openai", body, "text/event-stream")
+        self.assertEqual((u.usage_source, u.input_tokens), ("invalid", None))
+
+    def test_bedrockHeaderCounts(self) -> None:
+        """The token-count headers too: digits only, below 2**53."""
+        for value in (b"1" * 400, b"9007199254740992", b"-1", b"1.5", b"NaN", b"ten", "١٢".encode()):
+            u = read("bedrock", b'{"results": []}', "application/json", b"/model/amazon.titan/invoke",
+                     extra={b"x-amzn-bedrock-input-token-count": [value], b"x-amzn-bedrock-output-token-count": [b"30"]})
+            self.assertEqual((u.usage_source, u.input_tokens, u.output_tokens), ("invalid", None, None), value)
+        u = read("bedrock", b'{"results": []}', "application/json", b"/model/amazon.titan/invoke",
+                 extra={b"x-amzn-bedrock-input-token-count": [b" 9007199254740991 "], b"x-amzn-bedrock-output-token-count": [b"0"]})
+        self.assertEqual((u.input_tokens, u.output_tokens), (2**53 - 1, 0))
+
+    def test_bedrockHeadersWhenTheBodyIsTooLarge(self) -> None:
+        """A body past the capture limit: the token-count headers still give the counts."""
+        u = read("bedrock", json.dumps({"pad": "x" * 5000}).encode(), "application/json", b"/model/amazon.titan/invoke", limit=1024,
+                 extra={b"x-amzn-bedrock-input-token-count": [b"12"], b"x-amzn-bedrock-output-token-count": [b"30"]})
+        self.assertEqual((u.usage_source, u.input_tokens, u.output_tokens), ("response", 12, 30))
+
+
+def _bombBlock(unit: bytes, encoding: str, size: int) -> bytes:
+    """C{size} bytes of repeated C{unit}, compressed."""
+    return compress(unit * (size // len(unit)), encoding)
+
+
+class BoundedDecodingTests(SynchronousTestCase):
+    """Compressed bodies are read up to a budget per call and, for streams, per wire chunk."""
+
+    def reader(self, encoding: str, limit: int = LIMIT, ctype: bytes = b"text/event-stream") -> tuple[Any, list[int]]:
+        headers = Headers({b"content-type": [ctype], b"content-encoding": [encoding.encode()]})
+        reader: Any = readerFor("openai", 200, headers, b"/v1/chat/completions", limit)
+        scanned: list[int] = []
+        take = reader._take
+
+        def counting(piece: bytes) -> None:
+            scanned.append(len(piece))
+            take(piece)
+
+        reader._take = counting
+        return reader, scanned
+
+    def test_oneChunkInflatingPastTheChunkBudget(self) -> None:
+        """A stream's wire chunk that inflates past CHUNK_BUDGET is read no further: at most that much
+        is scanned, later chunks are not decoded, and the usage is truncated (gzip, deflate, br, zstd)."""
+        from lmgate.decoding import CHUNK_BUDGET
+
+        for encoding in ("gzip", "deflate", "br", "zstd"):
+            wire = _bombBlock(b"data: x\n\n", encoding, 64 * 1024 * 1024)
+            self.assertLess(len(wire), 512 * 1024, encoding)
+            reader, scanned = self.reader(encoding)
+            reader.feed(wire)
+            reader.feed(wire)
+            self.assertLessEqual(sum(scanned), CHUNK_BUDGET, encoding)
+            self.assertEqual(reader.finish().usage_source, "truncated", encoding)
+
+    def test_budgetPerCall(self) -> None:
+        """Chunks each under the chunk budget stop being read past 16 × the capture limit decoded."""
+        from lmgate.decoding import BUDGET_FACTOR
+
+        limit = 4096
+        body = fixture("openai/chat_completions_stream_usage.sse")
+        events = body * (BUDGET_FACTOR * limit // len(body) + 2)
+        for encoding in ("gzip", "br", "zstd"):
+            wire = compress(events, encoding)
+            reader, scanned = self.reader(encoding, limit)
+            for i in range(0, len(wire), 100):
+                reader.feed(wire[i : i + 100])
+            self.assertLessEqual(sum(scanned), BUDGET_FACTOR * limit, encoding)
+            self.assertEqual(reader.finish().usage_source, "truncated", encoding)
+            # Under the budget, the same stream is read.
+            short = compress(body * (BUDGET_FACTOR * limit // len(body) - 1), encoding)
+            reader, _ = self.reader(encoding, limit)
+            reader.feed(short)
+            self.assertEqual(reader.finish().usage_source, "response", encoding)
+
+    def test_identityIsNotBounded(self) -> None:
+        """An uncompressed stream costs no more than its wire bytes: it is read to the end."""
+        body = fixture("openai/chat_completions_stream_usage.sse")
+        u = read("openai", body * 200, "text/event-stream", limit=1024)
+        self.assertEqual((u.usage_source, u.input_tokens), ("response", 12))
+
+    def test_zstdPiecesStaySmall(self) -> None:
+        """zstd output comes in pieces of at most PIECE bytes, however well the input compresses."""
+        from lmgate.decoding import PIECE, decoderFor
+
+        wire = compress(b"\0" * (32 * 1024 * 1024), "zstd")
+        sizes = [len(p) for p in decoderFor(b"zstd").decode(wire)]
+        self.assertEqual((max(sizes), sum(sizes)), (PIECE, 32 * 1024 * 1024))
+
+
+class EventStreamFrameTests(SynchronousTestCase):
+    def test_largeFrameIsNotBuffered(self) -> None:
+        """A frame announcing 20 MiB (more than the capture limit) is not buffered: reading stops, the
+        usage is truncated, and the reader holds no more than the frames before it."""
+        import struct
+
+        prelude = struct.pack(">II", 20 * 1024 * 1024, 0)
+        frame = prelude + struct.pack(">I", zlib.crc32(prelude))
+        headers = Headers({b"content-type": [b"application/vnd.amazon.eventstream"]})
+        reader: Any = readerFor("bedrock", 200, headers, b"/model/m/converse-stream", 1024 * 1024)
+        first = event("messageStart", b'{"role":"assistant"}')
+        reader.feed(first + frame[:5])
+        reader.feed(frame[5:])
+        for _ in range(320):
+            reader.feed(b"\0" * 65536)
+        self.assertLessEqual(len(reader._buffer._data), len(first) + len(frame))
+        self.assertEqual(reader.finish().usage_source, "truncated")
+
+    def test_frameAtTheLimitIsRead(self) -> None:
+        """A frame as long as the capture limit is read; split anywhere, frame lengths are followed."""
+        metadata = event("metadata", json.dumps({"usage": {"inputTokens": 3, "outputTokens": 4}}).encode())
+        pad = event("contentBlockDelta", b'{"p":"' + b"x" * (1000 - len(event("contentBlockDelta", b'{"p":""}'))) + b'"}')
+        self.assertEqual(len(pad), 1000)
+        body = pad + metadata + pad
+        for i in range(len(body) + 1):
+            u = read("bedrock", body, "application/vnd.amazon.eventstream", b"/model/m/converse-stream", limit=1024 if i % 2 else 1000,
+                     pieces=[body[:i], body[i:]])
+            self.assertEqual((u.input_tokens, u.output_tokens), (3, 4), i)
+        u = read("bedrock", body, "application/vnd.amazon.eventstream", b"/model/m/converse-stream", limit=999)
+        self.assertEqual((u.usage_source, u.input_tokens), ("truncated", None))
+
+
+class HostileRecordTests(TestCase):
+    async def test_recordWrittenForHostileCounts(self) -> None:
+        """Through the gateway, with a price table and the metrics sink: each hostile count gives a
+        record (usage invalid, counts and cost null) that every sink takes and that serialises."""
+        from lmgate.metrics import Fanout, Metrics
+        from lmgate.prices import PriceTable
+        from tests.test_prices import EXAMPLE
+
+        for value in HOSTILE_COUNTS:
+            upstream = FakeUpstream()
+            body = json.dumps({"model": "gpt-4o-mini", "usage": {"prompt_tokens": value, "completion_tokens": 2}}).encode()
+
+            def handler(request: Any, body: bytes = body) -> bytes:
+                request.setHeader(b"content-type", b"application/json")
+                return body
+
+            upstream.handler = handler
+            gate = startGateway(self, upstream)
+            gate.gateway.prices = PriceTable.load(EXAMPLE)
+            recorded = gate.sink
+            gate.gateway.sink = Fanout([Metrics(models=["gpt-4o"]), recorded])
+            response, relayed, _ = await call(self, gate.url + "/openai/v1/chat/completions")
+            self.assertEqual(relayed, body)
+            [record] = await recorded.waitFor(1)
+            self.assertEqual((record.usage_source, record.input_tokens, record.output_tokens, record.total_tokens, record.cost_usd),
+                             ("invalid", None, None, None, None), repr(value)[:20])
+            self.assertEqual(json.loads(record.toLine())["usage_source"], "invalid")
