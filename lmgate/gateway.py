@@ -271,14 +271,16 @@ def _logEscape(value: bytes | str) -> str:
 
 def redactingLogFormatter(timestamp: str | None, request: Request) -> str:
     """
-    The combined log format, with any C{key=} query value masked: Gemini clients
-    send their API key in the URL.
+    The combined log format, with the value of every credential query
+    parameter masked, however its name is encoded (C{key=}, C{k%65y=},
+    C{access_token=} ...): Gemini clients send their API key in the URL, and a
+    refused request may carry anything there.
     """
-    from lmgate.credentials import redactQuery
+    from lmgate.credentials import mayHoldCredential, redactQuery
 
     uri = request.uri
     path, sep, query = uri.partition(b"?")
-    if sep and b"key=" in query.lower():
+    if sep and mayHoldCredential(query):
         uri = path + b"?" + redactQuery(query)
     client = request.getClientAddress()
     ip = getattr(client, "host", None) or "-"

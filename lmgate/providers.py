@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from typing import Mapping
+from urllib.parse import urlsplit
 
 from lmgate.config import ProviderSettings
 
@@ -83,6 +84,10 @@ class Provider:
         (openai, anthropic, google, bedrock).
     @ivar baseURL: the upstream URL, base path included, no trailing slash;
         the relayed request's raw path is appended to it.
+    @ivar emptyRest: what stands for an empty rest of the path: C{/} when the
+        base URL has no path (so a query can never follow the host directly,
+        where a relay splitting at the first C{/} would take it for the path),
+        nothing when it has one.
     @ivar requestIdHeaders: response headers holding the provider's call id.
     """
 
@@ -90,6 +95,7 @@ class Provider:
         self.name = settings.name
         self.format = settings.format
         self.baseURL = settings.upstream.encode("ascii")
+        self.emptyRest = b"" if urlsplit(settings.upstream).path else b"/"
         self.requestIdHeaders = _REQUEST_ID_HEADERS[settings.format]
 
     def __repr__(self) -> str:
@@ -97,12 +103,15 @@ class Provider:
 
     def upstreamURL(self, rest: bytes, query: bytes | None) -> bytes:
         """
-        The upstream URL for a request: base URL + raw path (+ raw query).
+        The upstream URL for a request: base URL + raw path (+ raw query). The
+        URL always has a path (C{/} at least), so the query stays the query.
 
         @param rest: the path after the prefix, empty or starting with C{/},
             already checked by the router; never decoded.
         @param query: the raw query string, or L{None} when the request had no C{?}.
         """
+        if not rest:
+            rest = self.emptyRest
         if query is None:
             return self.baseURL + rest
         return self.baseURL + rest + b"?" + query

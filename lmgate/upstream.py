@@ -233,6 +233,27 @@ _METHOD = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _TARGET = re.compile(rb"\A[\x21-\x7e]+\Z")
 
 
+def originAndTarget(uri: bytes) -> tuple[bytes, bytes]:
+    """
+    An absolute URL split into its origin (C{scheme://host[:port]}) and its
+    request target.
+
+    The authority ends at the first C{/}, C{?} or C{#} after C{//} (RFC 3986
+    section 3.2), so in C{http://h?/x} the C{/x} belongs to the query, never to
+    the path; an empty path is C{/}.
+    """
+    start = uri.find(b"//") + 2
+    slash = uri.find(b"/", start)
+    end = len(uri) if slash < 0 else slash
+    for mark in (b"?", b"#"):
+        at = uri.find(mark, start, end)
+        if at >= 0:
+            end = at
+    if end == slash:
+        return uri[:slash], uri[slash:]
+    return uri[:end], b"/" + uri[end:]
+
+
 @dataclass(frozen=True)
 class _Origin:
     """What a request to one upstream origin needs, built once: pool key, endpoint, Host value."""
@@ -401,9 +422,8 @@ class RelayAgent:
     def request(
         self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: IBodyProducer | None = None
     ) -> Deferred[IResponse]:
-        slash = uri.find(b"/", uri.find(b"//") + 2)
-        origin, target = (uri, b"/") if slash < 0 else (uri[:slash], uri[slash:])
         try:
+            origin, target = originAndTarget(uri)
             if not _METHOD.match(method):
                 raise ValueError(f"invalid method {method!r}")
             if not _TARGET.match(target):

@@ -6,7 +6,18 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from lmgate.credentials import CredentialError, extractCredential, maskKey, redactQuery
+from lmgate.credentials import (
+    CREDENTIAL_HEADERS,
+    CREDENTIAL_PARAMETERS,
+    CredentialError,
+    extractCredential,
+    maskKey,
+    mayHoldCredential,
+    redactQuery,
+)
+
+KEY = b"sk-allowed-0123456789abcdef"
+OTHER = b"sk-smuggled-9876543210zyxw"
 
 
 def extract(headers: dict[bytes, list[bytes]], query: bytes = b"") -> tuple[str, bytes] | None:
@@ -61,6 +72,107 @@ class ExtractionTests(SynchronousTestCase):
                 extract(headers, query)
             self.assertNotIn("caf", str(e.exception))
 
+    def test_sameKeyInEveryCheckedFormIsOne(self) -> None:
+        """An SDK sending one key in several of the forms LMGate reads (Authorization
+        and x-api-key, say) is let through: the one key is the one checked."""
+        headers = {b"Authorization": [b"Bearer " + KEY], b"X-API-Key": [KEY], b"api-key": [KEY], b"x-goog-api-key": [KEY]}
+        self.assertEqual(extract(headers, b"alt=sse&key=" + KEY), ("bearer", KEY))
+
+    def test_encodedKeyNameIsTheKey(self) -> None:
+        """C{k%65y} is C{key} to the upstream, so it is read (and checked) as the key."""
+        self.assertEqual(extract({}, b"alt=sse&k%65y=" + KEY), ("query-key", KEY))
+        with self.assertRaises(CredentialError):
+            extract({b"Authorization": [b"Bearer " + KEY]}, b"k%65y=" + OTHER)
+        with self.assertRaises(CredentialError):
+            extract({}, b"key=" + KEY + b"&k%65y=" + KEY)
+
+    def test_uncheckedFormsRefused(self) -> None:
+        """A credential in a form LMGate does not read is refused beside an allowed key,
+        whatever its value (the same key included); the message names the form, never the value."""
+        auth = {b"Authorization": [b"Bearer " + KEY]}
+        headerCases = [
+            b"x_api_key", b"X_API_KEY", b"x-api_key", b"api_key", b"x_goog_api_key", b"X-Goog_Api-Key",
+            b"Ocp-Apim-Subscription-Key", b"ocp_apim_subscription_key", b"X-Amz-Security-Token",
+        ]
+        queryCases = [
+            b"access_token", b"ACCESS_TOKEN", b"%61ccess_token", b"access-token", b"oauth_token", b"api_key",
+            b"api-key", b"API%5Fkey", b"apikey", b"ApiKey", b"x-api-key", b"x_goog_api_key", b"KEY", b"Key",
+            b"key+", b"%20key", b"k%2565y", b"subscription-key", b"X-Amz-Credential", b"X-Amz-Signature",
+            b"x-amz-security-token",
+        ]
+        cases: list[tuple[dict[bytes, list[bytes]], bytes]] = []
+        for name in headerCases:
+            for value in (KEY, OTHER):
+                cases.append(({**auth, name: [value]}, b""))
+        for name in queryCases:
+            for value in (KEY, OTHER):
+                for query in (b"alt=sse&" + name + b"=" + value, name + b"=" + value + b"&a=1", b"a=1;" + name + b"=" + value):
+                    cases.append((auth, query))
+        for headers, query in cases:
+            with self.assertRaises(CredentialError, msg=(headers, query)) as e:
+                extract(headers, query)
+            message = str(e.exception)
+            self.assertIn("does not check", message)
+            self.assertNotIn("sk-", message)
+
+    def test_otherParametersPass(self) -> None:
+        """Parameters that merely look like credentials (C{pageToken}, C{monkey}) are left alone."""
+        auth = {b"Authorization": [b"Bearer " + KEY]}
+        for query in [b"pageToken=abc&pageSize=2", b"monkey=1", b"alt=sse", b"after=x&limit=2&order=desc", b"a=%20"]:
+            self.assertEqual(extract(auth, query), ("bearer", KEY), query)
+
+    def test_everyCredentialNameIsHinted(self) -> None:
+        """The cheap pre-test cannot miss a credential parameter, in any case."""
+        for name in CREDENTIAL_PARAMETERS:
+            for spelling in (name, name.upper(), name.replace(b"_", b"-"), name.title()):
+                self.assertTrue(mayHoldCredential(spelling + b"=x"), spelling)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.data())
+    def test_anySpellingOfAnUncheckedParameterIsRefused(self, data: st.DataObject) -> None:
+        """Beside an allowed key, a credential parameter carrying another value under any
+        spelling (cases mixed, C{-} and C{_} swapped, characters percent-encoded) is
+        refused, and masked in the log."""
+        name = data.draw(st.sampled_from(sorted(CREDENTIAL_PARAMETERS)))
+        spelled = b""
+        for byte in name:
+            char = bytes([byte])
+            if char in b"-_":
+                char = data.draw(st.sampled_from([b"-", b"_"]))
+            elif data.draw(st.booleans()):
+                char = char.upper()
+            if data.draw(st.integers(0, 3)) == 0:
+                char = b"%%%02X" % char[0]
+            spelled += char
+        query = b"alt=sse&" + spelled + b"=" + OTHER + b"&x=1"
+        self.assertTrue(mayHoldCredential(query))
+        redacted = redactQuery(query)
+        self.assertNotIn(OTHER, redacted)
+        self.assertTrue(redacted.startswith(b"alt=sse&" + spelled + b"=") and redacted.endswith(b"&x=1"), redacted)
+        try:
+            credential = extract({b"Authorization": [b"Bearer " + KEY]}, query)
+        except CredentialError:
+            return
+        self.fail(f"{query!r} gave {credential}")
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.sampled_from(sorted(CREDENTIAL_HEADERS)), st.data())
+    def test_anySpellingOfACredentialHeaderIsRead(self, name: bytes, data: st.DataObject) -> None:
+        """A credential header under any case and C{-}/C{_} spelling is either one LMGate
+        reads (and checks), or is refused: it never passes unseen."""
+        spelled = bytes(
+            data.draw(st.sampled_from([b"-"[0], b"_"[0]])) if byte in b"-_" else (
+                byte if not data.draw(st.booleans()) else bytes([byte]).upper()[0]
+            )
+            for byte in name
+        )
+        try:
+            credential = extract({spelled: [OTHER]})
+        except CredentialError:
+            return
+        self.assertEqual(credential, (name.decode(), OTHER))
+        self.assertNotIn(b"_", spelled)
+
     @settings(max_examples=300, deadline=None)
     @given(
         st.dictionaries(
@@ -94,3 +206,11 @@ class MaskingTests(SynchronousTestCase):
         """A C{key=} value in a query is masked, other parameters untouched."""
         self.assertEqual(redactQuery(b"alt=sse&key=AIzaSyA0123456789xyz"), "alt=sse&key=AIza…9xyz".encode())
         self.assertEqual(redactQuery(b"a=1"), b"a=1")
+
+    def test_redactEveryCredentialParameter(self) -> None:
+        """Every credential parameter is masked, however its name is encoded, C{;} or C{&} between."""
+        secret = b"AIzaSyA0123456789secret"
+        for name in [b"key", b"k%65y", b"KEY", b"access_token", b"%61ccess_token", b"api-key", b"X-Amz-Signature", b"key+"]:
+            query = b"alt=sse&" + name + b"=" + secret + b";b=2"
+            self.assertEqual(redactQuery(query), b"alt=sse&" + name + b"=AIza\xe2\x80\xa6cret;b=2", name)
+        self.assertEqual(redactQuery(b"pageToken=abc&monkey=1"), b"pageToken=abc&monkey=1")

@@ -140,3 +140,114 @@ class RoutingPropertyTests(SynchronousTestCase):
                 self.assertNotIn("..", segments, url)
 
         check()
+
+
+def _provider(upstream: str) -> Provider:
+    """A route as the configuration builds it (trailing slashes dropped by the config check)."""
+    from lmgate.config import settingsFrom
+
+    settings = settingsFrom({"providers": {"p": {"upstream": upstream, "format": "openai"}}}, "t", {})
+    return Provider(settings.providers["p"])
+
+
+class QueryStaysTheQueryTests(SynchronousTestCase):
+    """A query on a route's bare prefix is the upstream's query, never its path."""
+
+    def test_bareRouteBareUpstream(self) -> None:
+        """On an upstream with no base path, C{/openai?...} goes to C{/?...}."""
+        for upstream in ("https://api.openai.com", "https://api.openai.com/"):
+            provider = _provider(upstream)
+            for target, url in [
+                (b"/openai?/../../etc/passwd", b"https://api.openai.com/?/../../etc/passwd"),
+                (b"/openai?x=1", b"https://api.openai.com/?x=1"),
+                (b"/openai", b"https://api.openai.com/"),
+                (b"/openai/?x", b"https://api.openai.com/?x"),
+            ]:
+                self.assertEqual(provider.upstreamURL(*splitTarget(target)[1:]), url, (upstream, target))
+
+    def test_everyRouteShape(self) -> None:
+        """Each upstream shape and each request shape gives the request line the upstream sees."""
+        from lmgate.upstream import originAndTarget
+
+        expected = {
+            "http://h:8000": [b"/", b"/", b"/?x", b"/?x", b"/v1/x?y"],
+            "http://h:8000/": [b"/", b"/", b"/?x", b"/?x", b"/v1/x?y"],
+            "http://h:8000/base": [b"/base", b"/base/", b"/base?x", b"/base/?x", b"/base/v1/x?y"],
+            "http://h:8000/base/": [b"/base", b"/base/", b"/base?x", b"/base/?x", b"/base/v1/x?y"],
+        }
+        targets = [b"/p", b"/p/", b"/p?x", b"/p/?x", b"/p/v1/x?y"]
+        for upstream, lines in expected.items():
+            provider = _provider(upstream)
+            for target, line in zip(targets, lines):
+                name, rest, query = splitTarget(target)
+                self.assertEqual(originAndTarget(provider.upstreamURL(rest, query)), (b"http://h:8000", line), (upstream, target))
+
+
+class OriginAndTargetTests(SynchronousTestCase):
+    def test_authorityEndsAtQueryOrFragment(self) -> None:
+        """The relay's split ends the authority at C{/}, C{?} or C{#}, as RFC 3986 does: a
+        slash inside a query right after the host is never taken for the path."""
+        from lmgate.upstream import originAndTarget
+
+        self.assertEqual(originAndTarget(b"http://h:1?/../../etc/passwd"), (b"http://h:1", b"/?/../../etc/passwd"))
+        self.assertEqual(originAndTarget(b"http://h:1?x=1"), (b"http://h:1", b"/?x=1"))
+        self.assertEqual(originAndTarget(b"http://h:1"), (b"http://h:1", b"/"))
+        self.assertEqual(originAndTarget(b"https://h/a/b?c/d"), (b"https://h", b"/a/b?c/d"))
+        self.assertEqual(originAndTarget(b"https://[::1]:8/a"), (b"https://[::1]:8", b"/a"))
+
+
+class UpstreamURLPropertyTests(SynchronousTestCase):
+    """
+    For any upstream shape and any request target the router accepts, the upstream
+    URL, read the way Twisted's Agent reads it (C{URI.fromBytes}) and the way the
+    relay splits it, has the upstream's scheme, host and port, the base path followed
+    by the rest (never above the base), and exactly the client's raw query.
+    """
+
+    def test_joinedURL(self) -> None:
+        from hypothesis import given, settings, strategies as st
+        from twisted.web.client import URI
+
+        from lmgate.upstream import originAndTarget
+
+        hosts = st.sampled_from(["api.example", "127.0.0.1", "[::1]", "h-1.example"])
+        ports = st.sampled_from(["", ":8443", ":1"])
+        basePaths = st.sampled_from(["", "/", "/base", "/base/", "/a/b", "/a/b/", "/v1%2Fx", "/@x:1"])
+        segment = st.sampled_from([b"", b"v1", b"x", b"a.b", b"..x", b"%41", b"@h", b":80", b"c;d", b"~", b"models", b"%3A"])
+        queryChars = st.sampled_from([b"", b"x", b"=", b"&", b"/", b"..", b"?", b"%2F", b"@", b":", b"http://evil/", b";", b"key"])
+
+        @settings(max_examples=600, deadline=None)
+        @given(
+            st.sampled_from(["http", "https"]), hosts, ports, basePaths,
+            st.lists(segment, max_size=5), st.booleans(), st.one_of(st.none(), st.lists(queryChars, max_size=8)),
+        )
+        def check(
+            scheme: str, host: str, port: str, basePath: str, segments: list[bytes], slashAfter: bool,
+            queryParts: list[bytes] | None,
+        ) -> None:
+            base = f"{scheme}://{host}{port}{basePath}"
+            path = b"/p" + b"".join(b"/" + s for s in segments) + (b"/" if slashAfter else b"")
+            query = None if queryParts is None else b"".join(queryParts)
+            target = path if query is None else path + b"?" + query
+            try:
+                name, rest, gotQuery = splitTarget(target)
+            except RouteError:
+                return
+            self.assertEqual(gotQuery, query)
+            url = _provider(base).upstreamURL(rest, gotQuery)
+            baseURI = URI.fromBytes(base.encode())
+            parsed = URI.fromBytes(url)
+            self.assertEqual((parsed.scheme, parsed.host, parsed.port), (baseURI.scheme, baseURI.host, baseURI.port), url)
+            basePrefix = basePath.rstrip("/").encode()
+            fullPath = parsed.path + (b";" + parsed.params if parsed.params else b"")
+            self.assertEqual(fullPath, (basePrefix + rest) or b"/", url)
+            self.assertEqual(parsed.query, query or b"", url)
+            self.assertNotIn(b"..", fullPath.split(b"/"))
+            expectedTarget = fullPath + (b"" if query is None else b"?" + query)
+            if query != b"":  # Agent's urlunparse drops an empty query's "?"; the relay keeps it
+                self.assertEqual(parsed.originForm, expectedTarget, url)
+            origin, requestTarget = originAndTarget(url)
+            self.assertEqual(origin, f"{scheme}://{host}{port}".encode(), url)
+            self.assertEqual(requestTarget, expectedTarget, url)
+
+        check()
