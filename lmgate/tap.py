@@ -568,6 +568,18 @@ def buildService(
     return top
 
 
+def _warnIgnoredEnvironment() -> None:
+    """One line naming the C{LMGATE_*} variables that are no configuration key."""
+    from lmgate.config import ignoredEnvironment
+
+    ignored = ignoredEnvironment(os.environ)
+    if ignored:
+        log.warn(
+            "Ignoring environment variables that name no configuration key: {names}",
+            names=", ".join(ignored),
+        )
+
+
 def serviceFor(
     configPath: str | None,
     listen: str | None = None,
@@ -586,6 +598,8 @@ def serviceFor(
         reactor = globalReactor
     try:
         settings = settingsFor(configPath, listen)
+        if workerFd is None:  # once: a worker has its supervisor's environment
+            _warnIgnoredEnvironment()
         if workers > 1 and workerFd is None:
             return supervisorService(settings, reactor, configPath, listen, workers)
         return buildService(settings, reactor, listen, workerFd, workerIndex)
