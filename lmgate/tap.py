@@ -59,6 +59,9 @@ def demoSettings(environ: Any = None) -> Settings:
 
     raw = yaml.safe_load((demo / "lmgate.yaml").read_text())
     raw.setdefault("allowlist", {})["path"] = str(demo / "allowlist.csv")
+    # The packaged copy of etc/prices.yaml (kept identical by a test): the demo
+    # prices its calls from any working directory.
+    raw.setdefault("prices", {})["path"] = str(demo / "prices.yaml")
     return settingsFrom(raw, DEMO_SOURCE, environ)
 
 
