@@ -522,13 +522,9 @@ def buildService(
     if settings.stubListen is not None:
         stubService(reactor, settings).setServiceParent(top)
     if metrics is not None:
-        from twisted.web.server import Site
+        from lmgate.metrics import AdminSite
 
-        from lmgate.metrics import adminResource
-
-        adminSite = Site(adminResource(metrics))
-        adminSite.noisy = False
-        adminSite.log = lambda request: None  # type: ignore[method-assign]
+        adminSite = AdminSite(metrics)
         assert settings.adminListen is not None
         admin = StreamServerEndpointService(_endpoint(reactor, settings.adminListen, settings, "admin.listen"), adminSite)
         admin._raiseSynchronously = True

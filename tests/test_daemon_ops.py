@@ -123,3 +123,85 @@ class PackagedPricesTests(SynchronousTestCase):
         with open(os.path.join(PROJECT, "lmgate", "demo", "prices.yaml"), "rb") as f:
             packaged = f.read()
         self.assertEqual(packaged, editable, "copy etc/prices.yaml to lmgate/demo/prices.yaml")
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """Send C{data} on a new connection to 127.0.0.1:C{port}; everything received until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        received = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+
+
+def head(response: bytes) -> tuple[int, dict[bytes, bytes]]:
+    """The status and the (lower-cased) headers of a raw HTTP/1.1 response."""
+    lines = response.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    headers = dict(line.split(b":", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.strip().lower(): v.strip() for k, v in headers.items()}
+
+
+class AdminPortTests(OpsTestCase):
+    async def test_adminPortServesOnlyItsPagesTakesNoBodyAndShowsNoBanner(self) -> None:
+        """
+        The admin port answers exactly /metrics and /healthz (404 for anything
+        else, sub-paths included), refuses a request body with 413 as soon as
+        the headers are in (no 100 Continue, the body never sent), and neither
+        it nor the gateway port's own answers carry a TwistedWeb Server banner;
+        a relayed response keeps the upstream's own Server header.
+        """
+        from tests.daemon import inThread
+
+        admin = freePort()
+        daemon = Daemon(self, self.config(f'admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}\n'), self.directory)
+        daemon.start()
+        await daemon.waitUntilHealthy(self.port)
+
+        def get(port: int, path: bytes, method: bytes = b"GET", extra: bytes = b"") -> tuple[int, dict[bytes, bytes], bytes]:
+            raw = exchange(port, method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + extra + b"\r\n")
+            status, headers = head(raw)
+            return status, headers, raw
+
+        def probe() -> dict[str, object]:
+            seen: dict[str, object] = {}
+            for path in (b"/metrics", b"/metrics?x=1", b"/healthz", b"/", b"/metrics/x", b"/healthz/x", b"/metrics/",
+                         b"/nothing", b"//metrics"):
+                status, headers, _ = get(admin, path)
+                seen[path.decode()] = (status, headers.get(b"server"))
+            seen["POST /metrics"] = get(admin, b"/metrics", b"POST", b"Content-Length: 0\r\n")[:2][0]
+            # A body announced: refused at once, before it is sent (the socket would hang otherwise).
+            status, headers, raw = get(admin, b"/metrics", b"POST", b"Content-Length: 33554432\r\nExpect: 100-continue\r\n")
+            seen["large body"] = (status, b"100 Continue" in raw, headers.get(b"server"))
+            status, headers, raw = get(admin, b"/metrics", b"POST", b"Transfer-Encoding: chunked\r\n")
+            seen["chunked body"] = (status, headers.get(b"server"))
+            for path, extra in [(b"/healthz", b""), (b"/openai/v1/models", b""), (b"/nowhere/v1", b""),
+                                (b"/openai/v1/chat/completions", b"Authorization: Bearer " + KEY.encode() + b"\r\n")]:
+                status, headers, _ = get(self.port, path, b"GET", extra)
+                seen["gateway " + path.decode()] = (status, headers.get(b"server"))
+            return seen
+
+        seen = await inThread(probe)
+        await daemon.stop()
+        relayed = seen.pop("gateway /openai/v1/chat/completions")
+        self.assertEqual(seen, {
+            "/metrics": (200, None),
+            "/metrics?x=1": (200, None),
+            "/healthz": (200, None),
+            "/": (404, None),
+            "/metrics/x": (404, None),
+            "/healthz/x": (404, None),
+            "/metrics/": (404, None),
+            "/nothing": (404, None),
+            "//metrics": (404, None),
+            "POST /metrics": 405,
+            "large body": (413, False, None),
+            "chunked body": (413, None),
+            "gateway /healthz": (200, None),
+            "gateway /openai/v1/models": (403, None),
+            "gateway /nowhere/v1": (404, None),
+        })
+        # The stub upstream is a twisted.web site of its own: its banner is the upstream's, relayed as it came.
+        self.assertTrue(str(relayed[1]).startswith("b'TwistedWeb/"), relayed)
