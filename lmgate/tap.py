@@ -378,6 +378,75 @@ def _endpoint(reactor: Any, description: str, settings: Settings, key: str) -> A
         raise ConfigError(settings.source, key, f"not a usable endpoint ({e}): {description!r}") from None
 
 
+def cannotListen(description: str, error: BaseException) -> str:
+    """
+    C{cannot listen on tcp:8080:interface=127.0.0.1: address already in use}:
+    the endpoint as configured and the system's reason.
+    """
+    from twisted.internet.error import CannotListenError
+
+    if isinstance(error, CannotListenError) and error.socketError is not None:
+        error = error.socketError
+    reason = getattr(error, "strerror", None) or str(error)
+    return f"cannot listen on {description}: {reason[:1].lower()}{reason[1:]}"
+
+
+def checkCanListen(endpoint: Any, description: str, settings: Settings, key: str) -> None:
+    """
+    Bind a TCP endpoint's address once, in the foreground, before twistd forks:
+    a port in use (or one this user may not bind) becomes one line and a
+    non-zero exit, where the real bind after forking could only report a
+    traceback or a truncated message. Other kinds of endpoint are bound by
+    L{Listener} only.
+
+    @raise ConfigError: the address cannot be bound.
+    """
+    import socket
+
+    from twisted.internet.abstract import isIPv6Address
+    from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+
+    if not isinstance(endpoint, (TCP4ServerEndpoint, SSL4ServerEndpoint)) or not endpoint._port:
+        return
+    interface = endpoint._interface
+    family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) or isIPv6Address(interface) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted binds
+        try:
+            probe.bind((interface, endpoint._port))
+            probe.listen(1)
+        except OSError as e:
+            raise ConfigError(settings.source, key, cannotListen(description, e)) from None
+
+
+class Listener(StreamServerEndpointService):
+    """
+    A listening endpoint whose failure to listen (after the foreground check,
+    or for an endpoint it cannot check) stops the start with one line naming
+    the endpoint, instead of twistd's traceback.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
+        StreamServerEndpointService.__init__(self, endpoint, factory)
+        self.description = description
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        from twisted.internet.error import CannotListenError
+
+        try:
+            StreamServerEndpointService.privilegedStartService(self)
+        except CannotListenError as e:
+            raise SystemExit(f"lmgate: {cannotListen(self.description, e)}") from None
+
+
+def listenerFor(reactor: Any, description: str, factory: Any, settings: Settings, key: str) -> Listener:
+    """The service listening on C{description} (the setting C{key}), checked in the foreground."""
+    endpoint = _endpoint(reactor, description, settings, key)
+    checkCanListen(endpoint, description, settings, key)
+    return Listener(endpoint, factory, description)
+
+
 def stubService(reactor: Any, settings: Settings) -> Service:
     """The in-process stub upstream (C{stub.listen})."""
     from twisted.web.server import Site
@@ -388,9 +457,7 @@ def stubService(reactor: Any, settings: Settings) -> Service:
     stubSite = Site(makeStubResource(reactor))
     stubSite.noisy = False
     stubSite.log = lambda request: None  # type: ignore[method-assign]  # the gateway's access log shows each call
-    stub = StreamServerEndpointService(_endpoint(reactor, settings.stubListen, settings, "stub.listen"), stubSite)
-    stub._raiseSynchronously = True
-    return stub
+    return listenerFor(reactor, settings.stubListen, stubSite, settings, "stub.listen")
 
 
 def supervisorService(settings: Settings, reactor: Any, configPath: str | None, listen: str | None, workers: int) -> IService:
@@ -509,8 +576,7 @@ def buildService(
 
         listener = AdoptedListener(reactor, workerFd, site)
     else:
-        listener = StreamServerEndpointService(_endpoint(reactor, settings.listen, settings, "listen"), site)
-        listener._raiseSynchronously = True
+        listener = listenerFor(reactor, settings.listen, site, settings, "listen")
 
     top = OrderedMultiService(reactor)
     # Started in this order, stopped in reverse, one after another.
@@ -526,8 +592,7 @@ def buildService(
 
         adminSite = AdminSite(metrics)
         assert settings.adminListen is not None
-        admin = StreamServerEndpointService(_endpoint(reactor, settings.adminListen, settings, "admin.listen"), adminSite)
-        admin._raiseSynchronously = True
+        admin = listenerFor(reactor, settings.adminListen, adminSite, settings, "admin.listen")
         admin.setServiceParent(top)
     def drainCalls(timeout: float) -> Deferred[None]:
         # No further request is read from client connections (idle ones close now), the

@@ -68,7 +68,9 @@ def listeningSocket(reactor: Any, settings: Settings) -> socket.socket:
         sock.listen(backlog)
     except OSError as e:
         sock.close()
-        raise ConfigError(settings.source, "listen", f"cannot listen on {settings.listen}: {e.strerror or e}") from None
+        from lmgate.tap import cannotListen
+
+        raise ConfigError(settings.source, "listen", cannotListen(settings.listen, e)) from None
     sock.setblocking(False)
     os.set_inheritable(sock.fileno(), True)
     return sock

@@ -205,3 +205,72 @@ class AdminPortTests(OpsTestCase):
         })
         # The stub upstream is a twisted.web site of its own: its banner is the upstream's, relayed as it came.
         self.assertTrue(str(relayed[1]).startswith("b'TwistedWeb/"), relayed)
+
+
+class PortInUseTests(OpsTestCase):
+    """A port already taken stops the start with one line naming the endpoint: no traceback."""
+
+    def takePort(self) -> int:
+        """A loopback port held by a listening socket until the test ends."""
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        self.addCleanup(holder.close)
+        return int(holder.getsockname()[1])
+
+    async def assertStopsWithOneLine(self, key: str, port: int, *extra: str, config: str = "") -> None:
+        daemon = Daemon(self, self.config(config), self.directory)
+        daemon.start(*extra)
+        code = await daemon.watch.ended
+        output = daemon.watch.output.decode()
+        self.assertNotEqual(code, 0, output)
+        self.assertNotIn("Traceback", output)
+        self.assertEqual(
+            output.strip().splitlines(),
+            [f"lmgate: {daemon.configPath}: {key}: cannot listen on tcp:{port}:interface=127.0.0.1: address already in use"],
+        )
+
+    async def test_listen(self) -> None:
+        self.port = self.takePort()
+        await self.assertStopsWithOneLine("listen", self.port)
+
+    async def test_listenWithWorkers(self) -> None:
+        self.port = self.takePort()
+        await self.assertStopsWithOneLine("listen", self.port, "--workers", "2")
+
+    async def test_stub(self) -> None:
+        self.stubPort = self.takePort()
+        await self.assertStopsWithOneLine("stub.listen", self.stubPort)
+
+    async def test_stubWithWorkers(self) -> None:
+        self.stubPort = self.takePort()
+        await self.assertStopsWithOneLine("stub.listen", self.stubPort, "--workers", "2")
+
+    async def test_admin(self) -> None:
+        admin = self.takePort()
+        await self.assertStopsWithOneLine("admin.listen", admin, config=f'admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}\n')
+
+
+class ListenerTests(SynchronousTestCase):
+    def test_failureAfterTheCheckIsOneLine(self) -> None:
+        """
+        A listen that fails when the service starts (the port taken after the
+        foreground check, or an endpoint that cannot be checked) is a
+        C{SystemExit} with one line naming the endpoint, not a traceback.
+        """
+        import errno
+
+        from twisted.internet.defer import fail
+        from twisted.internet.error import CannotListenError
+
+        from lmgate.tap import Listener
+
+        class Taken:
+            def listen(self, factory: object) -> object:
+                return fail(CannotListenError("127.0.0.1", 8080, OSError(errno.EADDRINUSE, "Address already in use")))
+
+        listener = Listener(Taken(), object(), "tcp:8080:interface=127.0.0.1")
+        with self.assertRaises(SystemExit) as e:
+            listener.privilegedStartService()
+        self.assertEqual(str(e.exception), "lmgate: cannot listen on tcp:8080:interface=127.0.0.1: address already in use")
+

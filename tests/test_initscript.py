@@ -105,6 +105,29 @@ providers:
         self.assertIn("timeouts.connect: must be a number > 0", result.stdout + result.stderr)
 
 
+    async def call(self) -> int:
+        response = await treq.post(f"http://127.0.0.1:{self.port}/openai/v1/chat/completions",
+                                   b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+                                   headers={"Authorization": f"Bearer {KEY}"}, persistent=False)
+        await response.content()
+        return int(response.code)
+
+    async def test_portInUseIsOneLine(self) -> None:
+        """A listening port already taken fails the start with one line naming the endpoint."""
+        import socket
+
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", self.port))
+            holder.listen(1)
+            result = await self.script("start")
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 1, output)
+        self.assertIn(f"listen: cannot listen on tcp:{self.port}:interface=127.0.0.1: address already in use\n", output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("An error has occurred", output)
+        self.assertFalse(os.path.exists(self.pidfile))
+
+
 class SystemdUnitTests(TestCase):
     def test_unitSettings(self) -> None:
         """The unit runs twistd in the foreground, reloads with SIGHUP, outwaits the drain, and is sandboxed."""
