@@ -104,6 +104,8 @@ class Supervisor(Service):
         self._socket: socket.socket | None = None
         self._workers: dict[int, tuple[Any, _Worker]] = {}
         self._stopping = False
+        #: Workers that exited non-zero when stopped (one that lost records, say).
+        self.uncleanStops = 0
 
     def startService(self) -> None:
         Service.startService(self)
@@ -146,6 +148,9 @@ class Supervisor(Service):
     def workerEnded(self, worker: _Worker, code: int | None) -> None:
         self._workers.pop(worker.index, None)
         if self._stopping:
+            if code != 0:
+                self.uncleanStops += 1
+                log.error("Worker {index} stopped with exit {code}", index=worker.index, code=code)
             return
         log.error("Worker {index} ended (exit {code}); starting it again", index=worker.index, code=code)
         self._reactor.callLater(RESTART_DELAY, self._respawn, worker.index)

@@ -274,3 +274,43 @@ class ListenerTests(SynchronousTestCase):
             listener.privilegedStartService()
         self.assertEqual(str(e.exception), "lmgate: cannot listen on tcp:8080:interface=127.0.0.1: address already in use")
 
+
+class LostRecordsTests(OpsTestCase):
+    """Records that cannot be written by the end of the stop make the daemon exit non-zero."""
+
+    def breakStatsFile(self, path: str) -> None:
+        os.unlink(path)
+        os.mkdir(path)  # nothing can be appended to it, even by root
+
+    async def test_exitStatus(self) -> None:
+        daemon = Daemon(self, self.config(), self.directory)
+        daemon.start()
+        await daemon.waitUntilHealthy(self.port)
+        self.breakStatsFile(self.statsPath)
+        self.assertEqual(await self.chat(), 200)
+        code = await daemon.stop()
+        output = daemon.watch.output.decode()
+        self.assertIn("1 usage records could not be written before stopping; they are lost", output)
+        self.assertEqual(code, 1, output)
+
+    async def test_exitStatusWithWorkers(self) -> None:
+        """A worker that lost records exits non-zero, and so does its supervisor."""
+        daemon = Daemon(self, self.config(), self.directory)
+        daemon.start("--workers", "2")
+        await daemon.waitUntilHealthy(self.port)
+        for index in (1, 2):
+            self.breakStatsFile(os.path.join(self.directory, "var", f"stats-w{index}.jsonl"))
+        self.assertEqual(await self.chat(), 200)
+        code = await daemon.stop()
+        output = daemon.watch.output.decode()
+        self.assertIn("usage records could not be written before stopping; they are lost", output)
+        self.assertIn("stopped with exit 1", output)
+        self.assertEqual(code, 1, output)
+
+    async def test_cleanStopExitsZero(self) -> None:
+        daemon = Daemon(self, self.config(), self.directory)
+        daemon.start()
+        await daemon.waitUntilHealthy(self.port)
+        self.assertEqual(await self.chat(), 200)
+        self.assertEqual(await daemon.stop(), 0)
+        self.assertEqual(len(readRecords(self.statsPath)), 1)
