@@ -148,7 +148,7 @@ class Supervisor(Service):
     def workerEnded(self, worker: _Worker, code: int | None) -> None:
         self._workers.pop(worker.index, None)
         if self._stopping:
-            if code != 0:
+            if code is not None and code != 0:  # None: ended by a signal (the TERM sent before it installed its handlers)
                 self.uncleanStops += 1
                 log.error("Worker {index} stopped with exit {code}", index=worker.index, code=code)
             return
