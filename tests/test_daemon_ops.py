@@ -98,7 +98,6 @@ class DemoTests(OpsTestCase):
         }
         daemon = Daemon(self, "", self.directory, env=env)
         self.assertFalse(os.path.exists(os.path.join(self.directory, "etc")))
-        response = None
         daemon.startDemo("--listen", f"tcp:{self.port}:interface=127.0.0.1")
         await daemon.waitUntilHealthy(self.port)
         response = await treq.post(
@@ -231,22 +230,27 @@ class PortInUseTests(OpsTestCase):
         )
 
     async def test_listen(self) -> None:
+        """The main listener's port taken."""
         self.port = self.takePort()
         await self.assertStopsWithOneLine("listen", self.port)
 
     async def test_listenWithWorkers(self) -> None:
+        """The shared port of --workers taken."""
         self.port = self.takePort()
         await self.assertStopsWithOneLine("listen", self.port, "--workers", "2")
 
     async def test_stub(self) -> None:
+        """The in-process stub upstream's port taken."""
         self.stubPort = self.takePort()
         await self.assertStopsWithOneLine("stub.listen", self.stubPort)
 
     async def test_stubWithWorkers(self) -> None:
+        """The stub's port taken, the supervisor serving it."""
         self.stubPort = self.takePort()
         await self.assertStopsWithOneLine("stub.listen", self.stubPort, "--workers", "2")
 
     async def test_admin(self) -> None:
+        """The admin listener's port taken."""
         admin = self.takePort()
         await self.assertStopsWithOneLine("admin.listen", admin, config=f'admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}\n')
 
@@ -283,6 +287,7 @@ class LostRecordsTests(OpsTestCase):
         os.mkdir(path)  # nothing can be appended to it, even by root
 
     async def test_exitStatus(self) -> None:
+        """A record the daemon cannot write by the end of the stop: logged as lost, exit 1."""
         daemon = Daemon(self, self.config(), self.directory)
         daemon.start()
         await daemon.waitUntilHealthy(self.port)
@@ -308,6 +313,7 @@ class LostRecordsTests(OpsTestCase):
         self.assertEqual(code, 1, output)
 
     async def test_cleanStopExitsZero(self) -> None:
+        """Every record written: exit 0."""
         daemon = Daemon(self, self.config(), self.directory)
         daemon.start()
         await daemon.waitUntilHealthy(self.port)
