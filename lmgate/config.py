@@ -242,9 +242,45 @@ def _typeName(value: Any) -> str:
     return "a mapping" if isinstance(value, dict) else type(value).__name__
 
 
+def _environmentKey(name: str) -> list[str] | None:
+    """
+    The configuration key an C{LMGATE_*} variable names (C{LMGATE_STATS__PATH}:
+    C{["stats", "path"]}), or None when it names none: a section and key of the
+    schema, a whole section, or C{providers.<name>[.<provider key>]}.
+    """
+    path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+    if not all(path):
+        return None
+    spec = SCHEMA.get(path[0])
+    if path[0] == "providers":
+        known = len(path) <= 2 or (len(path) == 3 and path[2] in PROVIDER_KEYS)
+    elif isinstance(spec, tuple):
+        known = len(path) == 1
+    elif spec is not None:
+        known = len(path) == 1 or (len(path) == 2 and path[1] in spec)
+    else:
+        known = False
+    return path if known else None
+
+
+def ignoredEnvironment(environ: Mapping[str, str]) -> list[str]:
+    """
+    The C{LMGATE_*} variables that name no configuration key, sorted. They are
+    ignored rather than refused: a Kubernetes Service named C{lmgate} puts
+    C{LMGATE_PORT=tcp://...}, C{LMGATE_SERVICE_HOST} and the like into every
+    pod's environment. The daemon names them in one warning at start-up.
+    """
+    return sorted(
+        name
+        for name in environ
+        if name.startswith(ENV_PREFIX) and name not in ENV_NOT_KEYS and _environmentKey(name) is None
+    )
+
+
 def _applyEnvironment(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
     """
     Fold C{LMGATE_A__B=value} into C{raw["a"]["b"]}, the value read as a YAML scalar.
+    Variables that name no configuration key are left out (L{ignoredEnvironment}).
 
     @return: which dotted key came from which variable, so errors can name it.
     """
@@ -252,16 +288,14 @@ def _applyEnvironment(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[s
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS:
             continue
-        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        path = _environmentKey(name)
+        if path is None:
+            continue
         where = f"{name} (environment)"
-        if not all(path):
-            raise ConfigError(where, None, "empty key segment")
         try:
             value = yaml.safe_load(environ[name]) if environ[name] != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(where, None, f"not a YAML scalar: {e}") from None
-        if len(path) > 1 and isinstance(SCHEMA.get(path[0]), tuple):
-            raise ConfigError(where, path[0], "is not a section")
         node = raw
         for i, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -49,22 +51,103 @@ def utcDay(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d")
 
 
-def checkStatsPath(path: str, source: str, key: str = "stats.path") -> None:
+def checkStatsPath(path: str, source: str, key: str = "stats.path", owner: tuple[int, int] | None = None) -> None:
     """
     Make sure lines can be written to C{path}: its directory exists (created
     if need be) and the file can be opened for appending.
 
+    @param owner: C{(uid, gid)} the daemon will run as, when it starts as root
+        and twistd then drops privileges (C{--uid}/C{--gid}). The directories
+        and the file created here are handed to that user, and the check is
+        made as that user: it must be able to append to the file and create
+        files beside it (a rotation, a reopen after SIGUSR1). Without this,
+        root created them in the foreground and the daemon could then write
+        none of its records.
     @raise ConfigError: naming C{key} (the setting the path came from) and the problem.
     """
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        created = _makeDirectories(directory)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o640)
+            created.append(path)
+        except FileExistsError:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         os.close(fd)
+        if owner is not None:
+            for made in created:
+                os.chown(made, *owner)
     except OSError as e:
         raise ConfigError(source, key, f"cannot write {path}: {e.strerror or e}") from None
-    if not os.access(directory, os.W_OK):
+    if owner is not None:
+        _checkAs(owner, path, directory, source, key)
+    elif not os.access(directory, os.W_OK):
         raise ConfigError(source, key, f"cannot create files in {directory} (needed to rotate)")
+
+
+def _makeDirectories(directory: str) -> list[str]:
+    """Create C{directory} and its missing parents; the ones created, outermost first."""
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    created = []
+    for each in reversed(missing):
+        try:
+            os.mkdir(each)
+        except FileExistsError:
+            continue
+        created.append(each)
+    return created
+
+
+def _userName(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+@contextmanager
+def _actingAs(uid: int, gid: int) -> Iterator[None]:
+    """
+    Take the effective identity twistd will switch to (user, group and the
+    user's groups), and back to root afterwards. Only in the foreground, before
+    any thread is started.
+    """
+    savedGroups, savedGid, savedUid = os.getgroups(), os.getegid(), os.geteuid()
+    try:
+        groups = os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+    except KeyError:
+        groups = [gid]
+    os.setgroups(groups)
+    os.setegid(gid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(savedUid)
+        os.setegid(savedGid)
+        os.setgroups(savedGroups)
+
+
+def _checkAs(owner: tuple[int, int], path: str, directory: str, source: str, key: str) -> None:
+    """As the user the daemon will run as: C{path} opens for appending, C{directory} takes new files."""
+    user = _userName(owner[0])
+    problem: str | None = None
+    with _actingAs(*owner):
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        except OSError as e:
+            problem = f"cannot write {path} as {user}: {e.strerror or e}"
+        else:
+            if not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+                problem = f"cannot create files in {directory} as {user} (needed to rotate)"
+    if problem is not None:
+        raise ConfigError(source, key, problem)
 
 
 def _writeAll(fd: int, data: bytes) -> None:
@@ -83,6 +166,7 @@ class UsageLog(Service):
 
     @ivar written: lines on disk (fsynced) since start.
     @ivar dropped: lines dropped because the backlog was full.
+    @ivar lost: lines that could not be written before the writer stopped.
     """
 
     def __init__(
@@ -113,6 +197,7 @@ class UsageLog(Service):
         self._loop.clock = clock
         self.written = 0
         self.dropped = 0
+        self.lost = 0  # lines still unwritten when the writer stopped
         self._droppedUnlogged = 0
         self._failing = False
 
@@ -168,6 +253,7 @@ class UsageLog(Service):
             if not self._pending:
                 break
             await self._flush()
+        self.lost = len(self._pending)
         if self._pending:
             log.error(
                 "{count} {what} could not be written before stopping; they are lost",

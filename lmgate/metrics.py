@@ -15,8 +15,9 @@ from typing import Any, Callable, Iterable, Sequence
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from lmgate.interfaces import IUsageSink
@@ -141,29 +142,98 @@ class Metrics:
         self.overhead.observe(max(0.0, seconds))
 
 
-class _MetricsPage(Resource):
+class AdminResource(Resource):
+    """
+    The admin listener's only resource: exactly C{/metrics} (and exactly
+    C{/healthz}, a probe for the admin port itself) answer C{GET} and C{HEAD};
+    any other path is a 404 and any other method a 405. A query string is
+    ignored. Being a leaf, no sub-path (C{/metrics/x}) ever reaches a page.
+    """
+
     isLeaf = True
 
     def __init__(self, metrics: Metrics) -> None:
         Resource.__init__(self)
         self._metrics = metrics
 
-    def render_GET(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes:
+        page = {b"/metrics": self._metricsPage, b"/healthz": self._health}.get(request.path)
+        if page is None:
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"Not found: this port serves /metrics and /healthz.\n"
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"Use GET.\n"
+        return page(request)
+
+    def _metricsPage(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(self._metrics.registry)
 
-
-class _Health(Resource):
-    isLeaf = True
-
-    def render_GET(self, request: Request) -> bytes:
+    def _health(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"ok"
 
 
 def adminResource(metrics: Metrics) -> Resource:
-    """The admin listener's root: C{/metrics} and C{/healthz}."""
-    root = Resource()
-    root.putChild(b"metrics", _MetricsPage(metrics))
-    root.putChild(b"healthz", _Health())
-    return root
+    """The admin listener's root: exactly C{/metrics} and C{/healthz}."""
+    return AdminResource(metrics)
+
+
+_BODY_REFUSED = b"The admin port takes no request body.\n"
+
+
+class AdminChannel(HTTPChannel):
+    """
+    The admin port's connection: a request announcing a body (a
+    C{Content-Length} above zero, or chunked) is answered 413 as soon as its
+    headers are in, before any of the body is read (no C{100 Continue}, nothing
+    spooled), and the connection is closed.
+    """
+
+    _refused = False
+
+    def allHeadersReceived(self) -> None:
+        if self.length != 0:  # None: chunked
+            self._refused = True
+            transport: Any = self.transport
+            transport.write(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BODY_REFUSED), _BODY_REFUSED)
+            )
+            transport.loseConnection()
+            return
+        super().allHeadersReceived()
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self._refused:
+            super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
+
+
+class AdminRequest(Request):
+    """A request whose answer carries no C{Server: TwistedWeb/<version>} banner."""
+
+    def render(self, resrc: Resource) -> None:
+        self.responseHeaders.removeHeader(b"server")  # set by Request.process just before
+        super().render(resrc)
+
+
+class AdminSite(Site):
+    """The admin listener's site: L{AdminResource}, L{AdminChannel}s, no access log."""
+
+    protocol = AdminChannel  # type: ignore[assignment]
+    requestFactory = AdminRequest
+    noisy = False
+
+    def __init__(self, metrics: Metrics) -> None:
+        Site.__init__(self, AdminResource(metrics))
+
+    def log(self, request: Any) -> None:
+        """Scrapes are not logged."""

@@ -59,6 +59,9 @@ def demoSettings(environ: Any = None) -> Settings:
 
     raw = yaml.safe_load((demo / "lmgate.yaml").read_text())
     raw.setdefault("allowlist", {})["path"] = str(demo / "allowlist.csv")
+    # The packaged copy of etc/prices.yaml (kept identical by a test): the demo
+    # prices its calls from any working directory.
+    raw.setdefault("prices", {})["path"] = str(demo / "prices.yaml")
     return settingsFrom(raw, DEMO_SOURCE, environ)
 
 
@@ -87,6 +90,9 @@ class OrderedMultiService(MultiService):
     def __init__(self, reactor: Any = None) -> None:
         MultiService.__init__(self)
         self._reactor = reactor
+        #: After stopping: how many usage records were lost (with workers: how many
+        #: workers did not stop cleanly). Non-zero makes the process exit non-zero.
+        self.lost: Callable[[], int] = lambda: 0
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -375,6 +381,75 @@ def _endpoint(reactor: Any, description: str, settings: Settings, key: str) -> A
         raise ConfigError(settings.source, key, f"not a usable endpoint ({e}): {description!r}") from None
 
 
+def cannotListen(description: str, error: BaseException) -> str:
+    """
+    C{cannot listen on tcp:8080:interface=127.0.0.1: address already in use}:
+    the endpoint as configured and the system's reason.
+    """
+    from twisted.internet.error import CannotListenError
+
+    if isinstance(error, CannotListenError) and error.socketError is not None:
+        error = error.socketError
+    reason = getattr(error, "strerror", None) or str(error)
+    return f"cannot listen on {description}: {reason[:1].lower()}{reason[1:]}"
+
+
+def checkCanListen(endpoint: Any, description: str, settings: Settings, key: str) -> None:
+    """
+    Bind a TCP endpoint's address once, in the foreground, before twistd forks:
+    a port in use (or one this user may not bind) becomes one line and a
+    non-zero exit, where the real bind after forking could only report a
+    traceback or a truncated message. Other kinds of endpoint are bound by
+    L{Listener} only.
+
+    @raise ConfigError: the address cannot be bound.
+    """
+    import socket
+
+    from twisted.internet.abstract import isIPv6Address
+    from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+
+    if not isinstance(endpoint, (TCP4ServerEndpoint, SSL4ServerEndpoint)) or not endpoint._port:
+        return
+    interface = endpoint._interface
+    family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) or isIPv6Address(interface) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted binds
+        try:
+            probe.bind((interface, endpoint._port))
+            probe.listen(1)
+        except OSError as e:
+            raise ConfigError(settings.source, key, cannotListen(description, e)) from None
+
+
+class Listener(StreamServerEndpointService):
+    """
+    A listening endpoint whose failure to listen (after the foreground check,
+    or for an endpoint it cannot check) stops the start with one line naming
+    the endpoint, instead of twistd's traceback.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
+        StreamServerEndpointService.__init__(self, endpoint, factory)
+        self.description = description
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        from twisted.internet.error import CannotListenError
+
+        try:
+            StreamServerEndpointService.privilegedStartService(self)
+        except CannotListenError as e:
+            raise SystemExit(f"lmgate: {cannotListen(self.description, e)}") from None
+
+
+def listenerFor(reactor: Any, description: str, factory: Any, settings: Settings, key: str) -> Listener:
+    """The service listening on C{description} (the setting C{key}), checked in the foreground."""
+    endpoint = _endpoint(reactor, description, settings, key)
+    checkCanListen(endpoint, description, settings, key)
+    return Listener(endpoint, factory, description)
+
+
 def stubService(reactor: Any, settings: Settings) -> Service:
     """The in-process stub upstream (C{stub.listen})."""
     from twisted.web.server import Site
@@ -385,12 +460,17 @@ def stubService(reactor: Any, settings: Settings) -> Service:
     stubSite = Site(makeStubResource(reactor))
     stubSite.noisy = False
     stubSite.log = lambda request: None  # type: ignore[method-assign]  # the gateway's access log shows each call
-    stub = StreamServerEndpointService(_endpoint(reactor, settings.stubListen, settings, "stub.listen"), stubSite)
-    stub._raiseSynchronously = True
-    return stub
+    return listenerFor(reactor, settings.stubListen, stubSite, settings, "stub.listen")
 
 
-def supervisorService(settings: Settings, reactor: Any, configPath: str | None, listen: str | None, workers: int) -> IService:
+def supervisorService(
+    settings: Settings,
+    reactor: Any,
+    configPath: str | None,
+    listen: str | None,
+    workers: int,
+    owner: tuple[int, int] | None = None,
+) -> IService:
     """
     C{--workers N}: check in the foreground what each worker will need, then a
     supervisor that shares one socket among N workers.
@@ -404,14 +484,16 @@ def supervisorService(settings: Settings, reactor: Any, configPath: str | None, 
     AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
     accessPath = accessLogPath(settings)
     for index in range(1, workers + 1):
-        checkStatsPath(workerStatsPath(settings.statsPath, index), settings.source)
+        checkStatsPath(workerStatsPath(settings.statsPath, index), settings.source, owner=owner)
         if accessPath is not None:
-            checkStatsPath(workerStatsPath(accessPath, index), settings.source, "access_log")
+            checkStatsPath(workerStatsPath(accessPath, index), settings.source, "access_log", owner)
     listeningSocket(reactor, settings).close()  # fail now, in the foreground, if it cannot be bound
     top = OrderedMultiService(reactor)
     if settings.stubListen is not None:
         stubService(reactor, settings).setServiceParent(top)
-    Supervisor(reactor, settings, configPath, listen, workers).setServiceParent(top)
+    supervisor = Supervisor(reactor, settings, configPath, listen, workers)
+    supervisor.setServiceParent(top)
+    top.lost = lambda: supervisor.uncleanStops
     StopSignalGuard(reactor).setServiceParent(top)
     _announceDemo(settings)
     return top
@@ -427,7 +509,12 @@ def _announceDemo(settings: Settings) -> None:
 
 
 def buildService(
-    settings: Settings, reactor: Any, listen: str | None = None, workerFd: int | None = None, workerIndex: int | None = None
+    settings: Settings,
+    reactor: Any,
+    listen: str | None = None,
+    workerFd: int | None = None,
+    workerIndex: int | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> IService:
     """
     The daemon's service tree for checked settings.
@@ -435,6 +522,8 @@ def buildService(
     @param listen: the command line's C{--listen}, kept across reloads.
     @param workerFd: in a worker process, the supervisor's socket to accept on.
     @param workerIndex: in a worker process, its number (names its stats file).
+    @param owner: C{(uid, gid)} twistd switches to after start-up (started as
+        root with C{--uid}): the record files are created for that user.
 
     @raise ConfigError: the allow-list, the stats directory, the TLS bundle or
         an endpoint cannot be used.
@@ -452,7 +541,7 @@ def buildService(
 
         settings = replace(settings, statsPath=workerStatsPath(settings.statsPath, workerIndex), stubListen=None)
     allowList = AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
-    checkStatsPath(settings.statsPath, settings.source)
+    checkStatsPath(settings.statsPath, settings.source, owner=owner)
     usageLog = UsageLog(
         settings.statsPath,
         flushInterval=settings.statsFlushInterval,
@@ -465,7 +554,7 @@ def buildService(
     if accessPath is not None:
         if workerIndex is not None:
             accessPath = workerStatsPath(accessPath, workerIndex)
-        checkStatsPath(accessPath, settings.source, "access_log")
+        checkStatsPath(accessPath, settings.source, "access_log", owner)
         # Same rotation and backlog as the records, in the records' writer thread;
         # no fsync: an access line is a convenience, the record is the account.
         accessLog = UsageLog(
@@ -506,10 +595,10 @@ def buildService(
 
         listener = AdoptedListener(reactor, workerFd, site)
     else:
-        listener = StreamServerEndpointService(_endpoint(reactor, settings.listen, settings, "listen"), site)
-        listener._raiseSynchronously = True
+        listener = listenerFor(reactor, settings.listen, site, settings, "listen")
 
     top = OrderedMultiService(reactor)
+    top.lost = lambda: usageLog.lost
     # Started in this order, stopped in reverse, one after another.
     usageLog.setServiceParent(top)
     if accessLog is not None:
@@ -519,16 +608,11 @@ def buildService(
     if settings.stubListen is not None:
         stubService(reactor, settings).setServiceParent(top)
     if metrics is not None:
-        from twisted.web.server import Site
+        from lmgate.metrics import AdminSite
 
-        from lmgate.metrics import adminResource
-
-        adminSite = Site(adminResource(metrics))
-        adminSite.noisy = False
-        adminSite.log = lambda request: None  # type: ignore[method-assign]
+        adminSite = AdminSite(metrics)
         assert settings.adminListen is not None
-        admin = StreamServerEndpointService(_endpoint(reactor, settings.adminListen, settings, "admin.listen"), adminSite)
-        admin._raiseSynchronously = True
+        admin = listenerFor(reactor, settings.adminListen, adminSite, settings, "admin.listen")
         admin.setServiceParent(top)
     def drainCalls(timeout: float) -> Deferred[None]:
         # No further request is read from client connections (idle ones close now), the
@@ -568,6 +652,18 @@ def buildService(
     return top
 
 
+def _warnIgnoredEnvironment() -> None:
+    """One line naming the C{LMGATE_*} variables that are no configuration key."""
+    from lmgate.config import ignoredEnvironment
+
+    ignored = ignoredEnvironment(os.environ)
+    if ignored:
+        log.warn(
+            "Ignoring environment variables that name no configuration key: {names}",
+            names=", ".join(ignored),
+        )
+
+
 def serviceFor(
     configPath: str | None,
     listen: str | None = None,
@@ -575,6 +671,7 @@ def serviceFor(
     workers: int = 1,
     workerFd: int | None = None,
     workerIndex: int | None = None,
+    owner: tuple[int, int] | None = None,
 ) -> IService:
     """
     Settings and service tree in one step, with start-up errors as C{SystemExit}
@@ -586,16 +683,96 @@ def serviceFor(
         reactor = globalReactor
     try:
         settings = settingsFor(configPath, listen)
+        if workerFd is None:  # once: a worker has its supervisor's environment
+            _warnIgnoredEnvironment()
         if workers > 1 and workerFd is None:
-            return supervisorService(settings, reactor, configPath, listen, workers)
-        return buildService(settings, reactor, listen, workerFd, workerIndex)
+            return supervisorService(settings, reactor, configPath, listen, workers, owner)
+        return buildService(settings, reactor, listen, workerFd, workerIndex, owner)
     except ConfigError as e:
         raise SystemExit(f"lmgate: {e}") from None
+
+
+def ownerFor(options: usage.Options) -> tuple[int, int] | None:
+    """
+    The C{(uid, gid)} twistd will switch to once the service is built, when it
+    runs as root with C{--uid} (an init script's C{USER}); None otherwise.
+    """
+    import pwd
+
+    parent: Any = getattr(options, "parent", None)
+    if parent is None or os.geteuid() != 0 or parent.get("uid") is None:
+        return None
+    uid = int(parent["uid"])
+    gid = parent.get("gid")
+    if gid is None:
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = os.getegid()
+    return uid, int(gid)
+
+
+#: The exit status of a daemon that stopped with usage records it could not write.
+EXIT_RECORDS_LOST = 1
+
+
+def exitNonZeroOnLoss(service: IService) -> None:
+    """
+    Make the process exit with L{EXIT_RECORDS_LOST} when records were lost at
+    stop (the service's C{lost()}): twistd itself exits 0 whenever its reactor
+    stopped, so a supervisor (systemd, a worker's supervisor) would not learn of
+    it. Runs at interpreter exit, after twistd has removed its pid file.
+    """
+    import atexit
+    import sys
+
+    def atExit() -> None:
+        lost = getattr(service, "lost", None)
+        if lost is not None and lost():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_RECORDS_LOST)
+
+    atexit.register(atExit)
+
+
+#: Modules of the command-line tools, which the daemon never imports.
+_NOT_PRELOADED = frozenset({"lmgate.cli", "lmgate.keys", "lmgate.report", "lmgate.report_html"})
+
+
+def preloadModules() -> None:
+    """
+    Import, while still root, every module a call may load later: LMGate's own
+    and the codecs the relay loads on first use (C{encodings.idna} for upstream
+    host names). Once twistd has dropped privileges, the service user may be
+    unable to read the Python installation (one under C{/root}, say): an import
+    failing in the middle of a call would leave the call unanswered.
+    """
+    import importlib
+    import pkgutil
+
+    import lmgate
+
+    for module in pkgutil.walk_packages(lmgate.__path__, "lmgate."):
+        if module.name not in _NOT_PRELOADED:
+            importlib.import_module(module.name)
+    for name in ("encodings.idna", "stringprep", "gzip", "zlib"):
+        importlib.import_module(name)
 
 
 def makeService(options: usage.Options) -> IService:
     """The plugin's entry point."""
     configPath = options["config"] or os.environ.get("LMGATE_CONFIG") or None
-    return serviceFor(
-        configPath, options["listen"], workers=options["workers"], workerFd=options["worker-fd"], workerIndex=options["worker-index"]
+    owner = ownerFor(options)
+    if owner is not None:
+        preloadModules()
+    service = serviceFor(
+        configPath,
+        options["listen"],
+        workers=options["workers"],
+        workerFd=options["worker-fd"],
+        workerIndex=options["worker-index"],
+        owner=owner,
     )
+    exitNonZeroOnLoss(service)
+    return service

@@ -68,7 +68,9 @@ def listeningSocket(reactor: Any, settings: Settings) -> socket.socket:
         sock.listen(backlog)
     except OSError as e:
         sock.close()
-        raise ConfigError(settings.source, "listen", f"cannot listen on {settings.listen}: {e.strerror or e}") from None
+        from lmgate.tap import cannotListen
+
+        raise ConfigError(settings.source, "listen", cannotListen(settings.listen, e)) from None
     sock.setblocking(False)
     os.set_inheritable(sock.fileno(), True)
     return sock
@@ -117,6 +119,8 @@ class Supervisor(Service):
         self._socket: socket.socket | None = None
         self._workers: dict[int, tuple[Any, _Worker]] = {}
         self._stopping = False
+        #: Workers that exited non-zero when stopped (one that lost records, say).
+        self.uncleanStops = 0
 
     def startService(self) -> None:
         Service.startService(self)
@@ -164,6 +168,9 @@ class Supervisor(Service):
         """
         self._workers.pop(worker.index, None)
         if self._stopping:
+            if code is not None and code != 0:  # None: ended by a signal (the TERM sent before it installed its handlers)
+                self.uncleanStops += 1
+                log.error("Worker {index} stopped with exit {code}", index=worker.index, code=code)
             return
         log.error("Worker {index} ended ({ending}); starting it again", index=worker.index, ending=ending)
         self._reactor.callLater(RESTART_DELAY, self._respawn, worker.index)

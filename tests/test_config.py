@@ -120,9 +120,41 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(
             str(e.exception), "LMGATE_TIMEOUTS__RESPONSE (environment): timeouts.response: must be a number > 0, got 'soon'"
         )
-        with self.assertRaises(ConfigError) as e:
-            settingsFrom({}, "f.yaml", {"LMGATE_LISTEN__PORT": "1"})
-        self.assertIn("LMGATE_LISTEN__PORT (environment): listen: is not a section", str(e.exception))
+
+    def test_environmentNamesThatAreNoKeyAreIgnored(self) -> None:
+        """
+        Variables that name no configuration key (what a Kubernetes Service named
+        C{lmgate} injects, a key under a plain value, an unknown key) are left
+        out and listed by L{ignoredEnvironment}; real keys still apply.
+        """
+        from lmgate.config import ignoredEnvironment
+
+        environ = {
+            "LMGATE_PORT": "tcp://10.0.0.1:8080",
+            "LMGATE_PORT_8080_TCP": "tcp://10.0.0.1:8080",
+            "LMGATE_PORT_8080_TCP_ADDR": "10.0.0.1",
+            "LMGATE_PORT_8080_TCP_PORT": "8080",
+            "LMGATE_PORT_8080_TCP_PROTO": "tcp",
+            "LMGATE_SERVICE_HOST": "10.0.0.1",
+            "LMGATE_SERVICE_PORT": "8080",
+            "LMGATE_LISTEN__PORT": "1",
+            "LMGATE_TIMEOUTS__NAP": "1",
+            "LMGATE_PROVIDERS__OPENAI__FMT": "x",
+            "LMGATE_STATS____PATH": "x",
+            "LMGATE_TIMEOUTS__RESPONSE": "7",
+            "LMGATE_PROVIDERS__VLLM__UPSTREAM": "http://127.0.0.1:8000",
+            "LMGATE_PROVIDERS__VLLM__FORMAT": "openai",
+            "LMGATE_CONFIG": "x.yaml",
+        }
+        settings = settingsFrom({"listen": "tcp:1"}, "f.yaml", environ)
+        self.assertEqual((settings.listen, settings.responseTimeout), ("tcp:1", 7.0))
+        self.assertEqual(settings.providers["vllm"].format, "openai")
+        self.assertEqual(
+            ignoredEnvironment(environ),
+            ["LMGATE_LISTEN__PORT", "LMGATE_PORT", "LMGATE_PORT_8080_TCP", "LMGATE_PORT_8080_TCP_ADDR",
+             "LMGATE_PORT_8080_TCP_PORT", "LMGATE_PORT_8080_TCP_PROTO", "LMGATE_PROVIDERS__OPENAI__FMT",
+             "LMGATE_SERVICE_HOST", "LMGATE_SERVICE_PORT", "LMGATE_STATS____PATH", "LMGATE_TIMEOUTS__NAP"],
+        )
 
     def test_unreadableFile(self) -> None:
         """A missing file is one line naming it."""

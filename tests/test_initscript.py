@@ -105,6 +105,86 @@ providers:
         self.assertIn("timeouts.connect: must be a number > 0", result.stdout + result.stderr)
 
 
+    async def call(self) -> int:
+        response = await treq.post(f"http://127.0.0.1:{self.port}/openai/v1/chat/completions",
+                                   b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+                                   headers={"Authorization": f"Bearer {KEY}"}, persistent=False)
+        await response.content()
+        return int(response.code)
+
+    async def test_serviceUserOwnsItsFiles(self) -> None:
+        """
+        Started by root with USER=nobody GROUP=nogroup: the record and access-log
+        files and the directories created for them belong to nobody, every call's
+        record is on disk after stop, and nothing was held in memory.
+        """
+        import grp
+        import pwd
+
+        if os.geteuid() != 0:
+            raise self.skipTest("needs root: the init script only switches users when started by root")
+        try:
+            nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+        except KeyError:
+            raise self.skipTest("needs the user nobody and the group nogroup")
+        os.chmod(os.path.dirname(self.dir), 0o755)  # mktemp's private directory: nobody must reach the files
+        self.stats = os.path.join(self.dir, "var", "stats", "stats.jsonl")
+        with open(os.path.join(self.dir, "lmgate.yaml")) as f:
+            config = f.read().replace(f"{self.dir}/var/stats.jsonl", self.stats)
+        with open(os.path.join(self.dir, "lmgate.yaml"), "w") as f:
+            f.write(config)
+        with open(self.env["LMGATE_DEFAULTS"], "a") as f:
+            f.write("USER=nobody\nGROUP=nogroup\n")
+        result = await self.script("start")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        codes = [await self.call() for _ in range(5)]
+        self.assertEqual(codes, [200] * 5)
+        with open(self.pidfile) as f:
+            pid = int(f.read())
+        self.assertEqual(os.stat(f"/proc/{pid}").st_uid, nobody)
+        result = await self.script("stop")
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "lmgate stopped"), result.stdout + result.stderr)
+        self.assertEqual([r["status"] for r in readRecords(self.stats)], [200] * 5)
+        access = os.path.join(self.dir, "var", "stats", "access.log")
+        with open(access, "rb") as f:
+            self.assertEqual(len(f.read().splitlines()), 5)
+        for path in (self.stats, access, os.path.join(self.dir, "var", "stats"), os.path.join(self.dir, "var")):
+            st = os.stat(path)
+            self.assertEqual((path, st.st_uid, st.st_gid), (path, nobody, nogroup))
+        with open(os.path.join(self.dir, "log", "lmgate.log")) as f:
+            log = f.read()
+        self.assertNotIn("Cannot write", log)
+        self.assertNotIn("they are lost", log)
+
+    async def test_lostRecordsFailTheStop(self) -> None:
+        """Records the daemon could not write by the end of the stop make stop fail and say so."""
+        result = await self.script("start")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        os.unlink(self.stats)
+        os.mkdir(self.stats)  # nothing can be appended to it now
+        self.assertEqual(await self.call(), 200)
+        result = await self.script("stop")
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("lmgate stopped, but lost records", result.stdout)
+        self.assertIn("1 usage records could not be written before stopping; they are lost", result.stdout)
+        self.assertFalse(os.path.exists(self.pidfile))
+
+    async def test_portInUseIsOneLine(self) -> None:
+        """A listening port already taken fails the start with one line naming the endpoint."""
+        import socket
+
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", self.port))
+            holder.listen(1)
+            result = await self.script("start")
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 1, output)
+        self.assertIn(f"listen: cannot listen on tcp:{self.port}:interface=127.0.0.1: address already in use\n", output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("An error has occurred", output)
+        self.assertFalse(os.path.exists(self.pidfile))
+
+
 class SystemdUnitTests(TestCase):
     def test_unitSettings(self) -> None:
         """The unit runs twistd in the foreground, reloads with SIGHUP, outwaits the drain, and is sandboxed."""
@@ -118,6 +198,7 @@ class SystemdUnitTests(TestCase):
         for key, value in [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("User", "lmgate")]:
             self.assertEqual(service[key], value)
         self.assertIn("/var/lib/lmgate", service["ReadWritePaths"])
+        self.assertIn("SERVICE_RESULT", service["ExecStopPost"])  # a failed stop (records lost) is said in the journal
 
     def test_systemdAnalyzeVerify(self) -> None:
         """systemd-analyze verify accepts the units, where it is available."""

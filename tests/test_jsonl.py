@@ -179,6 +179,45 @@ class WriterTests(SynchronousTestCase):
             checkStatsPath(os.path.join(blocker, "s.jsonl"), "cfg.yaml")
         self.assertTrue(str(e.exception).startswith("cfg.yaml: stats.path: cannot write"))
 
+    def test_checkStatsPathForTheServiceUser(self) -> None:
+        """
+        Started as root for a service user: the directories and the file created
+        are that user's, an existing one is left as it is, and a file or a
+        directory the user could not write is one start-up line naming the user.
+        """
+        import grp
+        import pwd
+
+        if os.geteuid() != 0:
+            raise self.skipTest("needs root: only root hands files to another user")
+        try:
+            owner = (pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+        except KeyError:
+            raise self.skipTest("needs the user nobody and the group nogroup")
+        os.chmod(os.path.dirname(self.directory), 0o755)  # mktemp's private directory: nobody must reach it
+        os.chmod(self.directory, 0o755)
+        path = os.path.join(self.directory, "var", "stats", "s.jsonl")
+        checkStatsPath(path, "cfg.yaml", owner=owner)
+        for made in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+            st = os.stat(made)
+            self.assertEqual((made, st.st_uid, st.st_gid), (made, *owner))
+        checkStatsPath(path, "cfg.yaml", owner=owner)  # existing and writable: fine
+        self.assertEqual(os.geteuid(), 0)  # the identity is root's again
+
+        rootOwned = os.path.join(self.directory, "root.jsonl")
+        open(rootOwned, "w").close()
+        os.chmod(rootOwned, 0o640)
+        with self.assertRaises(ConfigError) as e:
+            checkStatsPath(rootOwned, "cfg.yaml", "access_log", owner)
+        self.assertEqual(str(e.exception), f"cfg.yaml: access_log: cannot write {rootOwned} as nobody: Permission denied")
+        self.assertEqual(os.stat(rootOwned).st_uid, 0)
+
+        os.chmod(rootOwned, 0o666)  # writable, but in a directory nobody cannot add files to
+        with self.assertRaises(ConfigError) as e:
+            checkStatsPath(rootOwned, "cfg.yaml", owner=owner)
+        self.assertEqual(str(e.exception), f"cfg.yaml: stats.path: cannot create files in {self.directory} as nobody (needed to rotate)")
+        self.assertEqual((os.geteuid(), os.getegid()), (0, 0))
+
     def test_readOnlyDirectory(self) -> None:
         """A read-only stats directory is refused at start-up (not checkable as root)."""
         if os.geteuid() == 0:
