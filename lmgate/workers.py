@@ -106,7 +106,7 @@ class _Worker(ProcessProtocol):
                 log.info("[w{index}] {line}", index=self.index, line=line.decode("utf-8", "replace"))
 
     def processEnded(self, reason: Failure) -> None:
-        self.supervisor.workerEnded(self, describeEnding(reason))
+        self.supervisor.workerEnded(self, describeEnding(reason), getattr(reason.value, "exitCode", None))
         self.ended.callback(None)
 
 
@@ -160,17 +160,18 @@ class Supervisor(Service):
         )
         self._workers[index] = (transport, worker)
 
-    def workerEnded(self, worker: _Worker, ending: str) -> None:
+    def workerEnded(self, worker: _Worker, ending: str, code: int | None = None) -> None:
         """
         A worker process ended: unless stopping, log how and start it again.
 
         @param ending: how it ended, from L{describeEnding} ("exit 1", "killed by signal 9 (SIGKILL)").
+        @param code: its exit code; None when a signal ended it.
         """
         self._workers.pop(worker.index, None)
         if self._stopping:
             if code is not None and code != 0:  # None: ended by a signal (the TERM sent before it installed its handlers)
                 self.uncleanStops += 1
-                log.error("Worker {index} stopped with exit {code}", index=worker.index, code=code)
+                log.error("Worker {index} stopped ({ending})", index=worker.index, ending=ending)
             return
         log.error("Worker {index} ended ({ending}); starting it again", index=worker.index, ending=ending)
         self._reactor.callLater(RESTART_DELAY, self._respawn, worker.index)
