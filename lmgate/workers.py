@@ -171,7 +171,7 @@ class Supervisor(Service):
         if self._stopping:
             if code is not None and code != 0:  # None: ended by a signal (the TERM sent before it installed its handlers)
                 self.uncleanStops += 1
-                log.error("Worker {index} stopped ({ending})", index=worker.index, ending=ending)
+                log.error("Worker {index} stopped with {ending}", index=worker.index, ending=ending)
             return
         log.error("Worker {index} ended ({ending}); starting it again", index=worker.index, ending=ending)
         self._reactor.callLater(RESTART_DELAY, self._respawn, worker.index)
