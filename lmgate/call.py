@@ -134,6 +134,7 @@ class ProxiedCall:
         self._sentAt: float | None = None
         self._timedOut = False
         self._requestBytes = 0
+        self._answerBytes: int | None = None  # the body of LMGate's own answer (refusals, 502, 504)
         request.notifyFinish().addErrback(self._lostClient)  # first: called late, it never fires
         request.responseHeaders.setRawHeaders(REQUEST_ID_HEADER, [self.requestId.encode()])
 
@@ -170,6 +171,7 @@ class ProxiedCall:
             self._request.responseHeaders.setRawHeaders(name, [value])
         self._request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         self._status = status
+        self._answerBytes = 0 if self._request.method == b"HEAD" else len(body)
         self._recordOnce(errorName or kind, None)
         return body
 
@@ -396,7 +398,9 @@ class ProxiedCall:
             latency_ms=round((now - self._startedAt) * 1000, 3),
             ttfb_ms=None if self._responseAt is None else round((self._responseAt - self._startedAt) * 1000, 3),
             request_bytes=self._requestBytes,
-            response_bytes=self._tee.bytesRelayed if self._tee else 0,
+            response_bytes=(
+                self._answerBytes if self._answerBytes is not None else self._tee.bytesRelayed if self._tee else 0
+            ),
             upstream_request_id=self._upstreamRequestId,
             client=getattr(client, "host", None),
             error=errorKind,

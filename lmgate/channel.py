@@ -6,7 +6,12 @@ Content-Length, Content-Length with chunking, bad chunk sizes), but it does not
 bound how long a client may take to send its headers, answers oversized headers
 with a bare 400, reads any announced body, and parses form bodies. L{GatewayChannel}
 closes those gaps: each limit is answered with its own status and a JSON body,
-before the request ever reaches routing.
+before the request ever reaches routing; each such refusal is counted, logged at a
+bounded rate and gets an access-log line (L{lmgate.gateway.GatewaySite.clientRefused}).
+
+When a request's headers are complete, the site's resource decides whether the call
+may go on (route, key, shutdown) before a byte of its body is read: a refused request
+is answered at once, without C{100 Continue}, and its body is never read.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, Mapping
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder
 from twisted.web.server import Request
 
 log = Logger()
@@ -60,6 +65,11 @@ _REASONS = {
 }
 _TYPES = {400: "bad_request", 408: "request_timeout", 413: "request_too_large", 431: "headers_too_large"}
 
+#: After answering a request refused at headers-complete: how long the connection
+#: stays half-open, discarding what the client still sends, so that closing it does
+#: not reset the answer away before the client reads it.
+LINGER = 2.0
+
 
 class GatewayChannel(HTTPChannel):
     """
@@ -83,12 +93,16 @@ class GatewayChannel(HTTPChannel):
         self._bodyLimit = limits.maxBody
         self._headerDeadline: IDelayedCall | None = None
         self._host: Any = None
+        self._requestsRead = 0
+        self._discarding = False  # a request was refused at headers-complete: its body is never read
 
     def connectionMade(self) -> None:
         from lmgate.eager import makeEager
 
         makeEager(self.transport)  # plain TCP: each write is sent at once (lmgate.eager)
         super().connectionMade()
+        # The first request's header deadline runs from the connection's opening.
+        self._headerDeadline = self.callLater(self._limits.headerTimeout, self._headersTooSlow)
         site = getattr(self, "site", None)
         if site is not None and hasattr(site, "channels"):
             site.channels.add(self)
@@ -129,18 +143,29 @@ class GatewayChannel(HTTPChannel):
     # -- headers ---------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._refused:
+        if self._refused or self._discarding:
             return
+        if not self._receiving and not self._handlingRequest and data:
+            self._startRequest()  # its first byte: the header deadline runs from here
         super().dataReceived(data)
+
+    def _startRequest(self) -> None:
+        self._receiving = True
+        if self._headerDeadline is None:
+            self._headerDeadline = self.callLater(self._limits.headerTimeout, self._headersTooSlow)
 
     def lineReceived(self, line: bytes) -> None:
         if self._refused:
             return
-        if not self._receiving:
-            if not line:  # a stray empty line between requests
-                return super().lineReceived(line)  # type: ignore[no-any-return]
-            self._receiving = True
-            self._headerDeadline = self.callLater(self._limits.headerTimeout, self._headersTooSlow)
+        if not line and self._headerLines == 0:
+            # A stray empty line before a request line (twisted.web eats one): between
+            # requests, the next one's clock starts at its first byte.
+            if self._requestsRead:
+                self._receiving = False
+                self._cancelHeaderDeadline()
+            return super().lineReceived(line)  # type: ignore[no-any-return]
+        if not self._receiving:  # after a stray empty line, in the same read
+            self._startRequest()
         self._headerBytes += len(line) + 2
         if self._headerBytes > self._limits.headerBytes:
             return self.refuse(431, "The request's headers are too large.")
@@ -158,21 +183,66 @@ class GatewayChannel(HTTPChannel):
         self.refuse(431, "A request header line is too long.")
 
     def allHeadersReceived(self) -> None:
+        """
+        The headers are complete: check them, then let the site's resource decide
+        (route, key, shutdown) before any of the body is read or C{100 Continue}
+        is sent. A refused request is handed on at once with only the body bytes
+        already received, answered, and the connection closed after the answer.
+        """
         self._cancelHeaderDeadline()
-        super().allHeadersReceived()
-        if self._refused:
-            return
         request = self.requests[-1]
         if self._version == b"HTTP/1.1" and self._hostLines == 0:
             return self.refuse(400, "The request has no Host header.")
         self._bodyLimit = self._limits.bodyLimitFor(self._path)
         if self.length is not None and self.length > self._bodyLimit:
             return self.refuse(413, f"The request body is larger than {self._bodyLimit} bytes.")
+        site = getattr(self, "site", None)
+        admit = getattr(getattr(site, "resource", None), "admitHeaders", None)
+        if admit is not None:
+            try:
+                admitted = admit(request, self._command, self._path)
+            except Exception:  # render decides again, and a mistake there is a 500 with a record
+                log.failure("Deciding on a request at its headers failed")
+                admitted = True
+            if not admitted:
+                return self._refuseAtHeaders(request)
+        super().allHeadersReceived()
         request.gateBodyLimit = self._bodyLimit
+
+    def _refuseAtHeaders(self, request: Any) -> None:
+        """
+        Hand a refused request on with the body bytes that arrived with its headers
+        (for its record: size and model), read nothing more, close after the answer.
+        """
+        received = self._bufferedBody()
+        self.clearLineBuffer()
+        self._discarding = True
+        self.persistent = False
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        request.gotLength(len(received))
+        request.content.write(received)
+        request.gateBodyLimit = self._bodyLimit
+        self.length = 0  # twisted.web goes on to allContentReceived: the request is rendered now
+        self._transferDecoder = None
+
+    def _bufferedBody(self) -> bytes:
+        """The request body bytes already received after the headers (none waited for)."""
+        buffered: bytes = self._buffer
+        if not buffered:
+            return b""
+        if self.length is not None:
+            return buffered[: self.length]
+        parts: list[bytes] = []
+        decoder = _ChunkedTransferDecoder(parts.append, lambda rest: None)
+        try:
+            decoder.dataReceived(buffered)
+        except Exception:  # a malformed chunk: what decoded before it
+            pass
+        return b"".join(parts)[: self._bodyLimit]
 
     def _headersTooSlow(self) -> None:
         self._headerDeadline = None
-        self.refuse(408, "The request's headers did not arrive in time.")
+        self.refuse(408, "The request's headers did not arrive in time.", "header_timeout")
 
     def _cancelHeaderDeadline(self) -> None:
         if self._headerDeadline is not None and self._headerDeadline.active():
@@ -193,34 +263,88 @@ class GatewayChannel(HTTPChannel):
         if self._refused:
             return
         self._receiving = False
+        self._requestsRead += 1
         self._headerBytes = self._headerLines = self._hostLines = self._bodyBytes = 0
         super().allContentReceived()
 
-    def timeoutConnection(self) -> None:
-        """No progress for C{clientTimeout}: mid-request, answer 408 before closing."""
-        if self._receiving and not self._refused:
-            self.refuse(408, "The request did not arrive in time.")
+    def requestDone(self, request: Any) -> None:
+        if not self._discarding:
+            return super().requestDone(request)  # type: ignore[no-any-return]
+        # Answered at headers-complete: send the answer and a FIN, discard what the client
+        # still sends for a moment (a close with unread data would reset the answer away).
+        del self.requests[0]
+        transport: Any = self.transport
+        if transport is None:
+            return None
+        if hasattr(transport, "loseWriteConnection"):
+            transport.loseWriteConnection()
+            self._abortingCall = self.callLater(LINGER, self.forceAbortClient)
         else:
-            super().timeoutConnection()
+            self.loseConnection()
+        return None
+
+    def timeoutConnection(self) -> None:
+        """
+        No progress for C{clientTimeout}: mid-request, answer 408 before closing;
+        an idle keep-alive connection is closed quietly (one log line per such
+        connection would let idle clients fill the log).
+        """
+        if self._receiving and not self._refused:
+            self.refuse(408, "The request did not arrive in time.", "client_timeout")
+            return
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+
+    def forceAbortClient(self) -> None:
+        """A connection that did not close in time is cut (quietly: see L{timeoutConnection})."""
+        self._abortingCall = None
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
 
     # -- refusals ------------------------------------------------------------
 
-    def refuse(self, status: int, message: str) -> None:
-        """Answer a request LMGate will not read any further, and close the connection."""
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """twisted.web's own 400s (bad request line, header, framing) answered as ours."""
+        self.refuse(400, "The request is malformed.")
+
+    def refuse(self, status: int, message: str, reason: str | None = None) -> None:
+        """
+        Answer a request LMGate will not read any further, and close the connection.
+        The site counts the refusal, logs it at a bounded rate and writes its
+        access-log line.
+
+        @param reason: the refusal's name for the counter and the log (by
+            default the body's error type).
+        """
         if self._refused:
             return
         self._refused = True
         self._cancelHeaderDeadline()
         self.setTimeout(None)
         body = json.dumps({"error": {"type": _TYPES[status], "message": message}}).encode()
-        peer = getattr(self.transport.getPeer(), "host", "-") if self.transport else "-"
-        log.debug("Refused a request from {peer}: {status} {message}", peer=peer, status=status, message=message)
+        site = getattr(self, "site", None)
+        if site is not None and hasattr(site, "clientRefused"):
+            try:
+                site.clientRefused(self, status, reason or _TYPES[status], message, len(body))
+            except Exception:
+                log.failure("Accounting for a refused request failed")
         if self.transport is not None:
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                 b"Connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
             )
             self.loseConnection()
+            if self.abortTimeout is not None and self._abortingCall is None:
+                self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+    def requestLine(self) -> tuple[bytes, bytes, bytes] | None:
+        """The request line under way (method, target, version), if one was parsed."""
+        command = getattr(self, "_command", None)
+        if command is None:
+            return None
+        return command, self._path, self._version
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancelHeaderDeadline()
@@ -240,6 +364,8 @@ class GatewayRequest(Request):
     defaultContentType = None
     _parsePOSTFormSubmission = False
     gateBodyLimit: int | None = None
+    #: What the site's resource decided when the headers were complete (its render uses it).
+    gateDecision: Any = None
 
     def write(self, data: bytes) -> None:
         """The first write sends the head and the first body bytes as one piece."""

@@ -162,6 +162,36 @@ class Gateway:
         return done
 
 
+class Decision:
+    """
+    What routing and the key check made of a request's head: the route, the
+    caller, and a refusal (C{kind}, message, record error) or None to relay.
+    Made once per request, when its headers are complete (L{GatewayResource.admitHeaders}),
+    and used by C{render} once the body is in.
+    """
+
+    __slots__ = ("provider", "endpoint", "rest", "query", "maskedKey", "entry", "refusal")
+
+    def __init__(
+        self,
+        provider: Provider | None,
+        endpoint: bytes,
+        rest: bytes = b"",
+        query: bytes | None = None,
+        refusal: tuple[str, str, str | None] | None = None,
+        maskedKey: str | None = None,
+        entry: KeyEntry | None = None,
+    ) -> None:
+        self.provider, self.endpoint, self.rest, self.query = provider, endpoint, rest, query
+        self.refusal, self.maskedKey, self.entry = refusal, maskedKey, entry
+
+
+_SHUTTING_DOWN = ("shutting_down", "The gateway is shutting down; retry on a new connection.", "shutdown")
+
+#: The decision for C{/healthz}.
+_HEALTH = Decision(None, b"/" + HEALTH)
+
+
 class GatewayResource(Resource):
     """
     The root resource: answers C{/healthz}, routes C{/<provider>/...}, refuses
@@ -174,52 +204,97 @@ class GatewayResource(Resource):
         Resource.__init__(self)
         self._gateway = gateway
 
-    def render(self, request: Request) -> Any:
+    def admitHeaders(self, request: Request, method: bytes, uri: bytes) -> bool:
+        """
+        Called by L{GatewayChannel} when a request's headers are complete, before
+        its body is read: decide route, key and shutdown now, so that a refused
+        request is answered at once and its body never read.
+
+        @return: whether the body should be read (False: refused).
+        """
+        decision = self.decide(method, uri, request.requestHeaders)
+        request.gateDecision = decision  # type: ignore[attr-defined]
+        return decision.refusal is None
+
+    def decide(self, method: bytes, uri: bytes, headers: Any) -> Decision:
+        """Route a request target and check its credential: the L{Decision}."""
         gateway = self._gateway
-        uri = request.uri
         try:
             name, rest, query = splitTarget(uri)
         except RouteError as e:
-            call = ProxiedCall(request, gateway, None, uri.partition(b"?")[0])
-            return call.refuse(e.kind, e.message)
+            return Decision(None, uri.partition(b"?")[0], refusal=(e.kind, e.message, None))
         if name == HEALTH and not rest:
-            return self._health(request)
+            return _HEALTH
         endpoint = uri.partition(b"?")[0]
         provider = gateway.providers.get(name)
         if provider is None:
-            call = ProxiedCall(request, gateway, None, endpoint)
-            return call.refuse("not_found", "No provider is configured for this path.")
-        call = ProxiedCall(request, gateway, provider, endpoint, rest)
+            return Decision(None, endpoint, refusal=("not_found", "No provider is configured for this path.", None))
         if gateway.draining:
-            # A request on a connection opened before the shutdown: its client learns
-            # at once (503, Connection: close) and may retry elsewhere; the call is recorded.
-            request.setHeader(b"connection", b"close")
-            channel: Any = request.channel
-            if channel is not None:
-                channel.persistent = False  # closed once this answer is written
-            return call.refuse("shutting_down", "The gateway is shutting down; retry on a new connection.", "shutdown")
+            return Decision(provider, endpoint, rest, query, _SHUTTING_DOWN)
         from lmgate.credentials import CredentialError, extractCredential, maskKey
 
-        headers = request.requestHeaders
         try:
             credential = extractCredential(headers, query or b"")
         except CredentialError as e:
-            return call.refuse("forbidden", str(e))
+            return Decision(provider, endpoint, rest, query, ("forbidden", str(e), None))
         if credential is None:
-            return call.refuse("forbidden", NO_KEY_MESSAGE)
+            return Decision(provider, endpoint, rest, query, ("forbidden", NO_KEY_MESSAGE, None))
         entry: KeyEntry | None = gateway.keyCheck.lookup(credential.key)
-        call.identify(maskKey(credential.key), entry)
+        masked = maskKey(credential.key)
         if credential.kind == "sigv4":
-            return call.refuse("forbidden", SIGV4_MESSAGE)
+            return Decision(provider, endpoint, rest, query, ("forbidden", SIGV4_MESSAGE, None), masked, entry)
         if entry is None:
-            return call.refuse("forbidden", UNKNOWN_KEY_MESSAGE)
-        if request.method == b"CONNECT":
-            return call.refuse("bad_request", "CONNECT is not relayed.")
+            return Decision(provider, endpoint, rest, query, ("forbidden", UNKNOWN_KEY_MESSAGE, None), masked, entry)
+        if method == b"CONNECT":
+            return Decision(provider, endpoint, rest, query, ("bad_request", "CONNECT is not relayed.", None), masked, entry)
+        return Decision(provider, endpoint, rest, query, None, masked, entry)
+
+    def render(self, request: Request) -> Any:
+        gateway = self._gateway
+        decision: Decision | None = getattr(request, "gateDecision", None)
+        if decision is None:  # not through GatewayChannel: decide now
+            decision = self.decide(request.method, request.uri, request.requestHeaders)
+        if decision is _HEALTH:
+            return self._health(request)
+        provider = decision.provider
+        call = ProxiedCall(request, gateway, provider, decision.endpoint, decision.rest)
+        call.identify(decision.maskedKey, decision.entry)
+        refusal = decision.refusal
+        if refusal is None and gateway.draining:  # the shutdown began while the body arrived
+            refusal = _SHUTTING_DOWN
+        if refusal is not None:
+            kind, message, errorName = refusal
+            if refusal is _SHUTTING_DOWN:
+                # A request on a connection opened before the shutdown: its client learns
+                # at once (503, Connection: close) and may retry elsewhere; the call is recorded.
+                request.setHeader(b"connection", b"close")
+                channel: Any = request.channel
+                if channel is not None:
+                    channel.persistent = False  # closed once this answer is written
+            self._receivedBody(request, call)
+            return call.refuse(kind, message, errorName)
+        assert provider is not None
         producer = self._body(request, call)
         pending = gateway.upstream.send(
-            request.method, provider.upstreamURL(rest, query), upstreamRequestHeaders(headers), producer
+            request.method,
+            provider.upstreamURL(decision.rest, decision.query),
+            upstreamRequestHeaders(request.requestHeaders),
+            producer,
         )
         return call.start(pending)
+
+    def _receivedBody(self, request: Request, call: ProxiedCall) -> None:
+        """
+        Note on a refused call what LMGate received of the body (all of it, or,
+        refused at headers-complete, what came with the headers), for its record.
+        """
+        content = request.content
+        if content is None:
+            return
+        content.seek(0, io.SEEK_END)
+        size = content.tell()
+        content.seek(0)
+        call.requestBody(content.read() if size <= KEEP_BODY_LIMIT else None, size)
 
     def _body(self, request: Request, call: ProxiedCall) -> IBodyProducer | None:
         """The request body as a producer, noted on the call for its record."""
@@ -276,26 +351,47 @@ def redactingLogFormatter(timestamp: str | None, request: Request) -> str:
     C{access_token=} ...): Gemini clients send their API key in the URL, and a
     refused request may carry anything there.
     """
+    client = request.getClientAddress()
+    return _combinedLine(
+        timestamp,
+        getattr(client, "host", None) or "-",
+        request.method,
+        request.uri,
+        request.clientproto,
+        request.code,
+        request.sentLength,
+        request.getHeader(b"referer"),
+        request.getHeader(b"user-agent"),
+    )
+
+
+def _combinedLine(
+    timestamp: str | None,
+    ip: str,
+    method: bytes,
+    uri: bytes,
+    proto: bytes,
+    code: int,
+    length: int,
+    referrer: bytes | None,
+    agent: bytes | None,
+) -> str:
+    """One line of the combined log format, credential query values masked."""
     from lmgate.credentials import mayHoldCredential, redactQuery
 
-    uri = request.uri
     path, sep, query = uri.partition(b"?")
     if sep and mayHoldCredential(query):
         uri = path + b"?" + redactQuery(query)
-    client = request.getClientAddress()
-    ip = getattr(client, "host", None) or "-"
-    referrer = _logEscape(request.getHeader(b"referer") or b"-")
-    agent = _logEscape(request.getHeader(b"user-agent") or b"-")
     return '"%s" - - %s "%s %s %s" %d %s "%s" "%s"' % (
         _logEscape(ip),
         timestamp,
-        _logEscape(request.method),
+        _logEscape(method),
         _logEscape(uri),
-        _logEscape(request.clientproto),
-        request.code,
-        request.sentLength or "-",
-        referrer,
-        agent,
+        _logEscape(proto),
+        code,
+        length or "-",
+        _logEscape(referrer or b"-"),
+        _logEscape(agent or b"-"),
     )
 
 
@@ -323,6 +419,9 @@ class GatewaySite(Site):
         #: Open client connections (for shutdown), and whether the site is closing them.
         self.channels: set[GatewayChannel] = set()
         self.closing = False
+        #: Called with the reason of each request the channel refuses (the metrics' counter).
+        self.observeRefusal: Any = None
+        self._refusalLog = RateLimitedLog(log, self.reactor)
 
     def closeIdle(self) -> None:
         """
@@ -352,13 +451,42 @@ class GatewaySite(Site):
     _logSecond = -1
     _logStamp = ""
 
+    def _stamp(self) -> str:
+        # The time of the line itself (twisted.web's cached one can be a second old),
+        # formatted once per second.
+        second = int(self.reactor.seconds())
+        if second != self._logSecond:
+            self._logSecond, self._logStamp = second, datetimeToLogString(second)
+        return self._logStamp
+
     def log(self, request: Any) -> None:
         writer = self.accessLog
         if writer is not None:
-            # The time of the line itself (twisted.web's cached one can be a second old),
-            # formatted once per second.
-            second = int(self.reactor.seconds())
-            if second != self._logSecond:
-                self._logSecond, self._logStamp = second, datetimeToLogString(second)
-            line = redactingLogFormatter(self._logStamp, request) + "\n"
+            line = redactingLogFormatter(self._stamp(), request) + "\n"
+            writer.writeLine(line.encode("utf-8", "replace"))
+
+    def clientRefused(self, channel: GatewayChannel, status: int, reason: str, message: str, length: int) -> None:
+        """
+        A request the channel refused before routing (400, 408, 413, 431): counted
+        by reason, logged at a bounded rate, and given an access-log line (method
+        and target as far as they arrived, C{-} otherwise). It gets no usage record:
+        it never became a call (see docs/records.md).
+        """
+        peer: Any = channel.transport.getPeer() if channel.transport is not None else None
+        ip = getattr(peer, "host", None) or "-"
+        if self.observeRefusal is not None:
+            self.observeRefusal(reason)
+        self._refusalLog.info(
+            "client refusals", "Refused a request from {peer}: {status} {message}", peer=ip, status=status, message=message
+        )
+        writer = self.accessLog
+        if writer is not None:
+            requestLine = channel.requestLine()
+            method, uri, proto = requestLine or (b"-", b"-", b"-")
+            referrer = agent = None
+            if requestLine is not None and channel.requests:
+                headers = channel.requests[-1].requestHeaders
+                referrer = (headers.getRawHeaders(b"referer") or [None])[0]
+                agent = (headers.getRawHeaders(b"user-agent") or [None])[0]
+            line = _combinedLine(self._stamp(), ip, method, uri, proto, status, length, referrer, agent) + "\n"
             writer.writeLine(line.encode("utf-8", "replace"))

@@ -101,6 +101,10 @@ class Metrics:
                               ["provider"], buckets=LATENCY_BUCKETS, registry=r)
         self.overhead = Histogram("lmgate_overhead_seconds", "Time LMGate spent on a call before sending it upstream.",
                                   buckets=OVERHEAD_BUCKETS, registry=r)
+        self.clientRefusals = Counter(
+            "lmgate_client_refusals", "Requests refused before routing (limits, timeouts, malformed), by reason.",
+            ["reason"], registry=r,
+        )
         self.keyCalls = Counter("lmgate_key_calls", "Calls by allow-list id (when enabled; capped).", ["lmgate_id"], registry=r) if perKey else None
         r.register(_Callbacks(self))
 
@@ -137,6 +141,10 @@ class Metrics:
             else:
                 self._keys.add(ident)
             self.keyCalls.labels(ident).inc()
+
+    def clientRefused(self, reason: str) -> None:
+        """Count a request the client side refused before routing (no record: it never became a call)."""
+        self.clientRefusals.labels(reason).inc()
 
     def observeOverhead(self, seconds: float) -> None:
         self.overhead.observe(max(0.0, seconds))

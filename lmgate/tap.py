@@ -588,6 +588,8 @@ def buildService(
         metrics.inFlight = lambda: len(gateway.active)
         gateway.observeOverhead = metrics.observeOverhead
     site = GatewaySite(GatewayResource(gateway), accessLog=accessLog, reactor=reactor)
+    if metrics is not None:
+        site.observeRefusal = metrics.clientRefused
     applySettings(settings, gateway, site)
     listener: Service
     if workerFd is not None:

@@ -47,7 +47,11 @@ class RawClient(Protocol):
         return json.loads(self.data.split(b"\r\n\r\n", 1)[1])
 
 
-class LimitTests(TestCase):
+class RawGatewayCase(TestCase):
+    """A gateway on loopback with limits and a fake clock for its channels, driven with raw bytes."""
+
+    timeout = 15  # a connection that is never answered fails the test, soon
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.limits = Limits(
@@ -66,6 +70,9 @@ class LimitTests(TestCase):
         client = await self.send(data)
         await client.closed
         return client
+
+
+class LimitTests(RawGatewayCase):
 
     async def test_headersTooLarge(self) -> None:
         """Header bytes past the limit: 431, nothing relayed."""
@@ -149,6 +156,169 @@ class LimitTests(TestCase):
         from lmgate.channel import GatewayRequest
 
         self.assertFalse(GatewayRequest._parsePOSTFormSubmission)
+
+
+class HeaderDeadlineTests(RawGatewayCase):
+    """C{header_timeout} runs from a request's first byte, and from the connection's opening."""
+
+    async def test_trickledRequestLine(self) -> None:
+        """A request line sent a byte at a time, never complete, gets 408 at the header deadline."""
+        client = await self.send(b"G")
+        for byte in b"ET /openai/v1/models":
+            await _settle()
+            self.clock.advance(0.5)
+            if client.closed.called:
+                break
+            client.transport.write(bytes([byte]))
+        await client.closed
+        self.assertEqual(client.status(), 408)
+        self.assertEqual(client.body()["error"]["type"], "request_timeout")
+
+    async def test_silentConnection(self) -> None:
+        """A connection that sends nothing is answered 408 at the header deadline, not the idle timeout."""
+        client = RawClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.gate.port), client)
+        await _settle()
+        self.clock.advance(10.5)
+        await client.closed
+        self.assertEqual(client.status(), 408)
+
+    async def test_nextRequestFromItsFirstByte(self) -> None:
+        """After a response, an idle keep-alive connection is not timed by the header deadline;
+        the next request's deadline starts at its first byte."""
+        client = await self.send(b"GET /openai/v1/models HTTP/1.1\r\nHost: g\r\n" + KEY + b"\r\n")
+        for _ in range(100):
+            await _settle()
+            if b"\r\n\r\n" in client.data:
+                break
+        self.assertEqual(client.status(), 200)
+        self.clock.advance(30)  # idle, well past header_timeout, within client_timeout
+        await _settle()
+        self.assertFalse(client.closed.called)
+        client.data = b""
+        client.transport.write(b"GET /op")
+        await _settle()
+        self.clock.advance(10.5)
+        await client.closed
+        self.assertEqual(client.status(), 408)
+
+
+class HeadRefusalTests(RawGatewayCase):
+    """Route and key are decided when the headers are complete: a refused body is never read."""
+
+    async def test_noKeyAnsweredBeforeTheBody(self) -> None:
+        """No key, a body announced with C{Expect: 100-continue}: 403 at once, no C{100 Continue},
+        the connection closed; one record, with the error body's size."""
+        client = await self.answer(
+            b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Length: 900\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        self.assertEqual(client.status(), 403)
+        self.assertNotIn(b"100 Continue", client.data)
+        self.assertIn(b"connection: close", client.data.lower())
+        body = client.data.split(b"\r\n\r\n", 1)[1]
+        [record] = self.gate.sink.records
+        self.assertEqual((record.status, record.error, record.request_bytes, record.response_bytes),
+                         (403, "forbidden", 0, len(body)))
+        self.assertEqual(self.gate.upstream.seen, [])
+
+    async def test_unknownKeyWithPartOfTheBody(self) -> None:
+        """An unknown key: the body bytes that came with the headers are counted, none waited for."""
+        client = await self.answer(
+            b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer nope-nope-nope\r\n"
+            b"Content-Length: 900\r\n\r\n" + b"x" * 100
+        )
+        self.assertEqual(client.status(), 403)
+        [record] = self.gate.sink.records
+        self.assertEqual((record.request_bytes, record.model), (100, None))
+
+    async def test_refusedCallsReadTheModelFromTheBody(self) -> None:
+        """A refused call's record names the model of the body received with it (OpenAI,
+        Anthropic, chunked), and its sizes are the body bytes both ways."""
+        body = b'{"model": "gpt-4o-mini", "messages": []}'
+        cases = [
+            (b"POST /openai/v1/chat/completions", b"Content-Length: %d\r\n\r\n" % len(body) + body, len(body)),
+            (b"POST /anthropic/v1/messages", b"Content-Length: %d\r\n\r\n" % len(body) + body, len(body)),
+            (b"POST /openai/v1/chat/completions",
+             b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body), len(body)),
+        ]
+        for line, rest, size in cases:
+            client = await self.answer(line + b" HTTP/1.1\r\nHost: g\r\n" + rest)
+            self.assertEqual(client.status(), 403)
+            record = self.gate.sink.records[-1]
+            self.assertEqual((record.model, record.request_bytes, record.response_bytes),
+                             ("gpt-4o-mini", size, len(client.data.split(b"\r\n\r\n", 1)[1])))
+        self.assertEqual(len(self.gate.sink.records), 3)
+
+    async def test_routeErrorsAtHeaders(self) -> None:
+        """Unknown provider and bad targets are answered before the body too."""
+        for target in (b"/nowhere/v1/x", b"/openai/v1/../x"):
+            client = await self.answer(b"POST " + target + b" HTTP/1.1\r\nHost: g\r\n" + KEY
+                                       + b"Content-Length: 900\r\nExpect: 100-continue\r\n\r\n")
+            self.assertIn(client.status(), (400, 404))
+            self.assertNotIn(b"100 Continue", client.data)
+        self.assertEqual(len(self.gate.sink.records), 2)
+
+    async def test_allowedKeyGetsContinue(self) -> None:
+        """An allowed key with C{Expect: 100-continue} gets C{100 Continue}, sends its body, is relayed."""
+        body = b'{"model": "m"}'
+        client = await self.send(
+            b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: g\r\nConnection: close\r\n" + KEY
+            + b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body)
+        )
+        client.got = Deferred()
+        await client.got
+        self.assertEqual(client.data, b"HTTP/1.1 100 Continue\r\n\r\n")
+        client.transport.write(body)
+        await client.closed
+        self.assertIn(b"HTTP/1.1 200 ", client.data)
+        self.assertEqual(self.gate.upstream.seen[0].body, body)
+        [record] = self.gate.sink.records
+        self.assertEqual(record.request_bytes, len(body))
+
+
+class ChannelRefusalTests(RawGatewayCase):
+    """Refusals by the channel are counted by reason, get an access-log line, and log at a bounded rate."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.limits = Limits(headerBytes=4096, headerCount=20, headerTimeout=10, clientTimeout=60, maxBody=1000)
+        self.lines: list[bytes] = []
+        writer = type("Writer", (), {"writeLine": lambda _, line: self.lines.append(line)})()
+        self.gate = startGateway(self, siteLimits=self.limits, siteClock=self.clock, accessLog=writer)
+        self.reasons: list[str] = []
+        self.gate.site.observeRefusal = self.reasons.append
+
+    async def test_eachRefusalCountedAndLogged(self) -> None:
+        """431, 413, 400 (ours and twisted.web's) and 408 each give one reason and one access line."""
+        await self.answer(b"GET /openai/v1/models HTTP/1.1\r\nHost: g\r\nX-Pad: " + b"a" * 5000 + b"\r\n\r\n")
+        await self.answer(b"POST /openai/v1/x HTTP/1.1\r\nHost: g\r\n" + KEY + b"Content-Length: 5000\r\n\r\n")
+        await self.answer(b"GET /openai/v1/models HTTP/1.1\r\nHost: g\r\nHost: g\r\n\r\n")
+        bad = await self.answer(b"GET /openai/v1/models HTTP/1.1\r\nHost: g\r\nContent-Length: x\r\n\r\n")
+        self.assertEqual(bad.body()["error"]["type"], "bad_request")
+        client = await self.send(b"GET /openai/v1/mo")
+        await _settle()
+        self.clock.advance(10.5)
+        await client.closed
+        self.assertEqual(self.reasons, ["headers_too_large", "request_too_large", "bad_request", "bad_request", "header_timeout"])
+        self.assertEqual([line.split(b'" ', 2)[2].split(b" ")[0] for line in self.lines],
+                         [b"431", b"413", b"400", b"400", b"408"])
+        self.assertIn(b'"POST /openai/v1/x HTTP/1.1" 413', self.lines[1])
+        self.assertEqual(self.gate.sink.records, [])  # not calls: no usage record
+
+    async def test_logLinesBounded(self) -> None:
+        """Many refusals log a bounded number of lines."""
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for _ in range(15):
+            await self.answer(b"GET /openai/v1/models HTTP/1.1\r\nHost: g\r\nHost: g\r\n\r\n")
+        refusals = [e for e in events if "Refused a request" in e.get("log_format", "")]
+        self.assertEqual(len(refusals), 10)
+        self.assertEqual(len(self.reasons), 15)
+        self.assertEqual(len(self.lines), 15)
 
 
 def _settle() -> Deferred[None]:

@@ -213,13 +213,15 @@ class RelayTests(TestCase):
 
 class FailureTests(TestCase):
     async def test_unreachable(self) -> None:
-        """A refused connection is a 502 with a JSON body and an C{upstream_unreachable} record."""
+        """A refused connection is a 502 with a JSON body and an C{upstream_unreachable} record,
+        whose byte counts are the request body sent and the error body answered."""
         gate = startGateway(self, upstreamURL=f"http://127.0.0.1:{closedPort(self)}")
         response, body, _ = await call(self, gate.url + CHAT)
         self.assertEqual(response.code, 502)
         self.assertEqual(json.loads(body)["error"]["type"], "api_error")
         [record] = await gate.sink.waitFor(1)
         self.assertEqual((record.status, record.error), (502, "upstream_unreachable"))
+        self.assertEqual((record.request_bytes, record.response_bytes), (2, len(body)))
 
     async def test_tlsFailure(self) -> None:
         """An upstream whose certificate is not trusted fails the TLS handshake: 502, recorded,
