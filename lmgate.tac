@@ -4,7 +4,7 @@ import os
 
 from twisted.application.service import Application
 
-from lmgate.tap import serviceFor
+from lmgate.daemon.tap import serviceFor
 
 application = Application("lmgate")
 serviceFor(os.environ.get("LMGATE_CONFIG") or None).setServiceParent(application)

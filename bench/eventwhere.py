@@ -117,7 +117,7 @@ def traced(out: str, gcOff: bool, argv: list[str]) -> None:
     reactorClass.runUntilCurrent = tracedRunTimed
 
     try:
-        from lmgate import tee
+        from lmgate.relay import tee
     except ImportError:
         tee = None  # type: ignore[assignment]
     if tee is not None:

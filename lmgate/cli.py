@@ -23,21 +23,21 @@ The gateway itself runs under twistd:  twistd -n lmgate --config etc/lmgate.yaml
 
 
 def _stub(argv: list[str]) -> int:
-    from lmgate.stub import main
+    from lmgate.stub.server import main
 
     code: int = main(argv)
     return code
 
 
 def _keys(argv: list[str]) -> int:
-    from lmgate.keys import main
+    from lmgate.access.keys import main
 
     code: int = main(argv)
     return code
 
 
 def _report(argv: list[str]) -> int:
-    from lmgate.report import main
+    from lmgate.ops.report import main
 
     code: int = main(argv)
     return code

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from zope.interface import Attribute, Interface
 
-from lmgate.record import KeyEntry, Usage, UsageRecord
+from lmgate.records.record import KeyEntry, Usage, UsageRecord
 
 
 class IKeyCheck(Interface):
@@ -27,7 +27,7 @@ class IKeyCheck(Interface):
 
         @param key: the credential exactly as the client sent it (for AWS SigV4,
             the access key id).
-        @return: the matching L{lmgate.record.KeyEntry}, or L{None} when the key
+        @return: the matching L{lmgate.records.record.KeyEntry}, or L{None} when the key
             is not allowed.
         """
 
@@ -51,7 +51,7 @@ class IUsageReader(Interface):
 
     def finish() -> Usage:
         """
-        The body has ended (completely or not). Return the L{lmgate.record.Usage}
+        The body has ended (completely or not). Return the L{lmgate.records.record.Usage}
         read from it. Called at most once. Never raises.
         """
 
@@ -64,5 +64,5 @@ class IUsageSink(Interface):
 
     def write(record: UsageRecord) -> None:
         """
-        Accept one L{lmgate.record.UsageRecord}.
+        Accept one L{lmgate.records.record.UsageRecord}.
         """

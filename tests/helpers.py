@@ -23,11 +23,11 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from lmgate.config import ProviderSettings
-from lmgate.gateway import Gateway, GatewayResource, GatewaySite
+from lmgate.gate.gateway import Gateway, GatewayResource, GatewaySite
 from lmgate.interfaces import IKeyCheck, IUsageSink
-from lmgate.providers import Provider
-from lmgate.record import KeyEntry, UsageRecord
-from lmgate.upstream import BytesProducer, RelayAgent, RelayPool, Upstream
+from lmgate.gate.providers import Provider
+from lmgate.records.record import KeyEntry, UsageRecord
+from lmgate.relay.upstream import BytesProducer, RelayAgent, RelayPool, Upstream
 
 ALLOWED_KEY = b"sk-test-allowed-0123456789abcdef"
 ALLOWED_ENTRY = KeyEntry("app1", "team-a", "2026-11-23")

@@ -11,7 +11,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from lmgate.allowlist import AllowList, parseAllowList
+from lmgate.access.allowlist import AllowList, parseAllowList
 from lmgate.errors import ConfigError
 
 HEADER = b"id,api_key,owner,added\n"

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from lmgate.credentials import (
+from lmgate.access.credentials import (
     CREDENTIAL_HEADERS,
     CREDENTIAL_PARAMETERS,
     CredentialError,

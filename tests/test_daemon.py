@@ -46,7 +46,7 @@ class DaemonTestCase(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        from lmgate.stub import makeStubResource
+        from lmgate.stub.server import makeStubResource
 
         self.stub = CountingSite(makeStubResource(reactor))
         port = reactor.listenTCP(0, self.stub, interface="127.0.0.1")  # type: ignore[attr-defined]

@@ -267,7 +267,7 @@ class ListenerTests(SynchronousTestCase):
         from twisted.internet.defer import fail
         from twisted.internet.error import CannotListenError
 
-        from lmgate.tap import Listener
+        from lmgate.daemon.tap import Listener
 
         class Taken:
             def listen(self, factory: object) -> object:

@@ -12,7 +12,7 @@ import os
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
-from lmgate.upstream import UPSTREAM_HEADER_BYTES
+from lmgate.relay.upstream import UPSTREAM_HEADER_BYTES
 from tests.daemon import PROJECT, Daemon, inThread, readRecords
 from tests.test_abuse import AUTH, exchange
 from tests.test_daemon import DaemonTestCase

@@ -21,7 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from tests.daemon import pause, readRecords
-from lmgate.upstream import BytesProducer
+from lmgate.relay.upstream import BytesProducer
 from tests.test_daemon import PLAIN_KEY, DaemonTestCase
 
 

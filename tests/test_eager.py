@@ -1,5 +1,5 @@
 """
-Eager writes (lmgate.eager) on real loopback TCP connections: sent at once when
+Eager writes (lmgate.relay.eager) on real loopback TCP connections: sent at once when
 nothing is queued, Twisted's queue for the rest, and out of the way where
 sending at once would change behaviour.
 """
@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from lmgate.eager import EagerServer, heldWrites, makeEager
+from lmgate.relay.eager import EagerServer, heldWrites, makeEager
 from tests.daemon import pause
 
 
@@ -155,11 +155,11 @@ class EagerWriteTests(TestCase):
 
     async def test_unknownTwistedLeftAlone(self) -> None:
         """A transport without the state the eager path reads (another Twisted) keeps Twisted's writes."""
-        import lmgate.eager
+        import lmgate.relay.eager
         from twisted.internet import tcp
 
         transport, _ = await self.accepted()
-        self.patch(lmgate.eager, "_STATE", lmgate.eager._STATE + ("_renamedInANewerTwisted",))
+        self.patch(lmgate.relay.eager, "_STATE", lmgate.relay.eager._STATE + ("_renamedInANewerTwisted",))
         self.assertFalse(makeEager(transport))
         self.assertIs(type(transport), tcp.Server)
 

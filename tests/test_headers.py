@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from lmgate.headers import copyEndToEndHeaders, upstreamRequestHeaders
+from lmgate.relay.headers import copyEndToEndHeaders, upstreamRequestHeaders
 
 
 class RequestHeaderTests(SynchronousTestCase):

@@ -13,10 +13,10 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from lmgate import jsonl
+from lmgate.records import jsonl
 from lmgate.errors import ConfigError
-from lmgate.jsonl import UsageLog, checkStatsPath, synchronously
-from lmgate.record import UsageRecord
+from lmgate.records.jsonl import UsageLog, checkStatsPath, synchronously
+from lmgate.records.record import UsageRecord
 
 BEFORE_MIDNIGHT = datetime(2026, 11, 23, 23, 59, 58, tzinfo=timezone.utc).timestamp()
 

@@ -11,8 +11,8 @@ import sys
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from lmgate.allowlist import parseAllowList
-from lmgate.keys import main
+from lmgate.access.allowlist import parseAllowList
+from lmgate.access.keys import main
 
 
 class Input(io.StringIO):

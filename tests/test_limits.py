@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from lmgate.channel import Limits
+from lmgate.gate.channel import Limits
 from tests.helpers import ALLOWED_KEY, startGateway
 
 KEY = b"Authorization: Bearer " + ALLOWED_KEY + b"\r\n"
@@ -153,7 +153,7 @@ class LimitTests(RawGatewayCase):
         )
         self.assertEqual(client.status(), 200)
         self.assertEqual(self.gate.upstream.seen[0].body, body)
-        from lmgate.channel import GatewayRequest
+        from lmgate.gate.channel import GatewayRequest
 
         self.assertFalse(GatewayRequest._parsePOSTFormSubmission)
 

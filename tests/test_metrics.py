@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
-from lmgate.metrics import Metrics, adminResource
+from lmgate.ops.metrics import Metrics, adminResource
 from tests.test_jsonl import record
 
 

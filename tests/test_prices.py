@@ -9,7 +9,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lmgate.errors import ConfigError
-from lmgate.prices import Price, PriceTable
+from lmgate.ops.prices import Price, PriceTable
 from tests.helpers import FakeUpstream, call, jsonAnswer, startGateway
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "prices.yaml")

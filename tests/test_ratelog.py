@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from lmgate.ratelog import RateLimitedLog
+from lmgate.ops.ratelog import RateLimitedLog
 
 
 class RateLimitedLogTests(SynchronousTestCase):

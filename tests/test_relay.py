@@ -22,7 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from lmgate.call import REQUEST_ID_HEADER
+from lmgate.gate.call import REQUEST_ID_HEADER
 from tests.helpers import (
     ALLOWED_KEY,
     AUTH,
@@ -232,7 +232,7 @@ class FailureTests(TestCase):
         from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
         from twisted.web.server import Site
 
-        from lmgate.upstream import Upstream
+        from lmgate.relay.upstream import Upstream
         from tests.test_daemon import makeCertificate
 
         directory = os.path.abspath(self.mktemp())
@@ -253,7 +253,7 @@ class FailureTests(TestCase):
         # The same upstream, its certificate trusted: relayed over TLS, Host and all.
         from twisted.internet.ssl import Certificate
 
-        from lmgate.upstream import RelayAgent
+        from lmgate.relay.upstream import RelayAgent
 
         pool = HTTPConnectionPool(reactor, persistent=True)
         self.addCleanup(pool.closeCachedConnections)
@@ -659,7 +659,7 @@ class AccessLogTests(TestCase):
         value alone and for mixed values (its plain-value shortcut changes nothing)."""
         from twisted.web.http import _escape
 
-        from lmgate.gateway import _logEscape
+        from lmgate.gate.gateway import _logEscape
 
         values: list[bytes | str] = [bytes([b]) for b in range(256)]
         values += [b"", b"GET", b"/v1/models?x=1&key=sk-...&y=%20", b"it's", b'say "hi"', b"it's \"both\"",
@@ -727,7 +727,7 @@ class ParserPauseTests(TestCase):
 
     def test_stockParserPausesAndResumes(self) -> None:
         """Twisted's own parser: a pause and a resume (two system calls) for every response."""
-        from lmgate.upstream import BoundedHTTPClientParser
+        from lmgate.relay.upstream import BoundedHTTPClientParser
 
         stock = BoundedHTTPClientParser.__bases__[0]  # the module's name may already be replaced
         transport, calls, _ = self.parse(stock, deliverAtOnce=True)
@@ -735,7 +735,7 @@ class ParserPauseTests(TestCase):
 
     def test_deliveredAtOnceNeverPaused(self) -> None:
         """The relay takes the body in the same call: the connection is never paused."""
-        from lmgate.upstream import BoundedHTTPClientParser
+        from lmgate.relay.upstream import BoundedHTTPClientParser
 
         transport, calls, (_, body) = self.parse(BoundedHTTPClientParser, deliverAtOnce=True)
         self.assertNotIn("pause", calls)
@@ -744,7 +744,7 @@ class ParserPauseTests(TestCase):
 
     def test_deliveredLaterStaysPausedUntilThen(self) -> None:
         """Nobody takes the body yet: the connection is paused, and resumed when someone does."""
-        from lmgate.upstream import BoundedHTTPClientParser
+        from lmgate.relay.upstream import BoundedHTTPClientParser
 
         transport, calls, (response, _) = self.parse(BoundedHTTPClientParser, deliverAtOnce=False)
         self.assertEqual(calls, ["pause"])
@@ -761,7 +761,7 @@ class RelayAgentTests(TestCase):
     def agent(self) -> Any:
         from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
-        from lmgate.upstream import RelayAgent
+        from lmgate.relay.upstream import RelayAgent
 
         pool = HTTPConnectionPool(reactor, persistent=True)
         self.addCleanup(pool.closeCachedConnections)

@@ -17,8 +17,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from lmgate.report import formatMoney, formatMs, main, parseWhen
-from lmgate.report_html import COUNT, MONEY, MS, niceScale, tickLabels
+from lmgate.ops.report import formatMoney, formatMs, main, parseWhen
+from lmgate.ops.report_html import COUNT, MONEY, MS, niceScale, tickLabels
 
 OWNERS = ("team-a", "team-b", "team-c")
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from lmgate.config import ProviderSettings
-from lmgate.gateway import RouteError, splitTarget
-from lmgate.providers import Provider
+from lmgate.gate.gateway import RouteError, splitTarget
+from lmgate.gate.providers import Provider
 
 
 def _join(upstream: str, target: bytes) -> bytes:
@@ -167,7 +167,7 @@ class QueryStaysTheQueryTests(SynchronousTestCase):
 
     def test_everyRouteShape(self) -> None:
         """Each upstream shape and each request shape gives the request line the upstream sees."""
-        from lmgate.upstream import originAndTarget
+        from lmgate.relay.upstream import originAndTarget
 
         expected = {
             "http://h:8000": [b"/", b"/", b"/?x", b"/?x", b"/v1/x?y"],
@@ -187,7 +187,7 @@ class OriginAndTargetTests(SynchronousTestCase):
     def test_authorityEndsAtQueryOrFragment(self) -> None:
         """The relay's split ends the authority at C{/}, C{?} or C{#}, as RFC 3986 does: a
         slash inside a query right after the host is never taken for the path."""
-        from lmgate.upstream import originAndTarget
+        from lmgate.relay.upstream import originAndTarget
 
         self.assertEqual(originAndTarget(b"http://h:1?/../../etc/passwd"), (b"http://h:1", b"/?/../../etc/passwd"))
         self.assertEqual(originAndTarget(b"http://h:1?x=1"), (b"http://h:1", b"/?x=1"))
@@ -208,7 +208,7 @@ class UpstreamURLPropertyTests(SynchronousTestCase):
         from hypothesis import given, settings, strategies as st
         from twisted.web.client import URI
 
-        from lmgate.upstream import originAndTarget
+        from lmgate.relay.upstream import originAndTarget
 
         hosts = st.sampled_from(["api.example", "127.0.0.1", "[::1]", "h-1.example"])
         ports = st.sampled_from(["", ":8443", ":1"])

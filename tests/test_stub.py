@@ -11,8 +11,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from lmgate.stub import REPLY, makeStubResource, words
-from lmgate.usage import readerFor
+from lmgate.stub.server import REPLY, makeStubResource, words
+from lmgate.usage.readers import readerFor
 
 
 class StubTests(SynchronousTestCase):

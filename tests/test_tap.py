@@ -10,7 +10,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from lmgate.tap import FreezeService, StopSignalGuard
+from lmgate.daemon.tap import FreezeService, StopSignalGuard
 
 
 class FreezeServiceTests(SynchronousTestCase):

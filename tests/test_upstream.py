@@ -23,7 +23,7 @@ from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from lmgate.upstream import (
+from lmgate.relay.upstream import (
     UPSTREAM_HEADER_BYTES,
     UPSTREAM_HEADER_LINES,
     BoundedHTTPClientParser,

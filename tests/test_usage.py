@@ -16,9 +16,9 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
-from lmgate.eventstream import event, exception
-from lmgate.record import Usage
-from lmgate.usage import readerFor, requestModel
+from lmgate.usage.eventstream import event, exception
+from lmgate.records.record import Usage
+from lmgate.usage.readers import readerFor, requestModel
 from tests.helpers import FakeUpstream, call, startGateway
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -440,7 +440,7 @@ class BoundedDecodingTests(SynchronousTestCase):
     def test_oneChunkInflatingPastTheChunkBudget(self) -> None:
         """A stream's wire chunk that inflates past CHUNK_BUDGET is read no further: at most that much
         is scanned, later chunks are not decoded, and the usage is truncated (gzip, deflate, br, zstd)."""
-        from lmgate.decoding import CHUNK_BUDGET
+        from lmgate.usage.decoding import CHUNK_BUDGET
 
         for encoding in ("gzip", "deflate", "br", "zstd"):
             wire = _bombBlock(b"data: x\n\n", encoding, 64 * 1024 * 1024)
@@ -453,7 +453,7 @@ class BoundedDecodingTests(SynchronousTestCase):
 
     def test_budgetPerCall(self) -> None:
         """Chunks each under the chunk budget stop being read past 16 × the capture limit decoded."""
-        from lmgate.decoding import BUDGET_FACTOR
+        from lmgate.usage.decoding import BUDGET_FACTOR
 
         limit = 4096
         body = fixture("openai/chat_completions_stream_usage.sse")
@@ -479,7 +479,7 @@ class BoundedDecodingTests(SynchronousTestCase):
 
     def test_zstdPiecesStaySmall(self) -> None:
         """zstd output comes in pieces of at most PIECE bytes, however well the input compresses."""
-        from lmgate.decoding import PIECE, decoderFor
+        from lmgate.usage.decoding import PIECE, decoderFor
 
         wire = compress(b"\0" * (32 * 1024 * 1024), "zstd")
         sizes = [len(p) for p in decoderFor(b"zstd").decode(wire)]
@@ -522,8 +522,8 @@ class HostileRecordTests(TestCase):
     async def test_recordWrittenForHostileCounts(self) -> None:
         """Through the gateway, with a price table and the metrics sink: each hostile count gives a
         record (usage invalid, counts and cost null) that every sink takes and that serialises."""
-        from lmgate.metrics import Fanout, Metrics
-        from lmgate.prices import PriceTable
+        from lmgate.ops.metrics import Fanout, Metrics
+        from lmgate.ops.prices import PriceTable
         from tests.test_prices import EXAMPLE
 
         for value in HOSTILE_COUNTS:

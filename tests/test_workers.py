@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from lmgate.workers import AdoptedListener, Supervisor, SupervisorWatch, _Worker, describeEnding
+from lmgate.daemon.workers import AdoptedListener, Supervisor, SupervisorWatch, _Worker, describeEnding
 from tests.daemon import pause
 
 

@@ -20,12 +20,12 @@ class _GatewayMaker:
 
     @property
     def options(self) -> type[usage.Options]:
-        from lmgate.tap import Options
+        from lmgate.daemon.tap import Options
 
         return Options
 
     def makeService(self, options: usage.Options) -> IService:
-        from lmgate.tap import makeService
+        from lmgate.daemon.tap import makeService
 
         return makeService(options)
 

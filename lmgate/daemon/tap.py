@@ -163,7 +163,7 @@ RESTART_ONLY = (
 
 def limitsFor(settings: Settings) -> Any:
     """The client limits a site enforces, from settings."""
-    from lmgate.channel import Limits
+    from lmgate.gate.channel import Limits
 
     return Limits(
         headerBytes=settings.headerBytes,
@@ -184,7 +184,7 @@ def pricesFor(settings: Settings) -> Any:
 
     @raise ConfigError: the file is unreadable or wrong.
     """
-    from lmgate.prices import PriceTable
+    from lmgate.ops.prices import PriceTable
 
     path = settings.pricesPath
     if path is None:
@@ -201,7 +201,7 @@ def applySettings(settings: Settings, gateway: Any, site: Any) -> None:
     capture limit, client limits and the access log. Each is one assignment,
     so a call sees the old settings or the new, never a mix of one kind.
     """
-    from lmgate.providers import Provider
+    from lmgate.gate.providers import Provider
 
     gateway.providers = {name.encode("ascii"): Provider(p) for name, p in settings.providers.items()}
     gateway.captureLimit = settings.statsCaptureLimit
@@ -454,7 +454,7 @@ def stubService(reactor: Any, settings: Settings) -> Service:
     """The in-process stub upstream (C{stub.listen})."""
     from twisted.web.server import Site
 
-    from lmgate.stub import makeStubResource
+    from lmgate.stub.server import makeStubResource
 
     assert settings.stubListen is not None
     stubSite = Site(makeStubResource(reactor))
@@ -475,9 +475,9 @@ def supervisorService(
     C{--workers N}: check in the foreground what each worker will need, then a
     supervisor that shares one socket among N workers.
     """
-    from lmgate.allowlist import AllowList
-    from lmgate.jsonl import checkStatsPath
-    from lmgate.workers import Supervisor, listeningSocket, workerStatsPath
+    from lmgate.access.allowlist import AllowList
+    from lmgate.records.jsonl import checkStatsPath
+    from lmgate.daemon.workers import Supervisor, listeningSocket, workerStatsPath
 
     if settings.adminListen is not None:
         raise ConfigError(settings.source, "admin.listen", "not available with --workers yet (each worker would need its own port)")
@@ -528,12 +528,12 @@ def buildService(
     @raise ConfigError: the allow-list, the stats directory, the TLS bundle or
         an endpoint cannot be used.
     """
-    from lmgate.allowlist import AllowList
-    from lmgate.gateway import Gateway, GatewayResource, GatewaySite
-    from lmgate.jsonl import UsageLog, checkStatsPath
-    from lmgate.upstream import Upstream
+    from lmgate.access.allowlist import AllowList
+    from lmgate.gate.gateway import Gateway, GatewayResource, GatewaySite
+    from lmgate.records.jsonl import UsageLog, checkStatsPath
+    from lmgate.relay.upstream import Upstream
 
-    from lmgate.workers import workerStatsPath
+    from lmgate.daemon.workers import workerStatsPath
 
     configured = settings  # as the file says: what a reload compares with
     if workerIndex is not None:
@@ -571,7 +571,7 @@ def buildService(
     metrics = None
     sink: Any = usageLog
     if settings.adminListen is not None:
-        from lmgate.metrics import Fanout, Metrics
+        from lmgate.ops.metrics import Fanout, Metrics
 
         metrics = Metrics(
             models=settings.metricsModels,
@@ -593,7 +593,7 @@ def buildService(
     applySettings(settings, gateway, site)
     listener: Service
     if workerFd is not None:
-        from lmgate.workers import AdoptedListener
+        from lmgate.daemon.workers import AdoptedListener
 
         listener = AdoptedListener(reactor, workerFd, site)
     else:
@@ -610,7 +610,7 @@ def buildService(
     if settings.stubListen is not None:
         stubService(reactor, settings).setServiceParent(top)
     if metrics is not None:
-        from lmgate.metrics import AdminSite
+        from lmgate.ops.metrics import AdminSite
 
         adminSite = AdminSite(metrics)
         assert settings.adminListen is not None
@@ -638,7 +638,7 @@ def buildService(
     SignalService(reactor, {signal.SIGHUP: reloader.reload, signal.SIGUSR1: reopenFiles}).setServiceParent(top)
     StopSignalGuard(reactor).setServiceParent(top)
     if workerFd is not None:
-        from lmgate.workers import SupervisorWatch
+        from lmgate.daemon.workers import SupervisorWatch
 
         SupervisorWatch(reactor).setServiceParent(top)
     listener.setServiceParent(top)
@@ -739,7 +739,7 @@ def exitNonZeroOnLoss(service: IService) -> None:
 
 
 #: Modules of the command-line tools, which the daemon never imports.
-_NOT_PRELOADED = frozenset({"lmgate.cli", "lmgate.keys", "lmgate.report", "lmgate.report_html"})
+_NOT_PRELOADED = frozenset({"lmgate.cli", "lmgate.access.keys", "lmgate.ops.report", "lmgate.ops.report_html"})
 
 
 def preloadModules() -> None:

@@ -27,9 +27,9 @@ from urllib.parse import unquote
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from lmgate.decoding import BUDGET_FACTOR, CHUNK_BUDGET, Decoder, Truncated, Undecodable, decoderFor
+from lmgate.usage.decoding import BUDGET_FACTOR, CHUNK_BUDGET, Decoder, Truncated, Undecodable, decoderFor
 from lmgate.interfaces import IUsageReader
-from lmgate.record import Usage
+from lmgate.records.record import Usage
 
 Json = dict[str, Any]
 

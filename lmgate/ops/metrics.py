@@ -21,7 +21,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from lmgate.interfaces import IUsageSink
-from lmgate.record import UsageRecord
+from lmgate.records.record import UsageRecord
 
 log = Logger()
 

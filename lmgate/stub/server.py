@@ -24,7 +24,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from lmgate import eventstream
+from lmgate.usage import eventstream
 
 REPLY = "This is the LMGate stub upstream answering {model}."
 MAX_EVENTS = 100000

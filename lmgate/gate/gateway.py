@@ -25,14 +25,14 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from lmgate.call import ProxiedCall
-from lmgate.channel import GatewayChannel, GatewayRequest, Limits
-from lmgate.headers import upstreamRequestHeaders
+from lmgate.gate.call import ProxiedCall
+from lmgate.gate.channel import GatewayChannel, GatewayRequest, Limits
+from lmgate.relay.headers import upstreamRequestHeaders
 from lmgate.interfaces import IKeyCheck, IUsageSink
-from lmgate.providers import Provider
-from lmgate.ratelog import RateLimitedLog
-from lmgate.record import KeyEntry
-from lmgate.upstream import BytesProducer, Upstream
+from lmgate.gate.providers import Provider
+from lmgate.ops.ratelog import RateLimitedLog
+from lmgate.records.record import KeyEntry
+from lmgate.relay.upstream import BytesProducer, Upstream
 
 log = Logger()
 
@@ -231,7 +231,7 @@ class GatewayResource(Resource):
             return Decision(None, endpoint, refusal=("not_found", "No provider is configured for this path.", None))
         if gateway.draining:
             return Decision(provider, endpoint, rest, query, _SHUTTING_DOWN)
-        from lmgate.credentials import CredentialError, extractCredential, maskKey
+        from lmgate.access.credentials import CredentialError, extractCredential, maskKey
 
         try:
             credential = extractCredential(headers, query or b"")
@@ -377,7 +377,7 @@ def _combinedLine(
     agent: bytes | None,
 ) -> str:
     """One line of the combined log format, credential query values masked."""
-    from lmgate.credentials import mayHoldCredential, redactQuery
+    from lmgate.access.credentials import mayHoldCredential, redactQuery
 
     path, sep, query = uri.partition(b"?")
     if sep and mayHoldCredential(query):
@@ -401,7 +401,7 @@ class GatewaySite(Site):
     and an access log that hides keys.
 
     @ivar accessLog: where access lines go (anything with C{writeLine(bytes)},
-        the daemon's is a L{lmgate.jsonl.UsageLog} writing off the reactor
+        the daemon's is a L{lmgate.records.jsonl.UsageLog} writing off the reactor
         thread), or None for no access log. A line is formatted and queued;
         nothing is written to disk in the call's path.
     @ivar accessLogWriter: the writer built at start-up (None if the access log

@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from lmgate.config import Settings
 from lmgate.errors import ConfigError
-from lmgate.ratelog import RateLimitedLog
+from lmgate.ops.ratelog import RateLimitedLog
 
 log = Logger()
 

@@ -352,7 +352,7 @@ def build(args: argparse.Namespace, progress: IO[str] | None = None) -> Report:
     keep = Filter(args)
     prices = None
     if args.prices:
-        from lmgate.prices import PriceTable
+        from lmgate.ops.prices import PriceTable
 
         prices = PriceTable.load(args.prices)
     charts = bool(args.html)
@@ -465,7 +465,7 @@ def main(argv: list[str]) -> int:
     render = {"table": renderTable, "csv": renderCSV, "json": renderJSON}[args.format]
     sys.stdout.write(render(report))
     if args.html:
-        from lmgate.report_html import renderHTML
+        from lmgate.ops.report_html import renderHTML
 
         with open(args.html, "w", encoding="utf-8") as f:
             f.write(renderHTML(report, args))

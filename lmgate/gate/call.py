@@ -24,15 +24,15 @@ from twisted.web.http import NO_BODY_CODES
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 
-from lmgate.headers import copyEndToEndHeaders
-from lmgate.record import KeyEntry, Usage, UsageRecord
-from lmgate.tee import Tee, UpstreamIdle
-from lmgate.upstream import UpstreamHeadInvalid
+from lmgate.relay.headers import copyEndToEndHeaders
+from lmgate.records.record import KeyEntry, Usage, UsageRecord
+from lmgate.relay.tee import Tee, UpstreamIdle
+from lmgate.relay.upstream import UpstreamHeadInvalid
 
 if TYPE_CHECKING:
-    from lmgate.gateway import Gateway
+    from lmgate.gate.gateway import Gateway
     from lmgate.interfaces import IUsageReader
-    from lmgate.providers import Provider
+    from lmgate.gate.providers import Provider
 
 log = Logger()
 
@@ -158,7 +158,7 @@ class ProxiedCall:
         @param errorName: the record's C{error}, when more precise than C{kind}.
         @return: the body, for C{render} to return.
         """
-        from lmgate.providers import STATUS, genericErrorBody
+        from lmgate.gate.providers import STATUS, genericErrorBody
 
         if self._provider is not None:
             status, headers, body = self._provider.errorResponse(kind, message)
@@ -289,7 +289,7 @@ class ProxiedCall:
             if values:
                 self._upstreamRequestId = values[0].decode("latin-1")
                 break
-        from lmgate.usage import readerFor
+        from lmgate.usage.readers import readerFor
 
         reader = readerFor(
             provider.format, response.code, response.headers, self._upstreamPath, self._gateway.captureLimit
@@ -360,7 +360,7 @@ class ProxiedCall:
         provider = self._provider
         model = usage.model
         if model is None and provider is not None and self._upstreamPath:
-            from lmgate.usage import requestModel
+            from lmgate.usage.readers import requestModel
 
             try:
                 model = requestModel(provider.format, self._upstreamPath, self._body)

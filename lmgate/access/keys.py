@@ -26,8 +26,8 @@ import tempfile
 from datetime import datetime, timezone
 from typing import TextIO
 
-from lmgate.allowlist import HASH_PREFIX, REQUIRED, _keyDigest, parseAllowList
-from lmgate.credentials import maskKey
+from lmgate.access.allowlist import HASH_PREFIX, REQUIRED, _keyDigest, parseAllowList
+from lmgate.access.credentials import maskKey
 from lmgate.errors import ConfigError
 
 DEFAULT_FILE = "etc/allowlist.csv"

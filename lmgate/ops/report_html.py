@@ -10,7 +10,7 @@ import html
 import math
 from typing import Any, Callable, Sequence
 
-from lmgate.report import COLUMNS, Report, _cell, formatMoney, formatMs, printable
+from lmgate.ops.report import COLUMNS, Report, _cell, formatMoney, formatMs, printable
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
 W, H, LEFT, BOTTOM, TOP = 760, 260, 64, 36, 16

@@ -7,7 +7,7 @@ bound how long a client may take to send its headers, answers oversized headers
 with a bare 400, reads any announced body, and parses form bodies. L{GatewayChannel}
 closes those gaps: each limit is answered with its own status and a JSON body,
 before the request ever reaches routing; each such refusal is counted, logged at a
-bounded rate and gets an access-log line (L{lmgate.gateway.GatewaySite.clientRefused}).
+bounded rate and gets an access-log line (L{lmgate.gate.gateway.GatewaySite.clientRefused}).
 
 When a request's headers are complete, the site's resource decides whether the call
 may go on (route, key, shutdown) before a byte of its body is read: a refused request
@@ -97,9 +97,9 @@ class GatewayChannel(HTTPChannel):
         self._discarding = False  # a request was refused at headers-complete: its body is never read
 
     def connectionMade(self) -> None:
-        from lmgate.eager import makeEager
+        from lmgate.relay.eager import makeEager
 
-        makeEager(self.transport)  # plain TCP: each write is sent at once (lmgate.eager)
+        makeEager(self.transport)  # plain TCP: each write is sent at once (lmgate.relay.eager)
         super().connectionMade()
         # The first request's header deadline runs from the connection's opening.
         self._headerDeadline = self.callLater(self._limits.headerTimeout, self._headersTooSlow)
@@ -371,7 +371,7 @@ class GatewayRequest(Request):
         """The first write sends the head and the first body bytes as one piece."""
         if self.startedWriting or self.channel is None:
             return super().write(data)  # type: ignore[no-any-return]
-        from lmgate.eager import heldWrites
+        from lmgate.relay.eager import heldWrites
 
         with heldWrites(self.channel.transport):
             super().write(data)

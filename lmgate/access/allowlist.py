@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from lmgate.errors import ConfigError
 from lmgate.interfaces import IKeyCheck
-from lmgate.record import KeyEntry
+from lmgate.records.record import KeyEntry
 
 log = Logger()
 

@@ -39,7 +39,7 @@ from zope.interface import implementer
 
 from lmgate.errors import ConfigError
 from lmgate.interfaces import IUsageSink
-from lmgate.record import UsageRecord
+from lmgate.records.record import UsageRecord
 
 log = Logger()
 

@@ -1,0 +1,1 @@
+"""Who may call: the allow-list, key extraction, the keys command."""

@@ -1,0 +1,1 @@
+"""The client side: channel limits, the site, routing, the call and its admission."""

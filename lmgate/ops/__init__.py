@@ -1,0 +1,1 @@
+"""Operating LMGate: metrics, prices, the report."""

@@ -1,0 +1,1 @@
+"""The upstream side: connection pool and agent, the tee, eager writes, hop-by-hop headers."""

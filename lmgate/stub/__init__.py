@@ -1,0 +1,1 @@
+"""The stub upstream: deterministic answers in every provider's wire format."""

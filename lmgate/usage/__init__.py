@@ -1,0 +1,1 @@
+"""Reading usage from provider responses: bytes in, counts out (no twisted.web)."""
