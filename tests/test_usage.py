@@ -14,11 +14,10 @@ from typing import Any
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.http_headers import Headers
 
 from lmgate.usage.eventstream import event, exception
 from lmgate.records.record import Usage
-from lmgate.usage.readers import readerFor, requestModel
+from lmgate.usage import readerFor, requestModel
 from tests.helpers import FakeUpstream, call, startGateway
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -42,12 +41,12 @@ def sse(*events: tuple[str | None, Any], crlf: bool = False) -> bytes:
 
 def read(fmt: str, body: bytes, contentType: str, endpoint: bytes = b"/v1/x", pieces: list[bytes] | None = None,
          encoding: str | None = None, status: int = 200, extra: dict[bytes, list[bytes]] | None = None, limit: int = LIMIT) -> Usage:
-    headers = Headers({b"content-type": [contentType.encode()]})
+    headers = {b"content-type": contentType.encode()}
     if encoding:
-        headers.setRawHeaders(b"content-encoding", [encoding.encode()])
+        headers[b"content-encoding"] = encoding.encode()
     for name, values in (extra or {}).items():
-        headers.setRawHeaders(name, values)
-    reader = readerFor(fmt, status, headers, endpoint, limit)
+        headers[name] = values[0]
+    reader = readerFor(fmt, status, headers.get, endpoint, limit)
     for piece in pieces if pieces is not None else [body]:
         reader.feed(piece)
     return reader.finish()
@@ -266,8 +265,8 @@ class ErrorTests(SynchronousTestCase):
     def test_decompressionBomb(self) -> None:
         """A gzip bomb (100 MB of zeros) is read in bounded pieces and gives unknown usage, said to be truncated."""
         bomb = gzip.compress(b"\0" * (100 * 1024 * 1024), compresslevel=9)
-        headers = Headers({b"content-type": [b"application/json"], b"content-encoding": [b"gzip"]})
-        reader: Any = readerFor("openai", 200, headers, b"/v1/chat/completions", 1024 * 1024)
+        headers = {b"content-type": b"application/json", b"content-encoding": b"gzip"}
+        reader: Any = readerFor("openai", 200, headers.get, b"/v1/chat/completions", 1024 * 1024)
         reader.feed(bomb)
         self.assertLessEqual(sum(len(p) for p in reader._parts), 1024 * 1024)
         self.assertEqual(reader.finish().usage_source, "truncated")
@@ -425,8 +424,8 @@ class BoundedDecodingTests(SynchronousTestCase):
     """Compressed bodies are read up to a budget per call and, for streams, per wire chunk."""
 
     def reader(self, encoding: str, limit: int = LIMIT, ctype: bytes = b"text/event-stream") -> tuple[Any, list[int]]:
-        headers = Headers({b"content-type": [ctype], b"content-encoding": [encoding.encode()]})
-        reader: Any = readerFor("openai", 200, headers, b"/v1/chat/completions", limit)
+        headers = {b"content-type": ctype, b"content-encoding": encoding.encode()}
+        reader: Any = readerFor("openai", 200, headers.get, b"/v1/chat/completions", limit)
         scanned: list[int] = []
         take = reader._take
 
@@ -494,8 +493,8 @@ class EventStreamFrameTests(SynchronousTestCase):
 
         prelude = struct.pack(">II", 20 * 1024 * 1024, 0)
         frame = prelude + struct.pack(">I", zlib.crc32(prelude))
-        headers = Headers({b"content-type": [b"application/vnd.amazon.eventstream"]})
-        reader: Any = readerFor("bedrock", 200, headers, b"/model/m/converse-stream", 1024 * 1024)
+        headers = {b"content-type": b"application/vnd.amazon.eventstream"}
+        reader: Any = readerFor("bedrock", 200, headers.get, b"/model/m/converse-stream", 1024 * 1024)
         first = event("messageStart", b'{"role":"assistant"}')
         reader.feed(first + frame[:5])
         reader.feed(frame[5:])

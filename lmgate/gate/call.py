@@ -289,11 +289,15 @@ class ProxiedCall:
             if values:
                 self._upstreamRequestId = values[0].decode("latin-1")
                 break
-        from lmgate.usage.readers import readerFor
+        from lmgate.usage import readerFor
 
-        reader = readerFor(
-            provider.format, response.code, response.headers, self._upstreamPath, self._gateway.captureLimit
-        )
+        headers = response.headers
+
+        def header(name: bytes) -> bytes | None:
+            values = headers.getRawHeaders(name)
+            return values[0] if values else None
+
+        reader = readerFor(provider.format, response.code, header, self._upstreamPath, self._gateway.captureLimit)
         self._reader = reader
         tee = Tee(request, reader.feed, self._clock, self._gateway.idleTimeout, self._gateway.clientTimeout)
         self._tee = tee
@@ -360,7 +364,7 @@ class ProxiedCall:
         provider = self._provider
         model = usage.model
         if model is None and provider is not None and self._upstreamPath:
-            from lmgate.usage.readers import requestModel
+            from lmgate.usage import requestModel
 
             try:
                 model = requestModel(provider.format, self._upstreamPath, self._body)
