@@ -5,6 +5,7 @@ normalised; broken input gives null counts and never raises.
 
 from __future__ import annotations
 
+import ast
 import base64
 import gzip
 import json
@@ -276,6 +277,40 @@ class ErrorTests(SynchronousTestCase):
         body = b"data: " + b"x" * 5000 + b"\n\n" + fixture("openai/chat_completions_stream_usage.sse")
         u = read("openai", body, "text/event-stream", limit=2048, pieces=[body[i : i + 100] for i in range(0, len(body), 100)])
         self.assertEqual((u.input_tokens, u.output_tokens), (12, 5))
+
+
+class PurityTests(SynchronousTestCase):
+    """Reading usage is bytes in, counts out: the readers stand apart from the web server and the gateway."""
+
+    FORBIDDEN = ("twisted.web", "twisted.internet.reactor", "lmgate.gate", "lmgate.relay", "lmgate.daemon")
+
+    def test_noWebNorGatewayImports(self) -> None:
+        """No module of lmgate.usage imports twisted.web, the global reactor, the gateway, the relay or the daemon."""
+        import lmgate.usage
+
+        folder = os.path.dirname(lmgate.usage.__file__)
+        found = []
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".py"):
+                continue
+            with open(os.path.join(folder, name), "rb") as f:
+                tree = ast.parse(f.read(), name)
+            for node in ast.walk(tree):  # function-level imports too
+                if isinstance(node, ast.Import):
+                    modules = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+                else:
+                    continue
+                found += [(name, m) for m in modules if any(m == f or m.startswith(f + ".") for f in self.FORBIDDEN)]
+        self.assertEqual(found, [])
+
+    def test_headersArePlainValues(self) -> None:
+        """A reader takes the response's header values through a plain lookup: a dict's C{get} will do."""
+        body = fixture("openai/chat_completions.json")
+        reader = readerFor("openai", 200, {b"content-type": b"application/json"}.get, b"/v1/chat/completions", LIMIT)
+        reader.feed(body)
+        self.assertEqual(reader.finish().usage_source, "response")
 
 
 class RequestModelTests(SynchronousTestCase):
