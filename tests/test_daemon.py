@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
 
-from tests.daemon import LMGATE, TWISTD, Daemon, freePort, inThread, pause, portTaken, readRecords
+from tests.daemon import LMGATE, TWISTD, Daemon, freePort, inThread, pause, portTaken, readRecords, waitFor
 
 PLAIN_KEY = "sk-plain-e2e-0000000000000000AbCd"
 HASHED_KEY = "sk-ant-hashed-e2e-111111111111WxYz"
@@ -321,7 +321,7 @@ class MoreSDKTests(DaemonTestCase):
         )
         daemon = Daemon(self, config, self.directory)
         daemon.start()
-        await self._waitTLS()
+        await self._waitTLS(daemon)
 
         def genaiCalls() -> list[Any]:
             from google import genai
@@ -380,7 +380,7 @@ class MoreSDKTests(DaemonTestCase):
         self.assertEqual(records[2]["model"], "anthropic.claude-3-haiku-20240307-v1:0")
         self.assertEqual([r["lmgate_id"] for r in records], ["plain", "plain", "hashed", "hashed"])
 
-    async def _waitTLS(self) -> None:
+    async def _waitTLS(self, daemon: Daemon) -> None:
         import ssl
         import socket as socketModule
 
@@ -397,6 +397,8 @@ class MoreSDKTests(DaemonTestCase):
                 return False
 
         for _ in range(150):
+            if daemon.watch.ended.called and not daemon.restartIfRaced():
+                raise AssertionError(f"lmgate exited early:\n{daemon.watch.output.decode(errors='replace')}")
             if await inThread(probe):
                 return
             await pause(0.1)
@@ -477,8 +479,10 @@ class ShutdownTests(DaemonTestCase):
         daemon = await self.startDaemon()
         _, chunks, done = await self.streamUntilFirstChunk(events=6, delayMs=100)
         daemon.signal("TERM")
-        await pause(0.2)
+        # Each signal once it is handled: one still pending when the next of its kind comes would merge with it.
+        await waitFor(lambda: b"Received SIGTERM, shutting down" in daemon.watch.output, "the first SIGTERM")
         daemon.signal("INT")
+        await waitFor(lambda: b"Received SIGINT again" in daemon.watch.output, "SIGINT")
         daemon.signal("TERM")
         self.assertIsNone(await done)
         self.assertTrue(b"".join(chunks).endswith(b"data: [DONE]\n\n"))
@@ -533,13 +537,24 @@ class ShutdownTests(DaemonTestCase):
         headers = {"Authorization": f"Bearer {PLAIN_KEY}"}
         r = await treq.get(self.base + "/openai/v1/models", headers=headers, persistent=False)
         await r.content()
-        await pause(0.5)  # one flush
+        accessPath = os.path.join(os.path.dirname(self.statsPath), "access.log")
+
+        def lines(path: str) -> list[str]:
+            try:
+                with open(path) as f:
+                    return f.readlines()
+            except FileNotFoundError:
+                return []
+
+        # Renamed only once the call's record and access line are on disk (each writer flushes on its own timer).
+        await waitFor(lambda: len(lines(self.statsPath)) == 1 and any("/openai/v1/models" in line for line in lines(accessPath)),
+                      "the first call's record and access line")
         os.rename(logPath, logPath + ".1")
         os.rename(self.statsPath, self.statsPath + ".rotated")
-        accessPath = os.path.join(os.path.dirname(self.statsPath), "access.log")
         os.rename(accessPath, accessPath + ".rotated")
         daemon.signal("USR1")
-        await pause(0.3)
+        # The twistd log is reopened last, after the stats and access writers: its new file means all three are done.
+        await waitFor(lambda: os.path.exists(logPath), "the reopened twistd log")
         r = await treq.get(self.base + "/openai/v1/models", headers=headers, persistent=False)
         await r.content()
         self.assertEqual(await daemon.stop(), 0)
@@ -547,8 +562,7 @@ class ShutdownTests(DaemonTestCase):
             self.assertEqual(len(f.readlines()), 1)
         with open(self.statsPath) as f:
             self.assertEqual(len(f.readlines()), 1)
-        with open(accessPath) as f:
-            self.assertEqual(len(f.readlines()), 1)
+        self.assertEqual(len(lines(accessPath)), 1)
         with open(logPath + ".1") as f:
             self.assertIn("Received SIGUSR1", f.read())  # logged before the reopen
         with open(logPath) as f:
@@ -768,9 +782,9 @@ class OperationsTests(DaemonTestCase):
         import treq
         from prometheus_client.parser import text_string_to_metric_families
 
-        admin = freePort()
+        self.admin = freePort()  # an attribute: a start that loses a bind race moves it
         prices = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "prices.yaml")
-        config = self.config() + f'admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}\nprices: {{path: {prices}}}\n'
+        config = self.config() + f'admin: {{listen: "tcp:{self.admin}:interface=127.0.0.1"}}\nprices: {{path: {prices}}}\n'
         daemon = Daemon(self, config, self.directory)
         daemon.start()
         await daemon.waitUntilHealthy(self.port)
@@ -782,7 +796,7 @@ class OperationsTests(DaemonTestCase):
             await r.content()
         r = await treq.get(self.base + "/openai/v1/models", headers={"Authorization": "Bearer nope-nope-nope"}, persistent=False)
         await r.content()
-        r = await treq.get(f"http://127.0.0.1:{admin}/metrics", persistent=False)
+        r = await treq.get(f"http://127.0.0.1:{self.admin}/metrics", persistent=False)
         text = await r.text()
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for f in text_string_to_metric_families(text) for s in f.samples}
