@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -25,11 +26,54 @@ LMGATE = os.path.join(os.path.dirname(sys.executable), "lmgate")
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+#: Every port L{freePort} handed out: only these are moved when a start loses a bind race.
+_chosen: set[int] = set()
+
+#: How a start that could not listen names the port: LMGate's one line
+#: ("cannot listen on tcp:PORT:interface=...: address already in use") or Twisted's own
+#: ("Couldn't listen on 127.0.0.1:PORT: [Errno 98] Address already in use.").
+_CANNOT_LISTEN = re.compile(rb"(?:cannot listen on [a-z0-9]+:|Couldn't listen on [^\s:]*:)(\d+)\b")
+
+#: Starts on fresh ports after losing a bind race, at most, per daemon or script.
+RACE_RETRIES = 5
+
+
 def freePort() -> int:
-    """A loopback port free at this moment (bound by the daemon soon after)."""
+    """
+    A loopback port free at this moment, bound by the daemon soon after. Another
+    process may take it in between (tests run in parallel): L{Daemon} and
+    L{racedPorts} notice that start failing and start again on a fresh port.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _chosen.add(port)
+    return port
+
+
+def racedPorts(output: bytes) -> set[int]:
+    """
+    The ports chosen by L{freePort} that a failed start's C{output} says were
+    already in use: a bind race lost to another process, not a fault of the
+    code under test. Empty for any other failure, and for ports a test took on
+    purpose (those never came from L{freePort}).
+    """
+    if b"address already in use" not in output.lower():
+        return set()
+    return {int(port) for port in _CANNOT_LISTEN.findall(output)} & _chosen
+
+
+def movePort(text: str, old: int, new: int) -> str:
+    """C{text} (a config file, an argument, an environment value) with port C{old} as C{new}:
+    every C{:OLD} not followed by another digit, as in C{tcp:OLD:...} and C{http://host:OLD}."""
+    return re.sub(rf"(?<=:){old}(?!\d)", str(new), text)
+
+
+def moveCasePorts(case: object, old: int, new: int) -> None:
+    """The test case's attributes holding port C{old} (C{self.port}, C{self.admin} ...) now hold C{new}."""
+    for name, value in list(vars(case).items()):
+        if type(value) is int and value == old:
+            setattr(case, name, new)
 
 
 def portTaken(port: int) -> bool:
@@ -47,6 +91,20 @@ def pause(seconds: float) -> Deferred[None]:
     d: Deferred[None] = Deferred()
     reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
     return d
+
+
+async def waitFor(condition: Callable[[], object], what: str, seconds: float = 30.0, interval: float = 0.05) -> None:
+    """
+    Poll C{condition} until it is true: what a daemon test waits on instead of
+    a fixed pause, which a loaded machine outlasts. Bounded: after C{seconds},
+    an C{AssertionError} naming C{what} was awaited.
+    """
+    for _ in range(max(1, int(seconds / interval))):
+        if condition():
+            return
+        await pause(interval)
+    if not condition():
+        raise AssertionError(f"waited {seconds} s for {what}")
 
 
 class _Watch(ProcessProtocol):
@@ -68,7 +126,15 @@ class _Watch(ProcessProtocol):
 
 
 class Daemon:
-    """One C{twistd -n lmgate} process with its own directory and config."""
+    """
+    One C{twistd -n lmgate} process with its own directory and config.
+
+    A start that fails because a port from L{freePort} was taken in the
+    meantime by another process is repeated (at most L{RACE_RETRIES} times) on
+    a fresh port, by L{waitUntilHealthy} or L{restartIfRaced}: the port is
+    replaced in the config file, the arguments and the environment, and in the
+    test case's attributes, so C{self.port} and friends follow.
+    """
 
     def __init__(self, case: TestCase, config: str, directory: str, env: dict[str, str] | None = None) -> None:
         self.case, self.directory = case, directory
@@ -79,28 +145,65 @@ class Daemon:
         self.env.pop("LMGATE_CONFIG", None)
         self.watch = _Watch()
         self.process: Any = None
+        self.moved: dict[int, int] = {}  # port chosen -> the port it was moved to after a lost race
+        self._launch: tuple[list[str], dict[str, str]] | None = None
+        self._retries = 0
+
+    def _spawn(self, args: list[str], env: dict[str, str]) -> None:
+        if self._launch is None:
+            self.case.addCleanup(self._kill)
+        self._launch = (args, env)
+        self.watch = _Watch()
+        self.process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            self.watch, TWISTD, args, env=env, path=self.directory
+        )
 
     def start(self, *extra: str, logfile: str = "-") -> None:
         args = [TWISTD, "-n", "--pidfile=", f"--logfile={logfile}", "lmgate", "--config", self.configPath, *extra]
-        self.process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            self.watch, TWISTD, args, env=self.env, path=self.directory
-        )
-        self.case.addCleanup(self._kill)
+        self._spawn(args, self.env)
 
     def startDemo(self, *extra: str) -> None:
         """C{twistd -n lmgate} with no configuration: the README's embedded demo."""
-        args = [TWISTD, "-n", "--pidfile=", "--logfile=-", "lmgate", *extra]
-        self.process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            self.watch, TWISTD, args, env=self.env, path=self.directory
-        )
-        self.case.addCleanup(self._kill)
+        self._spawn([TWISTD, "-n", "--pidfile=", "--logfile=-", "lmgate", *extra], self.env)
 
     def startTac(self) -> None:
         """C{twistd -ny lmgate.tac} with LMGATE_CONFIG naming this daemon's file."""
         args = [TWISTD, "-ny", os.path.join(PROJECT, "lmgate.tac"), "--pidfile=", "--logfile=-"]
-        env = dict(self.env, LMGATE_CONFIG=self.configPath)
-        self.process = reactor.spawnProcess(self.watch, TWISTD, args, env=env, path=self.directory)  # type: ignore[attr-defined]
-        self.case.addCleanup(self._kill)
+        self._spawn(args, dict(self.env, LMGATE_CONFIG=self.configPath))
+
+    def port(self, chosen: int) -> int:
+        """Where port C{chosen} is now (itself, unless a lost bind race moved it)."""
+        while chosen in self.moved:
+            chosen = self.moved[chosen]
+        return chosen
+
+    def restartIfRaced(self) -> bool:
+        """
+        The process ended: if that is because a port from L{freePort} was taken
+        by another process between its choice and the bind, start it again the
+        same way on a fresh port, and say so. C{False} for any other ending,
+        and once L{RACE_RETRIES} restarts were used.
+        """
+        assert self._launch is not None and self.watch.ended.called
+        taken = racedPorts(self.watch.output)
+        if not taken or self._retries >= RACE_RETRIES:
+            return False
+        self._retries += 1
+        args, env = self._launch
+        with open(self.configPath) as f:
+            config = f.read()
+        for old in taken:
+            new = freePort()
+            config = movePort(config, old, new)
+            args = [movePort(arg, old, new) for arg in args]
+            env = {name: movePort(value, old, new) for name, value in env.items()}
+            self.env = {name: movePort(value, old, new) for name, value in self.env.items()}
+            moveCasePorts(self.case, old, new)
+            self.moved[old] = new
+        with open(self.configPath, "w") as f:
+            f.write(config)
+        self._spawn(args, env)
+        return True
 
     async def _kill(self) -> None:
         if not self.watch.ended.called:
@@ -117,10 +220,14 @@ class Daemon:
         pool = HTTPConnectionPool(reactor, persistent=False)
         agent = Agent(reactor, pool=pool)
         for _ in range(attempts):
-            if self.watch.ended.called:
+            if self.watch.ended.called:  # ended: every byte of its output is in
+                if self.restartIfRaced():
+                    continue
                 raise AssertionError(f"lmgate exited early:\n{self.watch.output.decode(errors='replace')}")
             try:
-                response = await agent.request(b"GET", f"http://127.0.0.1:{port}/healthz".encode())
+                url = f"http://127.0.0.1:{self.port(port)}/healthz"
+                # Bounded: a port lost to another process may accept and never answer.
+                response = await agent.request(b"GET", url.encode()).addTimeout(5, reactor)
                 body = await readBody(response)
                 if response.code == 200 and body == b"ok":
                     return

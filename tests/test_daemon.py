@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
 
-from tests.daemon import LMGATE, TWISTD, Daemon, freePort, inThread, pause, portTaken, readRecords
+from tests.daemon import LMGATE, TWISTD, Daemon, freePort, inThread, pause, portTaken, readRecords, waitFor
 
 PLAIN_KEY = "sk-plain-e2e-0000000000000000AbCd"
 HASHED_KEY = "sk-ant-hashed-e2e-111111111111WxYz"
@@ -321,7 +321,7 @@ class MoreSDKTests(DaemonTestCase):
         )
         daemon = Daemon(self, config, self.directory)
         daemon.start()
-        await self._waitTLS()
+        await self._waitTLS(daemon)
 
         def genaiCalls() -> list[Any]:
             from google import genai
@@ -380,7 +380,7 @@ class MoreSDKTests(DaemonTestCase):
         self.assertEqual(records[2]["model"], "anthropic.claude-3-haiku-20240307-v1:0")
         self.assertEqual([r["lmgate_id"] for r in records], ["plain", "plain", "hashed", "hashed"])
 
-    async def _waitTLS(self) -> None:
+    async def _waitTLS(self, daemon: Daemon) -> None:
         import ssl
         import socket as socketModule
 
@@ -397,6 +397,8 @@ class MoreSDKTests(DaemonTestCase):
                 return False
 
         for _ in range(150):
+            if daemon.watch.ended.called and not daemon.restartIfRaced():
+                raise AssertionError(f"lmgate exited early:\n{daemon.watch.output.decode(errors='replace')}")
             if await inThread(probe):
                 return
             await pause(0.1)
@@ -477,8 +479,10 @@ class ShutdownTests(DaemonTestCase):
         daemon = await self.startDaemon()
         _, chunks, done = await self.streamUntilFirstChunk(events=6, delayMs=100)
         daemon.signal("TERM")
-        await pause(0.2)
+        # Each signal once it is handled: one still pending when the next of its kind comes would merge with it.
+        await waitFor(lambda: b"Received SIGTERM, shutting down" in daemon.watch.output, "the first SIGTERM")
         daemon.signal("INT")
+        await waitFor(lambda: b"Received SIGINT again" in daemon.watch.output, "SIGINT")
         daemon.signal("TERM")
         self.assertIsNone(await done)
         self.assertTrue(b"".join(chunks).endswith(b"data: [DONE]\n\n"))
@@ -533,13 +537,24 @@ class ShutdownTests(DaemonTestCase):
         headers = {"Authorization": f"Bearer {PLAIN_KEY}"}
         r = await treq.get(self.base + "/openai/v1/models", headers=headers, persistent=False)
         await r.content()
-        await pause(0.5)  # one flush
+        accessPath = os.path.join(os.path.dirname(self.statsPath), "access.log")
+
+        def lines(path: str) -> list[str]:
+            try:
+                with open(path) as f:
+                    return f.readlines()
+            except FileNotFoundError:
+                return []
+
+        # Renamed only once the call's record and access line are on disk (each writer flushes on its own timer).
+        await waitFor(lambda: len(lines(self.statsPath)) == 1 and any("/openai/v1/models" in line for line in lines(accessPath)),
+                      "the first call's record and access line")
         os.rename(logPath, logPath + ".1")
         os.rename(self.statsPath, self.statsPath + ".rotated")
-        accessPath = os.path.join(os.path.dirname(self.statsPath), "access.log")
         os.rename(accessPath, accessPath + ".rotated")
         daemon.signal("USR1")
-        await pause(0.3)
+        # The twistd log is reopened last, after the stats and access writers: its new file means all three are done.
+        await waitFor(lambda: os.path.exists(logPath), "the reopened twistd log")
         r = await treq.get(self.base + "/openai/v1/models", headers=headers, persistent=False)
         await r.content()
         self.assertEqual(await daemon.stop(), 0)
@@ -547,8 +562,7 @@ class ShutdownTests(DaemonTestCase):
             self.assertEqual(len(f.readlines()), 1)
         with open(self.statsPath) as f:
             self.assertEqual(len(f.readlines()), 1)
-        with open(accessPath) as f:
-            self.assertEqual(len(f.readlines()), 1)
+        self.assertEqual(len(lines(accessPath)), 1)
         with open(logPath + ".1") as f:
             self.assertIn("Received SIGUSR1", f.read())  # logged before the reopen
         with open(logPath) as f:
@@ -601,24 +615,20 @@ class ShutdownTests(DaemonTestCase):
 
 class WorkerTests(DaemonTestCase):
     async def test_twoWorkersShareTheSocket(self) -> None:
-        """--workers 2: both workers serve calls, each writes its own stats file,
-        SIGHUP reaches them, and SIGTERM drains both and exits 0 with every record."""
+        """--workers 2: both workers listen on the one socket; calls are served and
+        recorded in per-worker stats and access files only; SIGHUP reaches both
+        workers, and SIGTERM drains both and exits 0 with every record. Which
+        worker the kernel hands each connection to is its own choice: not asserted."""
         import treq
         from twisted.internet.defer import gatherResults
 
         daemon = Daemon(self, self.config(), self.directory)
         daemon.start("--workers", "2")
         await daemon.waitUntilHealthy(self.port)
-        for _ in range(100):  # healthy means one worker listens; wait for both
-            if daemon.watch.output.count(b"GatewaySite starting on") >= 2:
-                break
-            await pause(0.1)
+        # Healthy means one worker listens; wait for both.
+        await waitFor(lambda: daemon.watch.output.count(b"GatewaySite starting on") >= 2, "both workers listening")
         headers = {"Authorization": f"Bearer {PLAIN_KEY}"}
         statsDir = os.path.dirname(self.statsPath)
-
-        def served(index: int) -> bool:
-            path = os.path.join(statsDir, f"stats-w{index}.jsonl")
-            return os.path.exists(path) and os.path.getsize(path) > 0
 
         async def call() -> None:
             r = await treq.post(self.base + "/openai/v1/chat/completions", b'{"model":"m","messages":[]}',
@@ -626,20 +636,8 @@ class WorkerTests(DaemonTestCase):
             await r.content()
             self.assertEqual(r.code, 200)
 
-        # The kernel picks the worker for each new connection: calls that
-        # overlap spread over both, but no number of calls guarantees it. Call
-        # in rounds until both workers have written records (a bounded wait).
-        calls = 0
-        for _ in range(10):
-            await gatherResults([Deferred.fromCoroutine(call()) for _ in range(10)])
-            calls += 10
-            for _ in range(30):  # records reach the disk within flush_interval (1 s)
-                if served(1) and served(2):
-                    break
-                await pause(0.1)
-            if served(1) and served(2):
-                break
-        self.assertTrue(served(1) and served(2), f"after {calls} calls")
+        calls = 20
+        await gatherResults([Deferred.fromCoroutine(call()) for _ in range(calls)])
         daemon.signal("HUP")
         for _ in range(50):
             if daemon.watch.output.count(b"Reloaded the configuration") >= 2:
@@ -648,12 +646,14 @@ class WorkerTests(DaemonTestCase):
         self.assertEqual(daemon.watch.output.count(b"Reloaded the configuration"), 2)
         self.assertNotIn(b"applied at the next restart only", daemon.watch.output)  # an unchanged file changes nothing
         self.assertEqual(await daemon.stop(), 0)
+        # Only per-worker files hold lines (never the unsuffixed ones); how the calls spread over them is the kernel's.
         files = sorted(n for n in os.listdir(statsDir) if os.path.getsize(os.path.join(statsDir, n)))
-        self.assertEqual(files, ["access-w1.log", "access-w2.log", "stats-w1.jsonl", "stats-w2.jsonl"])
+        self.assertLessEqual(set(files), {"access-w1.log", "access-w2.log", "stats-w1.jsonl", "stats-w2.jsonl"}, files)
         access = []
         for name in ("access-w1.log", "access-w2.log"):
-            with open(os.path.join(statsDir, name)) as f:
-                access += [line for line in f if "/openai/v1/chat/completions" in line]
+            if name in files:
+                with open(os.path.join(statsDir, name)) as f:
+                    access += [line for line in f if "/openai/v1/chat/completions" in line]
         self.assertEqual(len(access), calls)
         records = readRecords(os.path.join(statsDir, "stats"))
         self.assertEqual(len(records), calls)
@@ -768,9 +768,9 @@ class OperationsTests(DaemonTestCase):
         import treq
         from prometheus_client.parser import text_string_to_metric_families
 
-        admin = freePort()
+        self.admin = freePort()  # an attribute: a start that loses a bind race moves it
         prices = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "prices.yaml")
-        config = self.config() + f'admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}\nprices: {{path: {prices}}}\n'
+        config = self.config() + f'admin: {{listen: "tcp:{self.admin}:interface=127.0.0.1"}}\nprices: {{path: {prices}}}\n'
         daemon = Daemon(self, config, self.directory)
         daemon.start()
         await daemon.waitUntilHealthy(self.port)
@@ -782,7 +782,7 @@ class OperationsTests(DaemonTestCase):
             await r.content()
         r = await treq.get(self.base + "/openai/v1/models", headers={"Authorization": "Bearer nope-nope-nope"}, persistent=False)
         await r.content()
-        r = await treq.get(f"http://127.0.0.1:{admin}/metrics", persistent=False)
+        r = await treq.get(f"http://127.0.0.1:{self.admin}/metrics", persistent=False)
         text = await r.text()
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for f in text_string_to_metric_families(text) for s in f.samples}

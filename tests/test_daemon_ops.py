@@ -12,7 +12,7 @@ import socket
 import treq
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.daemon import PROJECT, Daemon, freePort, readRecords
+from tests.daemon import PROJECT, Daemon, freePort, movePort, racedPorts, readRecords, waitFor
 
 KEY = "sk-ops-e2e-0000000000000000AbCd"
 CHAT = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
@@ -154,8 +154,8 @@ class AdminPortTests(OpsTestCase):
         """
         from tests.daemon import inThread
 
-        admin = freePort()
-        daemon = Daemon(self, self.config(f'admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}\n'), self.directory)
+        self.admin = freePort()  # an attribute: a start that loses a bind race moves it
+        daemon = Daemon(self, self.config(f'admin: {{listen: "tcp:{self.admin}:interface=127.0.0.1"}}\n'), self.directory)
         daemon.start()
         await daemon.waitUntilHealthy(self.port)
 
@@ -168,13 +168,13 @@ class AdminPortTests(OpsTestCase):
             seen: dict[str, object] = {}
             for path in (b"/metrics", b"/metrics?x=1", b"/healthz", b"/", b"/metrics/x", b"/healthz/x", b"/metrics/",
                          b"/nothing", b"//metrics"):
-                status, headers, _ = get(admin, path)
+                status, headers, _ = get(self.admin, path)
                 seen[path.decode()] = (status, headers.get(b"server"))
-            seen["POST /metrics"] = get(admin, b"/metrics", b"POST", b"Content-Length: 0\r\n")[:2][0]
+            seen["POST /metrics"] = get(self.admin, b"/metrics", b"POST", b"Content-Length: 0\r\n")[:2][0]
             # A body announced: refused at once, before it is sent (the socket would hang otherwise).
-            status, headers, raw = get(admin, b"/metrics", b"POST", b"Content-Length: 33554432\r\nExpect: 100-continue\r\n")
+            status, headers, raw = get(self.admin, b"/metrics", b"POST", b"Content-Length: 33554432\r\nExpect: 100-continue\r\n")
             seen["large body"] = (status, b"100 Continue" in raw, headers.get(b"server"))
-            status, headers, raw = get(admin, b"/metrics", b"POST", b"Transfer-Encoding: chunked\r\n")
+            status, headers, raw = get(self.admin, b"/metrics", b"POST", b"Transfer-Encoding: chunked\r\n")
             seen["chunked body"] = (status, headers.get(b"server"))
             for path, extra in [(b"/healthz", b""), (b"/openai/v1/models", b""), (b"/nowhere/v1", b""),
                                 (b"/openai/v1/chat/completions", b"Authorization: Bearer " + KEY.encode() + b"\r\n")]:
@@ -221,6 +221,8 @@ class PortInUseTests(OpsTestCase):
         daemon = Daemon(self, self.config(config), self.directory)
         daemon.start(*extra)
         code = await daemon.watch.ended
+        while daemon.restartIfRaced():  # a port from freePort lost to another process, not the one taken here
+            code = await daemon.watch.ended
         output = daemon.watch.output.decode()
         self.assertNotEqual(code, 0, output)
         self.assertNotIn("Traceback", output)
@@ -253,6 +255,45 @@ class PortInUseTests(OpsTestCase):
         """The admin listener's port taken."""
         admin = self.takePort()
         await self.assertStopsWithOneLine("admin.listen", admin, config=f'admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}\n')
+
+
+class BindRaceTests(OpsTestCase):
+    """A port chosen by freePort and taken by another process before the daemon binds it
+    (tests run in parallel) is a lost race, not a failure: the start is repeated on a fresh port."""
+
+    async def test_lostRaceStartsAgainOnAFreshPort(self) -> None:
+        """The daemon's port taken right after its choice: the helper starts the daemon
+        again with the port moved, in its config and in C{self.port}; it serves there."""
+        taken = self.port
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", taken))  # bound, not listening: the daemon's bind fails, a probe is refused
+        self.addCleanup(holder.close)
+        daemon = Daemon(self, self.config(), self.directory)
+        daemon.start()
+        await daemon.waitUntilHealthy(self.port)
+        self.assertNotEqual(self.port, taken)
+        self.assertEqual(daemon.moved, {taken: self.port})
+        with open(daemon.configPath) as f:
+            self.assertIn(f'listen: "tcp:{self.port}:interface=127.0.0.1"', f.read())
+        self.assertEqual(await self.chat(), 200)
+        self.assertEqual(await daemon.stop(), 0)
+
+    def test_racedPortsAreOnlyChosenOnes(self) -> None:
+        """Only ports handed out by freePort, named in an "address already in use" line, count as a lost race."""
+        chosen = freePort()
+        line = f"lmgate: x.yaml: admin.listen: cannot listen on tcp:{chosen}:interface=127.0.0.1: address already in use"
+        self.assertEqual(racedPorts(line.encode()), {chosen})
+        twisted = f"Couldn't listen on 127.0.0.1:{chosen}: [Errno 98] Address already in use."
+        self.assertEqual(racedPorts(twisted.encode()), {chosen})
+        self.assertEqual(racedPorts(line.replace("address already in use", "permission denied").encode()), set())
+        self.assertEqual(racedPorts(line.replace(str(chosen), "1").encode()), set())
+
+    def test_movePort(self) -> None:
+        """Every C{:PORT} becomes the new port; a longer number that starts the same does not."""
+        self.assertEqual(
+            movePort('listen: "tcp:4000:interface=127.0.0.1"\nup: http://127.0.0.1:4000/\nother: tcp:40001\n', 4000, 5000),
+            'listen: "tcp:5000:interface=127.0.0.1"\nup: http://127.0.0.1:5000/\nother: tcp:40001\n',
+        )
 
 
 class ListenerTests(SynchronousTestCase):
@@ -303,8 +344,11 @@ class LostRecordsTests(OpsTestCase):
         daemon = Daemon(self, self.config(), self.directory)
         daemon.start("--workers", "2")
         await daemon.waitUntilHealthy(self.port)
-        for index in (1, 2):
-            self.breakStatsFile(os.path.join(self.directory, "var", f"stats-w{index}.jsonl"))
+        paths = [os.path.join(self.directory, "var", f"stats-w{index}.jsonl") for index in (1, 2)]
+        # Healthy means one worker listens: the other may still be opening its file.
+        await waitFor(lambda: all(os.path.exists(path) for path in paths), "both workers' stats files")
+        for path in paths:
+            self.breakStatsFile(path)
         self.assertEqual(await self.chat(), 200)
         code = await daemon.stop()
         output = daemon.watch.output.decode()

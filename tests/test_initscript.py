@@ -13,7 +13,7 @@ import treq
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from tests.daemon import PROJECT, TWISTD, freePort, inThread, readRecords
+from tests.daemon import PROJECT, RACE_RETRIES, TWISTD, freePort, inThread, moveCasePorts, movePort, racedPorts, readRecords
 
 SCRIPT = os.path.join(PROJECT, "etc", "init.d", "lmgate")
 UNIT = os.path.join(PROJECT, "etc", "systemd", "lmgate.service")
@@ -26,7 +26,7 @@ class InitScriptTests(TestCase):
     def setUp(self) -> None:
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
-        self.port, stub = freePort(), freePort()
+        self.port, self.stubPort = freePort(), freePort()
         with open(os.path.join(self.dir, "allowlist.csv"), "w") as f:
             f.write(f"id,api_key,owner,added\nci,{KEY},ops,2026-11-23\n")
         self.stats = os.path.join(self.dir, "var", "stats.jsonl")
@@ -34,9 +34,9 @@ class InitScriptTests(TestCase):
             f.write(f"""listen: "tcp:{self.port}:interface=127.0.0.1"
 allowlist: {{path: {self.dir}/allowlist.csv}}
 stats: {{path: {self.stats}, flush_interval: 0.2}}
-stub: {{listen: "tcp:{stub}:interface=127.0.0.1"}}
+stub: {{listen: "tcp:{self.stubPort}:interface=127.0.0.1"}}
 providers:
-  openai: {{upstream: "http://127.0.0.1:{stub}"}}
+  openai: {{upstream: "http://127.0.0.1:{self.stubPort}"}}
 """)
         self.pidfile = os.path.join(self.dir, "run", "lmgate.pid")
         defaults = os.path.join(self.dir, "default-lmgate")
@@ -59,10 +59,32 @@ providers:
     def script(self, action: str) -> "Deferred[subprocess.CompletedProcess[str]]":
         return inThread(subprocess.run, ["sh", SCRIPT, action], env=self.env, capture_output=True, text=True, timeout=90)
 
+    async def start(self) -> "subprocess.CompletedProcess[str]":
+        """
+        The script's C{start}. One that failed because a port from C{freePort}
+        was taken by another process since (a lost bind race, not a fault) is
+        repeated with that port moved to a fresh one, a bounded number of times.
+        """
+        configPath = os.path.join(self.dir, "lmgate.yaml")
+        for _ in range(RACE_RETRIES):
+            result = await self.script("start")
+            taken = racedPorts((result.stdout + result.stderr).encode())
+            if result.returncode == 0 or not taken:
+                return result
+            with open(configPath) as f:
+                config = f.read()
+            for old in taken:
+                new = freePort()
+                config = movePort(config, old, new)
+                moveCasePorts(self, old, new)
+            with open(configPath, "w") as f:
+                f.write(config)
+        return await self.script("start")
+
     async def test_lifecycle(self) -> None:
         """start → /healthz 200 → a proxied call → reload → status 0 → stop → no process,
         no pid file, every record on disk; status 3 afterwards."""
-        result = await self.script("start")
+        result = await self.start()
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         with open(self.pidfile) as f:
             pid = int(f.read())
@@ -93,7 +115,7 @@ providers:
         with open(self.pidfile, "w") as f:
             f.write("999999\n")
         self.assertEqual((await self.script("status")).returncode, 1)
-        self.assertEqual((await self.script("start")).returncode, 0)
+        self.assertEqual((await self.start()).returncode, 0)
         self.assertEqual((await self.script("stop")).returncode, 0)
 
     async def test_badConfigurationFailsStart(self) -> None:
@@ -135,7 +157,7 @@ providers:
             f.write(config)
         with open(self.env["LMGATE_DEFAULTS"], "a") as f:
             f.write("USER=nobody\nGROUP=nogroup\n")
-        result = await self.script("start")
+        result = await self.start()
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         codes = [await self.call() for _ in range(5)]
         self.assertEqual(codes, [200] * 5)
@@ -158,7 +180,7 @@ providers:
 
     async def test_lostRecordsFailTheStop(self) -> None:
         """Records the daemon could not write by the end of the stop make stop fail and say so."""
-        result = await self.script("start")
+        result = await self.start()
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         os.unlink(self.stats)
         os.mkdir(self.stats)  # nothing can be appended to it now
