@@ -351,7 +351,6 @@ class GatewayRequest(Request):
     """
 
     defaultContentType = None
-    _parsePOSTFormSubmission = False
     gateBodyLimit: int | None = None
     #: What the site's resource decided when the headers were complete (its render uses it).
     gateDecision: Any = None
