@@ -436,8 +436,10 @@ def twistdLogFile() -> Any:
     handler it installs (which would I{rotate} it: a second rotation on top of
     logrotate's; LMGate reopens it instead) and in its log observer's private
     C{_outFile}. twistd builds its observer before the plugin's service starts
-    and offers no way to reach it or replace it but its C{--logger} option,
-    which the operator's command line would have to name.
+    and offers no way to reach it or replace it but its C{--logger} option
+    (which the operator's command line would have to name) or an
+    C{ILogObserver} component on the application (which only a C{.tac} file
+    can set: for a plugin, twistd makes the application itself).
     """
     handler = signal.getsignal(signal.SIGUSR1)
     cells: Iterable[Any] = getattr(handler, "__closure__", None) or ()
