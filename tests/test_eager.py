@@ -155,11 +155,15 @@ class EagerWriteTests(TestCase):
 
     async def test_unknownTwistedLeftAlone(self) -> None:
         """A transport without the state the eager path reads (another Twisted) keeps Twisted's writes."""
-        import lmgate.relay.eager
+        import lmgate.relay.twistedprivate
         from twisted.internet import tcp
 
         transport, _ = await self.accepted()
-        self.patch(lmgate.relay.eager, "_STATE", lmgate.relay.eager._STATE + ("_renamedInANewerTwisted",))
+        self.patch(
+            lmgate.relay.twistedprivate,
+            "WRITE_STATE",
+            lmgate.relay.twistedprivate.WRITE_STATE + ("_renamedInANewerTwisted",),
+        )
         self.assertFalse(makeEager(transport))
         self.assertIs(type(transport), tcp.Server)
 

@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from lmgate.gate.channel import Limits
 from tests.helpers import ALLOWED_KEY, startGateway
@@ -153,9 +153,42 @@ class LimitTests(RawGatewayCase):
         )
         self.assertEqual(client.status(), 200)
         self.assertEqual(self.gate.upstream.seen[0].body, body)
+
+
+class FormBodyTests(SynchronousTestCase):
+    """twisted.web's form parsing never runs for a gateway request."""
+
+    def test_formBodyNeverParsed(self) -> None:
+        """
+        twisted.web's C{Request.requestReceived} parses a form-encoded POST body
+        into C{args}; L{GatewayRequest}'s own never does: C{args} stays empty
+        and the body stays as it came, to be relayed.
+        """
+        from twisted.web.resource import Resource
+        from twisted.web.server import Request, Site
+        from twisted.web.test.requesthelper import DummyChannel
+
         from lmgate.gate.channel import GatewayRequest
 
-        self.assertFalse(GatewayRequest._parsePOSTFormSubmission)
+        seen: list[tuple[Any, bytes]] = []
+
+        class Seeing(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                seen.append((request.args, request.content.read()))
+                return b""
+
+        for kind in (Request, GatewayRequest):
+            channel: Any = DummyChannel()
+            channel.site = Site(Seeing())
+            request = kind(channel)
+            request.requestHeaders.setRawHeaders(b"content-type", [b"application/x-www-form-urlencoded"])
+            request.gotLength(7)
+            request.handleContentChunk(b"a=1&b=2")
+            request.requestReceived(b"POST", b"/openai/v1/x", b"HTTP/1.1")
+        self.assertEqual(seen[0][0], {b"a": [b"1"], b"b": [b"2"]})  # Twisted's own: parsed
+        self.assertEqual(seen[1], ({}, b"a=1&b=2"))  # the gateway's: bytes, untouched
 
 
 class HeaderDeadlineTests(RawGatewayCase):

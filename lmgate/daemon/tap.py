@@ -24,6 +24,7 @@ from twisted.python.filepath import FilePath
 
 from lmgate.config import Settings, accessLogPath, loadSettings, settingsFrom
 from lmgate.errors import ConfigError
+from lmgate.relay.twistedprivate import raiseListenErrorsAtStart, serverEndpointAddress, twistdLogFile
 
 log = Logger()
 
@@ -102,10 +103,6 @@ class OrderedMultiService(MultiService):
                 yield maybeDeferred(service.stopService)
             except Exception:
                 log.failure("Stopping {service} failed", service=service)
-        # A drained stop is a clean exit: twistd would otherwise re-raise SIGTERM
-        # on itself after shutdown and report death by signal to the init system.
-        if self._reactor is not None and getattr(self._reactor, "_exitSignal", None) is not None:
-            self._reactor._exitSignal = None
 
 
 class FreezeService(Service):
@@ -276,7 +273,7 @@ class SignalService(Service):
 
     def startService(self) -> None:
         super().startService()
-        logFile = _twistdLogFile()
+        logFile = twistdLogFile()
         if logFile is not None and logFile not in _logFiles:
             _logFiles.append(logFile)
         for signum, handler in self._handlers.items():
@@ -351,20 +348,6 @@ class StopSignalGuard(Service):
             self._trigger = None
 
 
-def _twistdLogFile() -> Any:
-    """
-    The log file twistd opened for C{--logfile}, if any. twistd keeps it only in
-    the closure of the SIGUSR1 handler it installs (which would I{rotate} it:
-    a second rotation on top of logrotate's); LMGate reopens it instead.
-    """
-    handler = signal.getsignal(signal.SIGUSR1)
-    for cell in getattr(handler, "__closure__", None) or ():
-        candidate = cell.cell_contents
-        if hasattr(candidate, "reopen") and hasattr(candidate, "rotate"):
-            return candidate
-    return None
-
-
 _logFiles: list[Any] = []
 
 
@@ -409,14 +392,16 @@ def checkCanListen(endpoint: Any, description: str, settings: Settings, key: str
     from twisted.internet.abstract import isIPv6Address
     from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 
-    if not isinstance(endpoint, (TCP4ServerEndpoint, SSL4ServerEndpoint)) or not endpoint._port:
+    if not isinstance(endpoint, (TCP4ServerEndpoint, SSL4ServerEndpoint)):
         return
-    interface = endpoint._interface
+    port, interface, _ = serverEndpointAddress(endpoint)
+    if not port:
+        return
     family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) or isIPv6Address(interface) else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted binds
         try:
-            probe.bind((interface, endpoint._port))
+            probe.bind((interface, port))
             probe.listen(1)
         except OSError as e:
             raise ConfigError(settings.source, key, cannotListen(description, e)) from None
@@ -432,7 +417,7 @@ class Listener(StreamServerEndpointService):
     def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
         StreamServerEndpointService.__init__(self, endpoint, factory)
         self.description = description
-        self._raiseSynchronously = True
+        raiseListenErrorsAtStart(self)
 
     def privilegedStartService(self) -> None:
         from twisted.internet.error import CannotListenError

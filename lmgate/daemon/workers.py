@@ -24,7 +24,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet import abstract, fdesc, tcp
+from twisted.internet import abstract, fdesc
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import ProcessProtocol
@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 
 from lmgate.config import Settings
 from lmgate.errors import ConfigError
+from lmgate.relay.twistedprivate import acceptOneAtATime, serverEndpointAddress
 
 log = Logger()
 
@@ -60,7 +61,7 @@ def listeningSocket(reactor: Any, settings: Settings) -> socket.socket:
     if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
         raise ConfigError(settings.source, "listen", "--workers needs a tcp: endpoint (the workers share one TCP socket)")
     family = socket.AF_INET6 if isinstance(endpoint, TCP6ServerEndpoint) else socket.AF_INET
-    port, interface, backlog = endpoint._port, endpoint._interface, endpoint._backlog
+    port, interface, backlog = serverEndpointAddress(endpoint)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -190,30 +191,9 @@ class Supervisor(Service):
             if self._socket is not None:
                 self._socket.close()
                 self._socket = None
-            if getattr(self._reactor, "_exitSignal", None) is not None:
-                self._reactor._exitSignal = None  # the workers drained: a clean exit
             return result
 
         return DeferredList(ended).addBoth(closeSocket)
-
-
-class _OneAcceptAtATime(tcp.Port):
-    """
-    A shared listening socket's port in one worker: one C{accept} per wake-up.
-    Twisted's port accepts up to 100 connections per wake-up and raises that as
-    traffic grows, so when a client opens its keep-alive connections in a burst
-    (every pool does), the worker woken first took them all and the other
-    workers idled. Every worker is woken for each new connection; taking one at
-    a time lets the least busy one take the next.
-    """
-
-    @property
-    def numberAccepts(self) -> int:
-        return 1
-
-    @numberAccepts.setter
-    def numberAccepts(self, value: int) -> None:
-        pass
 
 
 class AdoptedListener(Service):
@@ -229,8 +209,13 @@ class AdoptedListener(Service):
             family = probe.family
         self._port = self._reactor.adoptStreamPort(self._fd, family, self._site)
         os.close(self._fd)  # the port holds its own duplicate
-        if type(self._port) is tcp.Port:
-            self._port.__class__ = _OneAcceptAtATime
+        # One accept per wake-up. Twisted's port accepts up to 100 connections
+        # per wake-up and raises that as traffic grows, so when a client opens its
+        # keep-alive connections in a burst (every pool does), the worker woken
+        # first took them all and the other workers idled. Every worker is woken
+        # for each new connection; taking one at a time lets the least busy one
+        # take the next.
+        acceptOneAtATime(self._port)
 
     def stopService(self) -> Any:
         Service.stopService(self)

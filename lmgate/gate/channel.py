@@ -23,8 +23,9 @@ from typing import Any, Mapping
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder
 from twisted.web.server import Request
+
+from lmgate.relay.twistedprivate import InspectableHTTPChannel, decodeChunkedPrefix
 
 log = Logger()
 
@@ -71,7 +72,7 @@ _TYPES = {400: "bad_request", 408: "request_timeout", 413: "request_too_large", 
 LINGER = 2.0
 
 
-class GatewayChannel(HTTPChannel):
+class GatewayChannel(InspectableHTTPChannel):
     """
     An C{HTTPChannel} that enforces L{Limits} and answers each breach itself,
     with a JSON body, then closes the connection.
@@ -145,7 +146,7 @@ class GatewayChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused or self._discarding:
             return
-        if not self._receiving and not self._handlingRequest and data:
+        if not self._receiving and not self.handlingRequest and data:
             self._startRequest()  # its first byte: the header deadline runs from here
         super().dataReceived(data)
 
@@ -191,16 +192,17 @@ class GatewayChannel(HTTPChannel):
         """
         self._cancelHeaderDeadline()
         request = self.requests[-1]
-        if self._version == b"HTTP/1.1" and self._hostLines == 0:
+        command, path, version = self.requestLine() or (b"", b"", b"")
+        if version == b"HTTP/1.1" and self._hostLines == 0:
             return self.refuse(400, "The request has no Host header.")
-        self._bodyLimit = self._limits.bodyLimitFor(self._path)
+        self._bodyLimit = self._limits.bodyLimitFor(path)
         if self.length is not None and self.length > self._bodyLimit:
             return self.refuse(413, f"The request body is larger than {self._bodyLimit} bytes.")
         site = getattr(self, "site", None)
         admit = getattr(getattr(site, "resource", None), "admitHeaders", None)
         if admit is not None:
             try:
-                admitted = admit(request, self._command, self._path)
+                admitted = admit(request, command, path)
             except Exception:  # render decides again, and a mistake there is a 500 with a record
                 log.failure("Deciding on a request at its headers failed")
                 admitted = True
@@ -223,22 +225,16 @@ class GatewayChannel(HTTPChannel):
         request.content.write(received)
         request.gateBodyLimit = self._bodyLimit
         self.length = 0  # twisted.web goes on to allContentReceived: the request is rendered now
-        self._transferDecoder = None
+        self.stopBodyDecoding()
 
     def _bufferedBody(self) -> bytes:
         """The request body bytes already received after the headers (none waited for)."""
-        buffered: bytes = self._buffer
+        buffered = self.bufferedBytes()
         if not buffered:
             return b""
         if self.length is not None:
             return buffered[: self.length]
-        parts: list[bytes] = []
-        decoder = _ChunkedTransferDecoder(parts.append, lambda rest: None)
-        try:
-            decoder.dataReceived(buffered)
-        except Exception:  # a malformed chunk: what decoded before it
-            pass
-        return b"".join(parts)[: self._bodyLimit]
+        return decodeChunkedPrefix(buffered)[: self._bodyLimit]
 
     def _headersTooSlow(self) -> None:
         self._headerDeadline = None
@@ -278,7 +274,7 @@ class GatewayChannel(HTTPChannel):
             return None
         if hasattr(transport, "loseWriteConnection"):
             transport.loseWriteConnection()
-            self._abortingCall = self.callLater(LINGER, self.forceAbortClient)
+            self.scheduleAbort(LINGER)
         else:
             self.loseConnection()
         return None
@@ -293,19 +289,19 @@ class GatewayChannel(HTTPChannel):
             self.refuse(408, "The request did not arrive in time.", "client_timeout")
             return
         if self.abortTimeout is not None:
-            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+            self.scheduleAbort(self.abortTimeout)
         self.loseConnection()
 
     def forceAbortClient(self) -> None:
         """A connection that did not close in time is cut (quietly: see L{timeoutConnection})."""
-        self._abortingCall = None
+        self.abortFired()
         transport: Any = self.transport
         if transport is not None:
             transport.abortConnection()
 
     # -- refusals ------------------------------------------------------------
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def badRequestReceived(self) -> None:
         """twisted.web's own 400s (bad request line, header, framing) answered as ours."""
         self.refuse(400, "The request is malformed.")
 
@@ -336,15 +332,8 @@ class GatewayChannel(HTTPChannel):
                 b"Connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
             )
             self.loseConnection()
-            if self.abortTimeout is not None and self._abortingCall is None:
-                self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
-
-    def requestLine(self) -> tuple[bytes, bytes, bytes] | None:
-        """The request line under way (method, target, version), if one was parsed."""
-        command = getattr(self, "_command", None)
-        if command is None:
-            return None
-        return command, self._path, self._version
+            if self.abortTimeout is not None and not self.abortScheduled():
+                self.scheduleAbort(self.abortTimeout)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancelHeaderDeadline()
@@ -362,7 +351,6 @@ class GatewayRequest(Request):
     """
 
     defaultContentType = None
-    _parsePOSTFormSubmission = False
     gateBodyLimit: int | None = None
     #: What the site's resource decided when the headers were complete (its render uses it).
     gateDecision: Any = None

@@ -20,13 +20,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.web.client import FileBodyProducer
-from twisted.web.http import _escape, datetimeToLogString
+from twisted.web.http import datetimeToLogString
 from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from lmgate.gate.call import ProxiedCall
 from lmgate.gate.channel import GatewayChannel, GatewayRequest, Limits
+from lmgate.relay.twistedprivate import accessLogEscape
 from lmgate.relay.headers import upstreamRequestHeaders
 from lmgate.interfaces import IKeyCheck, IUsageSink
 from lmgate.gate.providers import Provider
@@ -332,7 +333,7 @@ class GatewayResource(Resource):
 
 
 #: Printable ASCII but for the double quote and the backslash: what twisted.web's
-#: C{_escape} (a C{repr}, requoted) returns unchanged.
+#: access-log escaping (L{accessLogEscape}: a C{repr}, requoted) returns unchanged.
 _UNESCAPED = re.compile(rb"[ !#-\[\]-~]*")
 
 
@@ -341,7 +342,7 @@ def _logEscape(value: bytes | str) -> str:
     raw = value if isinstance(value, bytes) else value.encode("ascii")
     if _UNESCAPED.fullmatch(raw):
         return raw.decode("ascii")
-    return str(_escape(raw))
+    return str(accessLogEscape(raw))
 
 
 def redactingLogFormatter(timestamp: str | None, request: Request) -> str:

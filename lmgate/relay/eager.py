@@ -31,23 +31,17 @@ from typing import Any, Iterable
 
 from twisted.internet import tcp
 
+from lmgate.relay.twistedprivate import adoptSubclass, canSendAtOnce, hasWriteState
+
 
 class _EagerWrites:
     """Mixed in before a C{tcp.Connection} subclass; see the module docstring."""
 
     _held: list[bytes] | None = None
 
-    def _sendNow(self) -> bool:
-        t: Any = self
-        return bool(
-            t.connected
-            and not t.disconnecting
-            and not t._writeDisconnected
-            and not t.TLS
-            and not t._tempDataLen
-            and t.offset == len(t.dataBuffer)
-            and (t.producer is None or (t.streamingProducer and not t.producerPaused))
-        )
+    #: Whether this write can go out now (the transport's queue is empty...): a
+    #: plain function of the transport, so each write asks without a call in between.
+    _sendNow = canSendAtOnce
 
     def write(self, data: bytes) -> None:
         if self._held is not None:
@@ -92,11 +86,6 @@ class EagerServer(_EagerWrites, tcp.Server):
 
 _EAGER: dict[type, type] = {tcp.Server: EagerServer}
 
-#: The parts of Twisted's FileDescriptor the eager path reads; a Twisted without
-#: them keeps its own writes.
-_STATE = ("connected", "disconnecting", "_writeDisconnected", "TLS", "_tempDataLen", "offset", "dataBuffer",
-          "producer", "streamingProducer", "producerPaused", "writeSomeData")
-
 
 def makeEager(transport: Any) -> bool:
     """
@@ -107,8 +96,8 @@ def makeEager(transport: Any) -> bool:
     @return: whether the transport now writes eagerly.
     """
     eager = _EAGER.get(type(transport))
-    if eager is not None and all(hasattr(transport, name) for name in _STATE):
-        transport.__class__ = eager
+    if eager is not None and hasWriteState(transport):
+        adoptSubclass(transport, eager)
         return True
     return isinstance(transport, _EagerWrites)
 

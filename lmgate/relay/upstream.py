@@ -23,16 +23,15 @@ from twisted.internet.interfaces import (
     IConsumer,
     IHostnameResolver,
     IHostResolution,
+    ITCPTransport,
     IReactorPluggableNameResolver,
     IResolutionReceiver,
 )
 from twisted.internet.threads import deferToThreadPool
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import _newclient
-from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
@@ -41,6 +40,15 @@ from zope.interface import implementer
 from lmgate.config import Settings
 from lmgate.errors import ConfigError
 from lmgate.ops.ratelog import RateLimitedLog
+from lmgate.relay.twistedprivate import (
+    RESPONSE_HEADER,
+    RESPONSE_STATUS,
+    PlatformTrustAndBundle,
+    RelayClientProtocol,
+    RelayConnectionPool,
+    RelayResponseParser,
+    clientRequest,
+)
 
 log = Logger()
 
@@ -70,38 +78,7 @@ _STATUS_LINE = re.compile(rb"\AHTTP/[0-9]\.[0-9] [0-9]{3}(?: [\t\x20-\x7e\x80-\x
 _FIELD_LINE = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\Z")
 
 
-class _HeldPause:
-    """
-    Stands in for the connection while the response Deferred runs: pause and
-    resume are noted, not done; everything else goes through. See
-    L{BoundedHTTPClientParser.allHeadersReceived}.
-    """
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-        self.last: str | None = None  # "pause" or "resume": the call that counts
-
-    def pauseProducing(self) -> None:
-        self.last = "pause"
-
-    def resumeProducing(self) -> None:
-        self.last = "resume"
-
-    def stopProducing(self) -> None:
-        self._transport.stopProducing()
-
-    def loseConnection(self) -> None:
-        self._transport.loseConnection()
-
-    def settle(self) -> None:
-        """Do what the last call asked for (a connection's pause and resume are not counted)."""
-        if self.last == "pause":
-            self._transport.pauseProducing()
-        elif self.last == "resume":
-            self._transport.resumeProducing()
-
-
-class BoundedHTTPClientParser(_newclient.HTTPClientParser):
+class BoundedHTTPClientParser(RelayResponseParser):
     """
     Twisted's response parser, strict about the response head, which LMGate
     relays to its clients:
@@ -125,13 +102,13 @@ class BoundedHTTPClientParser(_newclient.HTTPClientParser):
     _headLines = 0
 
     def lineReceived(self, line: bytes) -> None:
-        if self.state not in (_newclient.STATUS, _newclient.HEADER):
+        if self.state not in (RESPONSE_STATUS, RESPONSE_HEADER):
             super().lineReceived(line)
             return
         self._headBytes += len(line) + 1  # the LF that LineReceiver took off
         self.MAX_LENGTH = UPSTREAM_HEADER_BYTES - self._headBytes - 1  # the next line gets what is left
         content = line[:-1] if line[-1:] == b"\r" else line
-        if self.state == _newclient.STATUS:
+        if self.state == RESPONSE_STATUS:
             if not _STATUS_LINE.match(content):
                 raise UpstreamHeadInvalid(f"invalid status line {content[:200]!r}")
         elif content:
@@ -156,51 +133,21 @@ class BoundedHTTPClientParser(_newclient.HTTPClientParser):
         if name.lower() == b"connection":  # Twisted files it with the connection headers only
             self.headers.addRawHeader(name, value)
 
-    def allHeadersReceived(self) -> None:
-        """
-        Twisted pauses the connection here (no body bytes before a protocol is
-        given to the response) and the relay, handed the response in the same
-        call, resumes it at once: two epoll_ctl system calls per call for
-        nothing. The pause and resume made while the response Deferred runs are
-        held, and only the last one is done, so a response whose body is asked
-        for later is still paused, and one relayed at once never is.
-        """
-        proxy = self.transport
-        real = getattr(proxy, "_producer", None)
-        if not isinstance(proxy, _newclient.TransportProxyProducer) or real is None:
-            super().allHeadersReceived()
-            return
-        held = _HeldPause(real)
-        proxy._producer = held
-        try:
-            super().allHeadersReceived()
-        finally:
-            if proxy._producer is held:
-                proxy._producer = real
-            held.settle()
 
-
-class _NoDelayProtocol(_newclient.HTTP11ClientProtocol):
+class _NoDelayProtocol(RelayClientProtocol):
     """
     An upstream connection with Nagle off (a request's head and body leave at
     once), whose responses are read by L{BoundedHTTPClientParser}.
     """
 
-    def request(self, request: Any) -> Deferred[IResponse]:
-        # Private: HTTP11ClientProtocol.request builds its parser from the
-        # module's global name HTTPClientParser and offers no hook. The name is
-        # swapped only while this connection builds its parser, so no other
-        # HTTP client in the process is affected.
-        stock = _newclient.HTTPClientParser
-        _newclient.HTTPClientParser = BoundedHTTPClientParser  # type: ignore[misc]
-        try:
-            return super().request(request)
-        finally:
-            _newclient.HTTPClientParser = stock  # type: ignore[misc]
+    parserClass = BoundedHTTPClientParser
 
     def connectionMade(self) -> None:
+        super().connectionMade()  # Twisted's own: Nagle off on a TCP transport
         transport: Any = self.transport
-        for _ in range(3):  # through a TLS wrapper to the TCP transport
+        if ITCPTransport.providedBy(transport):
+            return
+        for _ in range(3):  # through a wrapper that does not say it is TCP, to the TCP transport
             if transport is None:
                 return
             if hasattr(transport, "setTcpNoDelay"):
@@ -212,20 +159,13 @@ class _NoDelayProtocol(_newclient.HTTP11ClientProtocol):
             transport = getattr(transport, "transport", None)
 
 
-class _RelayConnectionFactory(_HTTP11ClientFactory):
-    noisy = False  # no "Starting factory" log line per upstream connection
-
-    def buildProtocol(self, addr: Any) -> _NoDelayProtocol:
-        return _NoDelayProtocol(self._quiescentCallback)
-
-
-class RelayPool(HTTPConnectionPool):
+class RelayPool(RelayConnectionPool):
     """
     The relay's persistent pool: connections with Nagle off, opened quietly,
     reading responses with L{BoundedHTTPClientParser}.
     """
 
-    _factory = _RelayConnectionFactory
+    protocolClass = _NoDelayProtocol
 
 
 #: RFC 9110 token (a method) and a request target of visible ASCII only, as Agent checks them.
@@ -448,7 +388,7 @@ class RelayAgent:
 
         def connected(proto: Any) -> Deferred[IResponse]:
             return proto.request(  # type: ignore[no-any-return]
-                _newclient.Request._construct(method, target, headers, bodyProducer, persistent=persistent, parsedURI=parsedURI)
+                clientRequest(method, target, headers, bodyProducer, persistent=persistent, parsedURI=parsedURI)
             )
 
         return self._pool.getConnection(o.key, o.endpoint).addCallback(connected)
@@ -479,21 +419,6 @@ class BytesProducer:
 
     def stopProducing(self) -> None:
         pass
-
-
-@implementer(IOpenSSLTrustRoot)
-class PlatformTrustAndBundle:
-    """
-    The platform's CAs plus a private bundle, so an operator's internal CA is
-    added to, not swapped for, the usual trust.
-    """
-
-    def __init__(self, caBundle: str) -> None:
-        self._caBundle = caBundle
-
-    def _addCACertsToContext(self, context: Any) -> None:
-        context.set_default_verify_paths()
-        context.load_verify_locations(self._caBundle)
 
 
 def trustRootFor(settings: Settings) -> Any:
