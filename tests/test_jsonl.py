@@ -9,9 +9,12 @@ import subprocess
 from datetime import datetime, timezone
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from lmgate.records import jsonl
 from lmgate.errors import ConfigError
@@ -31,6 +34,14 @@ def record(n: int) -> UsageRecord:
     )
 
 
+@implementer(IReactorFromThreads)
+class ThreadsClock(Clock):
+    """A fake clock that is also a reactor a thread can hand results to (at once)."""
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+
 class WriterTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.directory = os.path.abspath(self.mktemp())
@@ -43,7 +54,7 @@ class WriterTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def writer(self, **kwargs: Any) -> UsageLog:
-        log = UsageLog(self.path, clock=self.clock, runInThread=synchronously, **kwargs)
+        log = UsageLog(self.path, self.clock, runInThread=synchronously, **kwargs)
         log.startService()
         self.addCleanup(lambda: log.running and log.stopService())
         return log
@@ -64,6 +75,29 @@ class WriterTests(SynchronousTestCase):
         self.clock.advance(1.0)
         self.assertEqual([r["request_id"] for r in self.lines()], ["r0", "r1", "r2", "r3", "r4"])
         self.assertEqual((log.written, log.pending), (5, 0))
+
+    def test_ownThreadReportsToTheGivenReactor(self) -> None:
+        """
+        Without a C{runInThread}, the writer runs its batches in a thread of its
+        own whose results come back on the reactor it was given, not on
+        Twisted's global one.
+        """
+        clock = ThreadsClock()
+        clock.advance(BEFORE_MIDNIGHT - 3600)
+        handedTo: list[object] = []
+
+        def deferToThreadPool(reactor: object, pool: object, f: Any) -> Deferred[Any]:
+            handedTo.append(reactor)
+            return succeed(f())  # the batch itself runs here: the test stays in one thread
+
+        self.patch(jsonl, "deferToThreadPool", deferToThreadPool)
+        log = UsageLog(self.path, clock, flushInterval=1.0)
+        log.startService()
+        self.addCleanup(lambda: log.running and log.stopService())
+        log.write(record(1))
+        clock.advance(1.0)
+        self.assertEqual(([r["request_id"] for r in self.lines()], handedTo), (["r1"], [clock]))
+        self.successResultOf(log.stopService())
 
     def test_stopFlushesEverything(self) -> None:
         """Stopping writes every pending line before its Deferred fires."""
@@ -245,7 +279,7 @@ class WriterTests(SynchronousTestCase):
             except OSError:
                 pass
         self.path = os.path.join(mount, "stats.jsonl")
-        log = UsageLog(self.path, clock=self.clock, runInThread=synchronously)
+        log = UsageLog(self.path, self.clock, runInThread=synchronously)
         log.startService()
         for n in range(50):
             log.write(record(n))

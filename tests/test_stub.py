@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import select
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
 from typing import Any
 
 from botocore.eventstream import EventStreamBuffer
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from lmgate.stub.server import REPLY, makeStubResource, words
+from lmgate.stub.server import REPLY, makeStubResource, serve, words
 from lmgate.usage import readerFor
+from tests.daemon import freePort
 
 
 class StubTests(SynchronousTestCase):
@@ -123,3 +131,55 @@ class StubTests(SynchronousTestCase):
         self.successResultOf(done)
         deltas = [c for c in chunks if b'"content"' in c and b'"role"' not in c]
         self.assertEqual(len(deltas), 5)
+
+
+class StubServeTests(SynchronousTestCase):
+    """C{lmgate stub} serves on the reactor C{react} hands it."""
+
+    def test_servesOnTheGivenReactor(self) -> None:
+        """The stub's site listens on, and takes its time from, the reactor it is given, until that stops."""
+        reactor = MemoryReactorClock()
+        serving = serve(reactor, "tcp:0:interface=127.0.0.1")
+        [(port, site, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface, site.reactor), (0, "127.0.0.1", reactor))
+        self.assertNoResult(serving)
+
+    def test_unusableEndpoint(self) -> None:
+        """An endpoint Twisted cannot parse is exit status 2."""
+        self.assertEqual(self.assertRaises(SystemExit, serve, MemoryReactorClock(), "nonsense:1").code, 2)
+
+
+class StubCommandTests(SynchronousTestCase):
+    """The C{lmgate stub} command, run as a child process on loopback."""
+
+    def command(self, listen: str) -> list[str]:
+        return [sys.executable, "-m", "lmgate.cli", "stub", "--listen", listen]
+
+    def test_cannotListen(self) -> None:
+        """A port in use: one line naming the endpoint, and exit status 1."""
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            listen = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+            done = subprocess.run(self.command(listen), capture_output=True, timeout=60)
+        self.assertEqual((done.returncode, done.stderr.splitlines()[-1].startswith(f"lmgate stub: cannot listen on {listen}".encode())), (1, True))
+
+    def test_servesUntilInterrupted(self) -> None:
+        """The stub answers on its port, and an interrupt ends it with status 0."""
+        for attempt in range(3):  # the free port may be taken before the child binds it
+            port = freePort()
+            child = subprocess.Popen(self.command(f"tcp:{port}:interface=127.0.0.1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.addCleanup(lambda child=child: child.poll() is None and child.kill())
+            ready, _, _ = select.select([child.stdout], [], [], 60)
+            line = child.stdout.readline() if ready else b""  # type: ignore[union-attr]
+            if line.startswith(b"lmgate stub: serving"):
+                break
+            child.wait(60)
+        else:
+            self.fail(f"the stub did not start: {line!r}")
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "one"}]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            self.assertEqual(json.loads(response.read())["usage"]["prompt_tokens"] > 0, True)
+        child.send_signal(signal.SIGINT)
+        self.assertEqual(child.wait(60), 0)

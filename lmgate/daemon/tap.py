@@ -442,7 +442,7 @@ def stubService(reactor: Any, settings: Settings) -> Service:
     from lmgate.stub.server import makeStubResource
 
     assert settings.stubListen is not None
-    stubSite = Site(makeStubResource(reactor))
+    stubSite = Site(makeStubResource(reactor), reactor=reactor)
     stubSite.noisy = False
     stubSite.log = lambda request: None  # type: ignore[method-assign]  # the gateway's access log shows each call
     return listenerFor(reactor, settings.stubListen, stubSite, settings, "stub.listen")
@@ -529,10 +529,10 @@ def buildService(
     checkStatsPath(settings.statsPath, settings.source, owner=owner)
     usageLog = UsageLog(
         settings.statsPath,
+        reactor,
         flushInterval=settings.statsFlushInterval,
         maxBytes=settings.statsMaxBytes,
         backlog=settings.statsBacklog,
-        clock=reactor,
     )
     accessLog = None
     accessPath = accessLogPath(settings)
@@ -544,10 +544,10 @@ def buildService(
         # no fsync: an access line is a convenience, the record is the account.
         accessLog = UsageLog(
             accessPath,
+            reactor,
             flushInterval=settings.statsFlushInterval,
             maxBytes=settings.statsMaxBytes,
             backlog=settings.statsBacklog,
-            clock=reactor,
             runInThread=usageLog.runInThread,
             what="access log lines",
             fsync=False,
@@ -567,7 +567,11 @@ def buildService(
             reloadErrors=lambda: allowList.reloadErrors,
         )
         sink = Fanout([usageLog, metrics])
-    gateway = Gateway({}, allowList, upstream, sink, reactor)
+    from twisted.internet.task import Cooperator
+
+    # Large request bodies are sent by a cooperator on the injected reactor, not Twisted's global one.
+    cooperator = Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+    gateway = Gateway({}, allowList, upstream, sink, reactor, cooperator=cooperator)
     gateway.prices = pricesFor(settings)
     if metrics is not None:
         metrics.inFlight = lambda: len(gateway.active)
@@ -597,7 +601,7 @@ def buildService(
     if metrics is not None:
         from lmgate.ops.metrics import AdminSite
 
-        adminSite = AdminSite(metrics)
+        adminSite = AdminSite(metrics, reactor)
         assert settings.adminListen is not None
         admin = listenerFor(reactor, settings.adminListen, adminSite, settings, "admin.listen")
         admin.setServiceParent(top)

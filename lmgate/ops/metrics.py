@@ -240,8 +240,8 @@ class AdminSite(Site):
     requestFactory = AdminRequest
     noisy = False
 
-    def __init__(self, metrics: Metrics) -> None:
-        Site.__init__(self, AdminResource(metrics))
+    def __init__(self, metrics: Metrics, reactor: Any) -> None:
+        Site.__init__(self, AdminResource(metrics), reactor=reactor)
 
     def log(self, request: Any) -> None:
         """Scrapes are not logged."""

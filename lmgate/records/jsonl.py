@@ -30,8 +30,9 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -172,21 +173,24 @@ class UsageLog(Service):
     def __init__(
         self,
         path: str,
+        reactor: IReactorTime,
         flushInterval: float = 1.0,
         maxBytes: int = 104857600,
         backlog: int = 100000,
-        clock: IReactorTime | None = None,
         runInThread: RunInThread | None = None,
         what: str = "usage records",
         fsync: bool = True,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor
-
-            clock = reactor
-        assert clock is not None
+        """
+        @param reactor: the clock of the flush ticks and record days; without
+            C{runInThread}, also the reactor the writer thread's results are
+            handed back to (it must then provide L{IReactorFromThreads}).
+        @param runInThread: runs a batch off the reactor thread (another
+            writer's L{runInThread}, or L{synchronously} in tests); by default
+            a thread of this writer's own, started with the service.
+        """
         self.path, self._flushInterval, self._maxBytes, self._backlog = path, flushInterval, maxBytes, backlog
-        self._clock = clock
+        self._clock = reactor
         self.what, self._fsync = what, fsync
         self._pending: list[bytes] = []
         self._flushing: Deferred[Any] | None = None
@@ -194,7 +198,7 @@ class UsageLog(Service):
         self._runInThread = runInThread
         self._fileDay: str | None = None  # the UTC day the current file was started on
         self._loop = LoopingCall(self._tick)
-        self._loop.clock = clock
+        self._loop.clock = reactor
         self.written = 0
         self.dropped = 0
         self.lost = 0  # lines still unwritten when the writer stopped
@@ -235,13 +239,11 @@ class UsageLog(Service):
     def startService(self) -> None:
         Service.startService(self)
         if self._runInThread is None:
-            from twisted.internet import reactor
-            from twisted.internet.threads import deferToThreadPool
-
+            reactor = IReactorFromThreads(self._clock)  # results come back on the reactor the writer was given
             pool = ThreadPool(minthreads=1, maxthreads=1, name="lmgate-stats")
             pool.start()
             self._pool = pool
-            self._runInThread = lambda f: deferToThreadPool(reactor, pool, f)  # type: ignore[arg-type]
+            self._runInThread = lambda f: deferToThreadPool(reactor, pool, f)
         self._loop.start(self._flushInterval, now=False)
 
     async def _stop(self) -> None:

@@ -20,6 +20,7 @@ from urllib.parse import unquote
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import react
 from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -389,13 +390,8 @@ def _header(request: Request, name: bytes, default: int, maximum: int) -> int:
         return default
 
 
-def makeStubResource(clock: IReactorTime | None = None) -> StubResource:
-    """The stub upstream's root resource; C{clock} paces streams (default: the reactor)."""
-    if clock is None:
-        from twisted.internet import reactor
-
-        clock = reactor
-    assert clock is not None
+def makeStubResource(clock: IReactorTime) -> StubResource:
+    """The stub upstream's root resource; C{clock} paces streams."""
     return StubResource(clock)
 
 
@@ -404,37 +400,43 @@ class Options(usage.Options):
     optParameters = [["listen", "l", "tcp:8081:interface=127.0.0.1", "A Twisted server endpoint string."]]
 
 
+def serve(reactor: Any, listen: str) -> Deferred[None]:
+    """
+    Serve the stub upstream on C{listen} with C{reactor} until the reactor
+    stops. Fails with C{SystemExit(2)} for an endpoint Twisted cannot parse
+    and C{SystemExit(1)} for one it cannot listen on, each after one line.
+    """
+    from twisted.internet.endpoints import serverFromString
+    from twisted.web.server import Site
+
+    site = Site(makeStubResource(reactor), reactor=reactor)
+    site.noisy = False
+    try:
+        endpoint = serverFromString(reactor, listen)
+    except ValueError as e:
+        sys.stderr.write(f"lmgate stub: --listen: {e}\n")
+        raise SystemExit(2) from None
+
+    def listening(port: Any) -> Deferred[None]:
+        sys.stdout.write(f"lmgate stub: serving the providers' endpoints on {listen}\n")
+        sys.stdout.flush()
+        return Deferred()  # never fires: the stub serves until interrupted
+
+    def cannotListen(reason: Any) -> None:
+        sys.stderr.write(f"lmgate stub: cannot listen on {listen}: {reason.getErrorMessage()}\n")
+        raise SystemExit(1)
+
+    d: Deferred[Any] = endpoint.listen(site)
+    d.addCallbacks(listening, cannotListen)
+    return d
+
+
 def main(argv: list[str]) -> int:
-    """C{lmgate stub}: serve the stub upstream until interrupted."""
+    """C{lmgate stub}: serve the stub upstream until interrupted (exits through C{SystemExit})."""
     options = Options()
     try:
         options.parseOptions(argv)
     except usage.UsageError as e:
         sys.stderr.write(f"lmgate stub: {e}\n{options}")
         return 2
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
-    from twisted.web.server import Site
-
-    site = Site(makeStubResource(reactor))
-    site.noisy = False
-    try:
-        endpoint = serverFromString(reactor, options["listen"])
-    except ValueError as e:
-        sys.stderr.write(f"lmgate stub: --listen: {e}\n")
-        return 2
-    failed: list[BaseException] = []
-
-    def listening(port: Any) -> None:
-        sys.stdout.write(f"lmgate stub: serving the providers' endpoints on {options['listen']}\n")
-        sys.stdout.flush()
-
-    def cannotListen(reason: Any) -> None:
-        failed.append(reason.value)
-        sys.stderr.write(f"lmgate stub: cannot listen on {options['listen']}: {reason.getErrorMessage()}\n")
-        reactor.stop()
-
-    d: Deferred[Any] = endpoint.listen(site)
-    d.addCallbacks(listening, cannotListen)
-    reactor.run()
-    return 1 if failed else 0
+    react(serve, (options["listen"],))  # runs the reactor it passes to serve; exits with serve's status
