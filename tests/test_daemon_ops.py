@@ -308,7 +308,7 @@ class ListenerTests(SynchronousTestCase):
         from twisted.internet.defer import fail
         from twisted.internet.error import CannotListenError
 
-        from lmgate.daemon.tap import Listener
+        from lmgate.daemon.listen import Listener
 
         class Taken:
             def listen(self, factory: object) -> object:

@@ -10,7 +10,8 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from lmgate.daemon.tap import FreezeService, StopSignalGuard
+from lmgate.daemon.services import FreezeService
+from lmgate.daemon.signals import StopSignalGuard
 
 
 class FreezeServiceTests(SynchronousTestCase):

@@ -492,7 +492,7 @@ class ServiceTripwires(SynchronousTestCase):
         """
         twistd re-raises a stop signal after shutdown only when the reactor's
         C{_exitSignal} is set, which Twisted's own handlers do and LMGate's
-        (L{lmgate.daemon.tap.StopSignalGuard}, installed once the reactor runs)
+        (L{lmgate.daemon.signals.StopSignalGuard}, installed once the reactor runs)
         do not: a drained stop exits 0 without resetting it.
         """
         import inspect
@@ -501,7 +501,7 @@ class ServiceTripwires(SynchronousTestCase):
         from twisted.internet.base import ReactorBase
         from twisted.scripts import twistd
 
-        from lmgate.daemon.tap import StopSignalGuard
+        from lmgate.daemon.signals import StopSignalGuard
 
         self.assertIn("_exitSignal", inspect.getsource(app.ApplicationRunner.startReactor), changed("twistd's exit by signal"))
         self.assertIn("_exitSignal", inspect.getsource(twistd.runApp), changed("twistd's exit by signal"))

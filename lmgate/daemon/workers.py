@@ -69,7 +69,7 @@ def listeningSocket(reactor: Any, settings: Settings) -> socket.socket:
         sock.listen(backlog)
     except OSError as e:
         sock.close()
-        from lmgate.daemon.tap import cannotListen
+        from lmgate.daemon.listen import cannotListen
 
         raise ConfigError(settings.source, "listen", cannotListen(settings.listen, e)) from None
     sock.setblocking(False)

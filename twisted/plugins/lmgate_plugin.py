@@ -20,7 +20,7 @@ class _GatewayMaker:
 
     @property
     def options(self) -> type[usage.Options]:
-        from lmgate.daemon.tap import Options
+        from lmgate.daemon.options import Options
 
         return Options
 

@@ -1,0 +1,281 @@
+"""
+Assembling the service tree: a gateway process (its writers, allow-list,
+upstream pool, metrics, site and listeners, in the order they start and stop),
+the supervisor of C{--workers N}, and the in-process stub upstream.
+
+Every part gets the reactor it was handed; nothing here reaches for the
+global one (that is L{lmgate.daemon.tap.serviceFor}'s job).
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import replace
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python.filepath import FilePath
+from twisted.web.server import Site
+
+from lmgate.access.allowlist import AllowList
+from lmgate.config import Settings, accessLogPath
+from lmgate.daemon.demo import announceDemo
+from lmgate.daemon.listen import listenerFor
+from lmgate.daemon.reload import Reloader, applySettings, pricesFor
+from lmgate.daemon.services import DrainService, FreezeService, OrderedMultiService
+from lmgate.daemon.signals import SignalService, StopSignalGuard, reopenTwistdLog
+from lmgate.daemon.workers import (
+    AdoptedListener,
+    Supervisor,
+    SupervisorWatch,
+    listeningSocket,
+    workerStatsPath,
+)
+from lmgate.errors import ConfigError
+from lmgate.gate.gateway import Gateway, GatewayResource, GatewaySite
+from lmgate.ops.metrics import AdminSite, Fanout, Metrics
+from lmgate.records.jsonl import UsageLog, checkStatsPath
+from lmgate.relay.upstream import Upstream
+from lmgate.stub.server import makeStubResource
+
+log = Logger()
+
+
+def stubService(reactor: Any, settings: Settings) -> Service:
+    """The in-process stub upstream (C{stub.listen})."""
+    assert settings.stubListen is not None
+    stubSite = Site(makeStubResource(reactor), reactor=reactor)
+    stubSite.noisy = False
+    stubSite.log = lambda request: None  # type: ignore[method-assign]  # the gateway's access log shows each call
+    return listenerFor(reactor, settings.stubListen, stubSite, settings, "stub.listen")
+
+
+def supervisorService(
+    settings: Settings,
+    reactor: Any,
+    configPath: str | None,
+    listen: str | None,
+    workers: int,
+    owner: tuple[int, int] | None = None,
+) -> IService:
+    """
+    C{--workers N}: check in the foreground what each worker will need, then a
+    supervisor that shares one socket among N workers.
+    """
+    if settings.adminListen is not None:
+        raise ConfigError(settings.source, "admin.listen", "not available with --workers yet (each worker would need its own port)")
+    AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
+    accessPath = accessLogPath(settings)
+    for index in range(1, workers + 1):
+        checkStatsPath(workerStatsPath(settings.statsPath, index), settings.source, owner=owner)
+        if accessPath is not None:
+            checkStatsPath(workerStatsPath(accessPath, index), settings.source, "access_log", owner)
+    listeningSocket(reactor, settings).close()  # fail now, in the foreground, if it cannot be bound
+    top = OrderedMultiService()
+    if settings.stubListen is not None:
+        stubService(reactor, settings).setServiceParent(top)
+    supervisor = Supervisor(reactor, settings, configPath, listen, workers)
+    supervisor.setServiceParent(top)
+    top.lost = lambda: supervisor.uncleanStops
+    StopSignalGuard(reactor).setServiceParent(top)
+    announceDemo(settings)
+    return top
+
+
+def writersFor(
+    settings: Settings, reactor: Any, workerIndex: int | None, owner: tuple[int, int] | None
+) -> tuple[UsageLog, UsageLog | None]:
+    """
+    The usage records' writer and, when C{access_log} is on, the access log's
+    (which shares the records' thread), their directories checked.
+
+    @raise ConfigError: a directory cannot be written (by C{owner}, if given).
+    """
+    checkStatsPath(settings.statsPath, settings.source, owner=owner)
+    usageLog = UsageLog(
+        settings.statsPath,
+        reactor,
+        flushInterval=settings.statsFlushInterval,
+        maxBytes=settings.statsMaxBytes,
+        backlog=settings.statsBacklog,
+    )
+    accessPath = accessLogPath(settings)
+    if accessPath is None:
+        return usageLog, None
+    if workerIndex is not None:
+        accessPath = workerStatsPath(accessPath, workerIndex)
+    checkStatsPath(accessPath, settings.source, "access_log", owner)
+    # Same rotation and backlog as the records, in the records' writer thread;
+    # no fsync: an access line is a convenience, the record is the account.
+    accessLog = UsageLog(
+        accessPath,
+        reactor,
+        flushInterval=settings.statsFlushInterval,
+        maxBytes=settings.statsMaxBytes,
+        backlog=settings.statsBacklog,
+        runInThread=usageLog.runInThread,
+        what="access log lines",
+        fsync=False,
+    )
+    return usageLog, accessLog
+
+
+def metricsFor(settings: Settings, usageLog: UsageLog, allowList: AllowList) -> Metrics | None:
+    """The admin listener's metrics (None without C{admin.listen})."""
+    if settings.adminListen is None:
+        return None
+    return Metrics(
+        models=settings.metricsModels,
+        perKey=settings.metricsPerKey,
+        perKeyLimit=settings.metricsPerKeyLimit,
+        writerStats=lambda: (usageLog.written, usageLog.pending, usageLog.dropped),
+        keyCount=lambda: allowList.size,
+        reloadErrors=lambda: allowList.reloadErrors,
+    )
+
+
+def cooperatorFor(reactor: Any) -> Cooperator:
+    """
+    The cooperator that sends large request bodies upstream, scheduled on
+    C{reactor} rather than on Twisted's global one.
+    """
+    return Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+
+
+def gatewayFor(
+    settings: Settings,
+    reactor: Any,
+    allowList: AllowList,
+    upstream: Upstream,
+    usageLog: UsageLog,
+    metrics: Metrics | None,
+) -> Gateway:
+    """The gateway every call shares; its records also reach the metrics, if any."""
+    sink: Any = usageLog if metrics is None else Fanout([usageLog, metrics])
+    gateway = Gateway({}, allowList, upstream, sink, reactor, cooperator=cooperatorFor(reactor))
+    gateway.prices = pricesFor(settings)
+    if metrics is not None:
+        metrics.inFlight = lambda: len(gateway.active)
+        gateway.observeOverhead = metrics.observeOverhead
+    return gateway
+
+
+def siteFor(
+    settings: Settings, reactor: Any, gateway: Gateway, accessLog: UsageLog | None, metrics: Metrics | None
+) -> GatewaySite:
+    """The gateway's site, with the settings a reload can change applied."""
+    site = GatewaySite(GatewayResource(gateway), accessLog=accessLog, reactor=reactor)
+    if metrics is not None:
+        site.observeRefusal = metrics.clientRefused
+    applySettings(settings, gateway, site)
+    return site
+
+
+def gatewayListener(settings: Settings, reactor: Any, site: GatewaySite, workerFd: int | None) -> Service:
+    """
+    What accepts the gateway's connections: C{listen} (checked in the
+    foreground), or in a worker the socket its supervisor shares.
+    """
+    if workerFd is not None:
+        return AdoptedListener(reactor, workerFd, site)
+    return listenerFor(reactor, settings.listen, site, settings, "listen")
+
+
+def adminService(settings: Settings, reactor: Any, metrics: Metrics) -> Service:
+    """The admin listener (C{admin.listen}) serving the metrics."""
+    assert settings.adminListen is not None
+    return listenerFor(reactor, settings.adminListen, AdminSite(metrics, reactor), settings, "admin.listen")
+
+
+def drainFor(site: GatewaySite, gateway: Gateway, timeout: float) -> DrainService:
+    """The service that, at stop, lets the calls in flight finish (bounded)."""
+
+    def drainCalls(timeout: float) -> Deferred[None]:
+        # No further request is read from client connections (idle ones close now), the
+        # calls in flight finish (or are aborted at the timeout), and whatever connection
+        # is left is cut: no call can start once its record could not be written.
+        site.closeIdle()
+        drained = gateway.drain(timeout)
+        drained.addCallback(lambda _: site.closeAll())
+        return drained
+
+    return DrainService(drainCalls, timeout)
+
+
+def signalsFor(reactor: Any, reloader: Reloader, usageLog: UsageLog, accessLog: UsageLog | None) -> SignalService:
+    """SIGHUP reloads; SIGUSR1 reopens the record files and twistd's log."""
+
+    def reopenFiles() -> None:
+        usageLog.reopen()
+        if accessLog is not None:
+            accessLog.reopen()
+        reopenTwistdLog()
+
+    return SignalService(reactor, {signal.SIGHUP: reloader.reload, signal.SIGUSR1: reopenFiles})
+
+
+def buildService(
+    settings: Settings,
+    reactor: Any,
+    listen: str | None = None,
+    workerFd: int | None = None,
+    workerIndex: int | None = None,
+    owner: tuple[int, int] | None = None,
+) -> IService:
+    """
+    The daemon's service tree for checked settings.
+
+    @param listen: the command line's C{--listen}, kept across reloads.
+    @param workerFd: in a worker process, the supervisor's socket to accept on.
+    @param workerIndex: in a worker process, its number (names its stats file).
+    @param owner: C{(uid, gid)} twistd switches to after start-up (started as
+        root with C{--uid}): the record files are created for that user.
+
+    @raise ConfigError: the allow-list, the stats directory, the TLS bundle or
+        an endpoint cannot be used.
+    """
+    configured = settings  # as the file says: what a reload compares with
+    if workerIndex is not None:
+        settings = replace(settings, statsPath=workerStatsPath(settings.statsPath, workerIndex), stubListen=None)
+    allowList = AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
+    usageLog, accessLog = writersFor(settings, reactor, workerIndex, owner)
+    upstream = Upstream.fromSettings(reactor, settings)
+    metrics = metricsFor(settings, usageLog, allowList)
+    gateway = gatewayFor(settings, reactor, allowList, upstream, usageLog, metrics)
+    site = siteFor(settings, reactor, gateway, accessLog, metrics)
+    listener = gatewayListener(settings, reactor, site, workerFd)
+
+    top = OrderedMultiService()
+    top.lost = lambda: usageLog.lost
+    # Started in this order, stopped in reverse, one after another.
+    usageLog.setServiceParent(top)
+    if accessLog is not None:
+        accessLog.setServiceParent(top)  # after the records' writer: it borrows its thread
+    allowList.setServiceParent(top)
+    upstream.setServiceParent(top)
+    if settings.stubListen is not None:
+        stubService(reactor, settings).setServiceParent(top)
+    if metrics is not None:
+        adminService(settings, reactor, metrics).setServiceParent(top)
+    drain = drainFor(site, gateway, settings.drainTimeout)
+    drain.setServiceParent(top)
+    reloader = Reloader(configured, gateway, site, allowList, drain)
+    reloader.listen = listen  # a --listen override holds across reloads
+    signalsFor(reactor, reloader, usageLog, accessLog).setServiceParent(top)
+    StopSignalGuard(reactor).setServiceParent(top)
+    if workerFd is not None:
+        SupervisorWatch(reactor).setServiceParent(top)
+    listener.setServiceParent(top)
+    FreezeService().setServiceParent(top)
+    if workerIndex is None:
+        announceDemo(settings)  # a worker's stub is its supervisor's
+    log.info(
+        "LMGate on {listen}: providers {providers}; records to {stats}",
+        listen=settings.listen,
+        providers=", ".join(sorted(settings.providers)),
+        stats=settings.statsPath,
+    )
+    return top

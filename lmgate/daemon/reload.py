@@ -1,0 +1,142 @@
+"""
+Live reload (SIGHUP): which settings a running gateway can change, putting
+them into effect, and the ones that wait for the next start.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.logger import Logger
+
+from lmgate.config import Settings, accessLogPath
+from lmgate.daemon.demo import DEMO_SOURCE
+from lmgate.daemon.options import settingsFor
+from lmgate.daemon.services import DrainService
+from lmgate.errors import ConfigError
+
+log = Logger()
+
+
+#: Settings a running daemon cannot change: they take effect at the next start.
+RESTART_ONLY = (
+    ("listen", "listen"),
+    ("allowlist.path", "allowlistPath"),
+    ("allowlist.reload_interval", "allowlistReloadInterval"),
+    ("stats.path", "statsPath"),
+    ("stats.flush_interval", "statsFlushInterval"),
+    ("stats.max_bytes", "statsMaxBytes"),
+    ("stats.backlog", "statsBacklog"),
+    ("timeouts.connect", "connectTimeout"),
+    ("timeouts.pool_idle", "poolIdleTimeout"),
+    ("pool.max_per_host", "poolMaxPerHost"),
+    ("tls.ca_bundle", "tlsCABundle"),
+    ("stub.listen", "stubListen"),
+    ("admin.listen", "adminListen"),
+    ("metrics.models", "metricsModels"),
+    ("metrics.per_key", "metricsPerKey"),
+    ("metrics.per_key_limit", "metricsPerKeyLimit"),
+)
+
+
+def limitsFor(settings: Settings) -> Any:
+    """The client limits a site enforces, from settings."""
+    from lmgate.gate.channel import Limits
+
+    return Limits(
+        headerBytes=settings.headerBytes,
+        headerCount=settings.headerCount,
+        headerTimeout=settings.headerTimeout,
+        clientTimeout=settings.clientTimeout,
+        maxBody=settings.maxBody,
+        routeMaxBody={
+            name.encode("ascii"): p.maxBody for name, p in settings.providers.items() if p.maxBody is not None
+        },
+    )
+
+
+def pricesFor(settings: Settings) -> Any:
+    """
+    The price table for C{cost_usd}: None when C{prices.path} is null, or when the
+    default C{etc/prices.yaml} is absent (logged); a named file must load.
+
+    @raise ConfigError: the file is unreadable or wrong.
+    """
+    from lmgate.ops.prices import PriceTable
+
+    path = settings.pricesPath
+    if path is None:
+        return None
+    if path == Settings.pricesPath and not os.path.exists(path):
+        log.warn("No price table at {path}: cost_usd stays null", path=path)
+        return None
+    return PriceTable.load(path)
+
+
+def applySettings(settings: Settings, gateway: Any, site: Any) -> None:
+    """
+    Put the settings a running gateway can change into effect: routes, timeouts,
+    capture limit, client limits and the access log. Each is one assignment,
+    so a call sees the old settings or the new, never a mix of one kind.
+    """
+    from lmgate.gate.providers import Provider
+
+    gateway.providers = {name.encode("ascii"): Provider(p) for name, p in settings.providers.items()}
+    gateway.captureLimit = settings.statsCaptureLimit
+    gateway.responseTimeout = settings.responseTimeout
+    gateway.idleTimeout = settings.idleTimeout
+    gateway.clientTimeout = settings.clientTimeout
+    site.setLimits(limitsFor(settings))
+    site.accessLog = site.accessLogWriter if accessLogPath(settings) is not None else None
+
+
+class Reloader:
+    """
+    SIGHUP: read the configuration file again and apply what can change live,
+    then reload the allow-list. A bad new file keeps the running configuration
+    and logs one line.
+    """
+
+    def __init__(self, settings: Settings, gateway: Any, site: Any, allowList: Any, drain: DrainService) -> None:
+        self.settings, self._gateway, self._site = settings, gateway, site
+        self._allowList, self._drain = allowList, drain
+        self.configPath: str | None = None if settings.source == DEMO_SOURCE else settings.source
+        self.listen: str | None = None
+        self.accessLogBase = accessLogPath(settings)  # the file the site's writer appends to (before any -wN)
+
+    def reload(self) -> None:
+        if self.configPath is not None:
+            try:
+                new = settingsFor(self.configPath, self.listen)
+            except ConfigError as e:
+                log.error("Keeping the running configuration: {problem}", problem=str(e))
+            else:
+                self._apply(new)
+        self._allowList.reload()
+
+    def _apply(self, new: Settings) -> None:
+        from dataclasses import replace
+
+        old = self.settings
+        pending = [key for key, attr in RESTART_ONLY if getattr(new, attr) != getattr(old, attr)]
+        newAccessLog = accessLogPath(new)
+        if newAccessLog is not None and newAccessLog != self.accessLogBase:
+            # Off and on again live; a new file (or a first one) needs a writer made at start-up.
+            pending.append("access_log")
+            new = replace(new, accessLog=old.accessLog if self.accessLogBase is not None else False)
+        if pending:
+            log.warn("Changed, and applied at the next restart only: {keys}", keys=", ".join(pending))
+            new = replace(new, **{attr: getattr(old, attr) for _, attr in RESTART_ONLY})
+        try:
+            self._gateway.prices = pricesFor(new)
+        except ConfigError as e:
+            log.error("Keeping the previous price table: {problem}", problem=str(e))
+        applySettings(new, self._gateway, self._site)
+        self._drain.timeout = new.drainTimeout
+        self.settings = new
+        log.info(
+            "Reloaded the configuration from {path}: providers {providers}",
+            path=self.configPath,
+            providers=", ".join(sorted(new.providers)),
+        )
