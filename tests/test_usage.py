@@ -280,30 +280,7 @@ class ErrorTests(SynchronousTestCase):
 
 
 class PurityTests(SynchronousTestCase):
-    """Reading usage is bytes in, counts out: the readers stand apart from the web server and the gateway."""
-
-    FORBIDDEN = ("twisted.web", "twisted.internet.reactor", "lmgate.gate", "lmgate.relay", "lmgate.daemon")
-
-    def test_noWebNorGatewayImports(self) -> None:
-        """No module of lmgate.usage imports twisted.web, the global reactor, the gateway, the relay or the daemon."""
-        import lmgate.usage
-
-        folder = os.path.dirname(lmgate.usage.__file__)
-        found = []
-        for name in sorted(os.listdir(folder)):
-            if not name.endswith(".py"):
-                continue
-            with open(os.path.join(folder, name), "rb") as f:
-                tree = ast.parse(f.read(), name)
-            for node in ast.walk(tree):  # function-level imports too
-                if isinstance(node, ast.Import):
-                    modules = [alias.name for alias in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.module:
-                    modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-                else:
-                    continue
-                found += [(name, m) for m in modules if any(m == f or m.startswith(f + ".") for f in self.FORBIDDEN)]
-        self.assertEqual(found, [])
+    """Reading usage is bytes in, counts out (the import rule itself: tests/test_architecture.py)."""
 
     def test_headersArePlainValues(self) -> None:
         """A reader takes the response's header values through a plain lookup: a dict's C{get} will do."""
