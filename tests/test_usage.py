@@ -5,7 +5,6 @@ normalised; broken input gives null counts and never raises.
 
 from __future__ import annotations
 
-import ast
 import base64
 import gzip
 import json
