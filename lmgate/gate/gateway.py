@@ -102,6 +102,7 @@ class Gateway:
                     verdict = context.verdict
                     if isinstance(verdict, Deferred):
                         verdict.cancel()  # refused as shutting down, if its body ever arrives
+                        verdict.addErrback(lambda reason: None)  # no call waits on it to learn why
                 self.admitting.clear()
                 done.callback(None)
             else:
