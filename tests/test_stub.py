@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from lmgate.stub.server import REPLY, makeStubResource, words
-from lmgate.usage.readers import readerFor
+from lmgate.usage import readerFor
 
 
 class StubTests(SynchronousTestCase):
@@ -27,7 +27,11 @@ class StubTests(SynchronousTestCase):
         return response, content
 
     def usage(self, fmt: str, path: str, response: Any, content: bytes) -> Any:
-        reader = readerFor(fmt, response.code, response.headers, path.split("?")[0].encode(), 1 << 20)
+        def header(name: bytes) -> bytes | None:
+            values = response.headers.getRawHeaders(name)
+            return values[0] if values else None
+
+        reader = readerFor(fmt, response.code, header, path.split("?")[0].encode(), 1 << 20)
         reader.feed(content)
         return reader.finish()
 

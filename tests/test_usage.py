@@ -5,6 +5,7 @@ normalised; broken input gives null counts and never raises.
 
 from __future__ import annotations
 
+import ast
 import base64
 import gzip
 import json
@@ -14,11 +15,10 @@ from typing import Any
 
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.http_headers import Headers
 
 from lmgate.usage.eventstream import event, exception
 from lmgate.records.record import Usage
-from lmgate.usage.readers import readerFor, requestModel
+from lmgate.usage import readerFor, requestModel
 from tests.helpers import FakeUpstream, call, startGateway
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -42,12 +42,12 @@ def sse(*events: tuple[str | None, Any], crlf: bool = False) -> bytes:
 
 def read(fmt: str, body: bytes, contentType: str, endpoint: bytes = b"/v1/x", pieces: list[bytes] | None = None,
          encoding: str | None = None, status: int = 200, extra: dict[bytes, list[bytes]] | None = None, limit: int = LIMIT) -> Usage:
-    headers = Headers({b"content-type": [contentType.encode()]})
+    headers = {b"content-type": contentType.encode()}
     if encoding:
-        headers.setRawHeaders(b"content-encoding", [encoding.encode()])
+        headers[b"content-encoding"] = encoding.encode()
     for name, values in (extra or {}).items():
-        headers.setRawHeaders(name, values)
-    reader = readerFor(fmt, status, headers, endpoint, limit)
+        headers[name] = values[0]
+    reader = readerFor(fmt, status, headers.get, endpoint, limit)
     for piece in pieces if pieces is not None else [body]:
         reader.feed(piece)
     return reader.finish()
@@ -266,8 +266,8 @@ class ErrorTests(SynchronousTestCase):
     def test_decompressionBomb(self) -> None:
         """A gzip bomb (100 MB of zeros) is read in bounded pieces and gives unknown usage, said to be truncated."""
         bomb = gzip.compress(b"\0" * (100 * 1024 * 1024), compresslevel=9)
-        headers = Headers({b"content-type": [b"application/json"], b"content-encoding": [b"gzip"]})
-        reader: Any = readerFor("openai", 200, headers, b"/v1/chat/completions", 1024 * 1024)
+        headers = {b"content-type": b"application/json", b"content-encoding": b"gzip"}
+        reader: Any = readerFor("openai", 200, headers.get, b"/v1/chat/completions", 1024 * 1024)
         reader.feed(bomb)
         self.assertLessEqual(sum(len(p) for p in reader._parts), 1024 * 1024)
         self.assertEqual(reader.finish().usage_source, "truncated")
@@ -277,6 +277,40 @@ class ErrorTests(SynchronousTestCase):
         body = b"data: " + b"x" * 5000 + b"\n\n" + fixture("openai/chat_completions_stream_usage.sse")
         u = read("openai", body, "text/event-stream", limit=2048, pieces=[body[i : i + 100] for i in range(0, len(body), 100)])
         self.assertEqual((u.input_tokens, u.output_tokens), (12, 5))
+
+
+class PurityTests(SynchronousTestCase):
+    """Reading usage is bytes in, counts out: the readers stand apart from the web server and the gateway."""
+
+    FORBIDDEN = ("twisted.web", "twisted.internet.reactor", "lmgate.gate", "lmgate.relay", "lmgate.daemon")
+
+    def test_noWebNorGatewayImports(self) -> None:
+        """No module of lmgate.usage imports twisted.web, the global reactor, the gateway, the relay or the daemon."""
+        import lmgate.usage
+
+        folder = os.path.dirname(lmgate.usage.__file__)
+        found = []
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".py"):
+                continue
+            with open(os.path.join(folder, name), "rb") as f:
+                tree = ast.parse(f.read(), name)
+            for node in ast.walk(tree):  # function-level imports too
+                if isinstance(node, ast.Import):
+                    modules = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+                else:
+                    continue
+                found += [(name, m) for m in modules if any(m == f or m.startswith(f + ".") for f in self.FORBIDDEN)]
+        self.assertEqual(found, [])
+
+    def test_headersArePlainValues(self) -> None:
+        """A reader takes the response's header values through a plain lookup: a dict's C{get} will do."""
+        body = fixture("openai/chat_completions.json")
+        reader = readerFor("openai", 200, {b"content-type": b"application/json"}.get, b"/v1/chat/completions", LIMIT)
+        reader.feed(body)
+        self.assertEqual(reader.finish().usage_source, "response")
 
 
 class RequestModelTests(SynchronousTestCase):
@@ -425,8 +459,8 @@ class BoundedDecodingTests(SynchronousTestCase):
     """Compressed bodies are read up to a budget per call and, for streams, per wire chunk."""
 
     def reader(self, encoding: str, limit: int = LIMIT, ctype: bytes = b"text/event-stream") -> tuple[Any, list[int]]:
-        headers = Headers({b"content-type": [ctype], b"content-encoding": [encoding.encode()]})
-        reader: Any = readerFor("openai", 200, headers, b"/v1/chat/completions", limit)
+        headers = {b"content-type": ctype, b"content-encoding": encoding.encode()}
+        reader: Any = readerFor("openai", 200, headers.get, b"/v1/chat/completions", limit)
         scanned: list[int] = []
         take = reader._take
 
@@ -494,8 +528,8 @@ class EventStreamFrameTests(SynchronousTestCase):
 
         prelude = struct.pack(">II", 20 * 1024 * 1024, 0)
         frame = prelude + struct.pack(">I", zlib.crc32(prelude))
-        headers = Headers({b"content-type": [b"application/vnd.amazon.eventstream"]})
-        reader: Any = readerFor("bedrock", 200, headers, b"/model/m/converse-stream", 1024 * 1024)
+        headers = {b"content-type": b"application/vnd.amazon.eventstream"}
+        reader: Any = readerFor("bedrock", 200, headers.get, b"/model/m/converse-stream", 1024 * 1024)
         first = event("messageStart", b'{"role":"assistant"}')
         reader.feed(first + frame[:5])
         reader.feed(frame[5:])

@@ -112,11 +112,15 @@ class Relay:
             if values:
                 self.upstreamRequestId = values[0].decode("latin-1")
                 break
-        from lmgate.usage.readers import readerFor
+        from lmgate.usage import readerFor
 
-        reader = readerFor(
-            provider.format, response.code, response.headers, self._upstreamPath, self._gateway.captureLimit
-        )
+        headers = response.headers
+
+        def header(name: bytes) -> bytes | None:
+            values = headers.getRawHeaders(name)
+            return values[0] if values else None
+
+        reader = readerFor(provider.format, response.code, header, self._upstreamPath, self._gateway.captureLimit)
         self.reader = reader
         gateway = self._gateway
         tee = Tee(request, reader.feed, gateway.clock, gateway.idleTimeout, gateway.clientTimeout)

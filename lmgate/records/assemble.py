@@ -80,7 +80,7 @@ def recordFor(facts: CallFacts) -> UsageRecord:
     if model is None:
         model = facts.requestedModel
     if model is None and facts.format is not None and facts.upstreamPath:
-        from lmgate.usage.readers import requestModel
+        from lmgate.usage import requestModel
 
         try:
             model = requestModel(facts.format, facts.upstreamPath, facts.body)
