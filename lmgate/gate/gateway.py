@@ -140,19 +140,19 @@ class GatewayResource(Resource):
         @return: whether the body should be read (False: refused; True also
             while a step still decides: its answer is awaited once the body is in).
         """
-        if isHealth(uri):
+        if uri[:8] == b"/healthz" and isHealth(uri):
             request.gateDecision = _HEALTH  # type: ignore[attr-defined]
             return True
         context = self._admit(method, uri, request.requestHeaders)
         request.gateDecision = context  # type: ignore[attr-defined]
-        return context.verdict is None or isinstance(context.verdict, Deferred)
+        return not isinstance(context.verdict, Refusal)  # (Deferred is an ABC: slower to test)
 
     def _admit(self, method: bytes, uri: bytes, headers: Any) -> CallContext:
         """A request's context, its headers stage run (or still running: C{verdict} is a Deferred)."""
         gateway = self._gateway
         context = CallContext(method, uri, headers)
-        verdict = context.verdict = gateway.pipeline.admitHeaders(context)
-        if isinstance(verdict, Deferred):
+        verdict = context.verdict = runSteps(gateway.pipeline.atHeaders, context)
+        if verdict is not None and not isinstance(verdict, Refusal):
             gateway.admitting.add(context)  # a drain waits for it
             verdict.addBoth(self._headersDecided, context)
         return context
@@ -174,7 +174,7 @@ class GatewayResource(Resource):
             return self._health(request)
         call = ProxiedCall(request, self._gateway, context)
         verdict = context.verdict
-        if isinstance(verdict, Deferred):  # a headers step still decides: wait for it, then go on
+        if verdict is not None and not isinstance(verdict, Refusal):  # a headers step still decides: wait, then go on
             return call.wait(verdict.addCallback(self._afterHeaders, request, call, context).addCallback(call.answer))
         return self._afterHeaders(verdict, request, call, context)
 
@@ -191,10 +191,10 @@ class GatewayResource(Resource):
         bodyVerdict: Verdict = runSteps(steps, context) if steps else None
         if bodyVerdict is None:
             return self._send(request, call, context, producer)
-        if isinstance(bodyVerdict, Deferred):
-            bodyVerdict.addCallback(self._afterBody, request, call, context, producer)
-            return call.wait(bodyVerdict.addCallback(call.answer))
-        return self._refuse(request, call, bodyVerdict)
+        if isinstance(bodyVerdict, Refusal):
+            return self._refuse(request, call, bodyVerdict)
+        bodyVerdict.addCallback(self._afterBody, request, call, context, producer)
+        return call.wait(bodyVerdict.addCallback(call.answer))
 
     def _afterBody(
         self, verdict: Refusal | None, request: Request, call: ProxiedCall, context: CallContext, producer: IBodyProducer | None
