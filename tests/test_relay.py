@@ -438,10 +438,10 @@ class StreamingTests(TestCase):
             await _turn()
         await producers[0].paused
         for _ in range(500):  # the upstream may pause before the client's buffer fills: wait for the tee
-            if any(call._tee is not None and call._tee.paused for call in gate.gateway.active):
+            if any(_teePaused(call) for call in gate.gateway.active):
                 break
             await _turn()
-        self.assertTrue(any(call._tee is not None and call._tee.paused for call in gate.gateway.active))
+        self.assertTrue(any(_teePaused(call) for call in gate.gateway.active))
         upstreamGone = upstream.seen[0].request.notifyFinish()
         clock.advance(59)
         self.assertEqual(gate.sink.records, [])
@@ -486,6 +486,12 @@ class StreamingTests(TestCase):
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _teePaused(call: Any) -> bool:
+    """Whether a call's response body is held back (its tee paused by a full client buffer)."""
+    tee = call._relaying.tee if call._relaying is not None else None
+    return tee is not None and tee.paused
 
 
 def _turn() -> Deferred[None]:

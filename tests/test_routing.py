@@ -8,7 +8,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from lmgate.config import ProviderSettings
-from lmgate.gate.gateway import RouteError, splitTarget
+from lmgate.gate.routing import RouteError, splitTarget
 from lmgate.gate.providers import Provider
 
 

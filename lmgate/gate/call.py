@@ -1,50 +1,42 @@
 """
-One proxied call, from the routed request to its usage record.
+One proxied call's lifecycle, from the admitted request to its usage record.
 
-Every way a call can end (relayed, refused, upstream unreachable or silent,
-truncated, client gone, a bug) reaches L{ProxiedCall._recordOnce}, the one place
-that writes a record, so each call yields exactly one.
+The call starts when a routed request's body is in, may wait on admission
+steps, is relayed (L{lmgate.gate.relaying}) under a response timer, may lose its
+client or be aborted at shutdown, and ends. Every way a call can end (relayed,
+refused, upstream unreachable or silent, truncated, client gone, a bug) reaches
+L{ProxiedCall._recordOnce}, the one place that writes a record, so each call
+yields exactly one (assembled by L{lmgate.records.assemble.recordFor}).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
-from twisted.web.http import NO_BODY_CODES
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 
-from lmgate.relay.headers import copyEndToEndHeaders
-from lmgate.records.record import KeyEntry, Usage, UsageRecord
-from lmgate.relay.tee import Tee, UpstreamIdle
-from lmgate.relay.upstream import UpstreamHeadInvalid
+from lmgate.gate.relaying import REQUEST_ID_HEADER, Relay, abortClient, failureKind
+from lmgate.gate.shapes import errorResponse
+from lmgate.records.assemble import CallFacts, recordFor
+from lmgate.records.record import Usage
 
 if TYPE_CHECKING:
+    from lmgate.gate.admission import CallContext
     from lmgate.gate.gateway import Gateway
-    from lmgate.interfaces import IUsageReader
-    from lmgate.gate.providers import Provider
 
 log = Logger()
 
-REQUEST_ID_HEADER = b"x-lmgate-request-id"
+__all__ = ["REQUEST_ID_HEADER", "CLIENT_CLOSED_STATUS", "ProxiedCall", "newRequestId"]
+
 #: The record's status for a call whose client left before any response (nginx's convention).
 CLIENT_CLOSED_STATUS = 499
-
-_UNREACHABLE = (
-    error.ConnectError,  # refused, DNS, no route (ConnectionRefusedError and kin subclass it)
-    error.DNSLookupError,
-    error.SSLError,
-)
 
 
 #: Request ids need to be unique, not secret: a generator seeded from the OS
@@ -57,96 +49,33 @@ def newRequestId() -> str:
     return "%032x" % _ids.getrandbits(128)
 
 
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
-
-
-def isoTimestamp(seconds: float) -> str:
-    """ISO 8601 UTC with milliseconds (truncated), e.g. C{2026-11-23T02:49:14.123Z}."""
-    whole = math.floor(seconds)
-    micros = round((seconds - whole) * 1_000_000)
-    if micros >= 1_000_000:
-        whole, micros = whole + 1, micros - 1_000_000
-    if _second[0] != whole:
-        _second[:] = [whole, datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")]
-    return "%s.%03dZ" % (_second[1], micros // 1000)
-
-
-def _failureKind(reason: Failure) -> str:
-    """Name what went wrong before the upstream answered."""
-    if reason.check(error.TimeoutError):  # connecting took longer than timeouts.connect
-        return "upstream_timeout"
-    if reason.check(ResponseNeverReceived, ResponseFailed):
-        inner = getattr(reason.value, "reasons", [])
-        if any(r.check(UpstreamHeadInvalid) for r in inner):
-            return "upstream_malformed"
-        if any(r.check(error.SSLError) or _isTLSError(r) for r in inner):
-            return "upstream_unreachable"
-        return "upstream_reset"
-    if reason.check(*_UNREACHABLE) or _isTLSError(reason):
-        return "upstream_unreachable"
-    return "upstream_unreachable"
-
-
-def _isTLSError(reason: Failure) -> bool:
-    try:
-        from OpenSSL.SSL import Error as TLSError
-    except ImportError:  # pragma: no cover
-        return False
-    return reason.check(TLSError) is not None
-
-
 class ProxiedCall:
     """
-    Carries one request through refusal or relay, and records it once.
+    Carries one request through admission, refusal or relay, and records it once.
 
     @param request: the client's request.
-    @param gateway: the shared parts: key check, upstream, sink, clock, limits.
-    @param provider: the route, or L{None} when routing failed.
-    @param endpoint: the raw path as received, without the query string.
-    @param upstreamPath: the raw path after the prefix (what the provider sees).
+    @param gateway: the shared parts: upstream, sink, clock, limits.
+    @param context: what admission learnt of the call: its route (None when
+        routing failed), caller, body; read again when the call is recorded.
     """
 
-    def __init__(
-        self,
-        request: Request,
-        gateway: "Gateway",
-        provider: "Provider | None",
-        endpoint: bytes,
-        upstreamPath: bytes = b"",
-    ) -> None:
-        self._request, self._gateway, self._provider = request, gateway, provider
-        self._endpoint, self._upstreamPath = endpoint, upstreamPath
+    def __init__(self, request: Request, gateway: "Gateway", context: "CallContext") -> None:
+        self._request, self._gateway, self._context = request, gateway, context
         self._clock = gateway.clock
         self._startedAt = self._clock.seconds()
         self.requestId = newRequestId()
         self._clientGone = False
         self._recorded = False
+        self._admitting: Deferred[Any] | None = None
         self._pending: Deferred[IResponse] | None = None
-        self._tee: Tee | None = None
-        self._reader: IUsageReader | None = None
-        self._responseAt: float | None = None
+        self._relaying: Relay | None = None
         self._status = 0
-        self._upstreamRequestId: str | None = None
-        self._entry: KeyEntry | None = None
-        self._maskedKey: str | None = None
-        self._body: bytes | None = None
         self._responseTimer: IDelayedCall | None = None
         self._sentAt: float | None = None
         self._timedOut = False
-        self._requestBytes = 0
         self._answerBytes: int | None = None  # the body of LMGate's own answer (refusals, 502, 504)
         request.notifyFinish().addErrback(self._lostClient)  # first: called late, it never fires
         request.responseHeaders.setRawHeaders(REQUEST_ID_HEADER, [self.requestId.encode()])
-
-    # -- who is calling ------------------------------------------------------
-
-    def identify(self, maskedKey: str | None, entry: KeyEntry | None) -> None:
-        """Note the caller's masked key and allow-list entry for the record."""
-        self._maskedKey, self._entry = maskedKey, entry
-
-    def requestBody(self, body: bytes | None, size: int) -> None:
-        """Note the request body (when small enough to keep) and its size."""
-        self._body, self._requestBytes = body, size
 
     # -- answers of LMGate's own ---------------------------------------------
 
@@ -158,14 +87,8 @@ class ProxiedCall:
         @param errorName: the record's C{error}, when more precise than C{kind}.
         @return: the body, for C{render} to return.
         """
-        from lmgate.gate.providers import STATUS, genericErrorBody
-
-        if self._provider is not None:
-            status, headers, body = self._provider.errorResponse(kind, message)
-        else:
-            status, headers, body = STATUS[kind], [(b"content-type", b"application/json")], genericErrorBody(
-                kind, message
-            )
+        provider = self._context.provider
+        status, headers, body = errorResponse(provider.format if provider is not None else None, kind, message)
         self._request.setResponseCode(status)
         for name, value in headers:
             self._request.responseHeaders.setRawHeaders(name, [value])
@@ -175,10 +98,48 @@ class ProxiedCall:
         self._recordOnce(errorName or kind, None)
         return body
 
+    def answer(self, body: Any) -> None:
+        """
+        Finish what the call's continuation rendered after a wait (a refusal's
+        body; nothing for a relayed call, which finishes itself), unless the
+        client left meanwhile.
+        """
+        if body is NOT_DONE_YET or self._clientGone:
+            return
+        self._request.write(body)
+        self._request.finish()
+
+    # -- admission -------------------------------------------------------------
+
+    def wait(self, admitting: Deferred[Any]) -> Any:
+        """
+        Wait for admission steps that answered with a Deferred, whose callbacks
+        go on with the call. Meanwhile the call is in flight (a drain waits for
+        it); if the client leaves, or the drain time runs out, the wait is
+        cancelled and the call recorded as such.
+        """
+        self._admitting = admitting
+        self._gateway.active.add(self)
+        admitting.addErrback(self._notAdmitted)
+        admitting.addBoth(self._waited, admitting)
+        return NOT_DONE_YET
+
+    def _waited(self, result: object, admitting: Deferred[Any]) -> None:
+        if self._admitting is admitting:  # not yet waiting on a further stage
+            self._admitting = None
+
+    def _notAdmitted(self, reason: Failure) -> None:
+        if self._clientGone:  # the wait was cancelled: the client left
+            self._status = CLIENT_CLOSED_STATUS
+            self._recordOnce("client_disconnected", None)
+        elif not self._recorded:  # not aborted at shutdown (recorded already): a mistake
+            self._bug(reason)
+
     # -- the relay -------------------------------------------------------------
 
     def start(self, pending: Deferred[IResponse]) -> Any:
         """Relay the upstream's response when it comes."""
+        self._admitting = None  # admitted: a leaving client now cancels the upstream request
         self._pending = pending
         self._sentAt = self._clock.seconds()
         self._gateway.active.add(self)
@@ -194,32 +155,13 @@ class ProxiedCall:
         """
         self._recordOnce("shutdown", None)
         self._stopResponseTimer()
-        if self._pending is not None:
+        if self._admitting is not None:
+            self._admitting.cancel()
+        elif self._pending is not None:
             self._pending.cancel()
-        elif self._tee is not None:
-            self._tee.stop()
-        self._abortClient()
-
-    def _truncateClient(self) -> None:
-        """
-        End a response whose body is incomplete so the client can tell: when the
-        response is framed (chunked, or a Content-Length the body falls short of),
-        closing after what was relayed shows a truncated body; unframed, only an
-        abort tells the client the end is not clean.
-        """
-        request: Any = self._request
-        framed = request.chunked or request.responseHeaders.hasHeader(b"content-length")
-        channel: Any = request.channel
-        if framed and channel is not None and channel.transport is not None:
-            channel.transport.loseConnection()
-        else:
-            self._abortClient()
-
-    def _abortClient(self) -> None:
-        """Cut the client's connection, so an unfinished response never looks complete."""
-        channel: Any = self._request.channel
-        if channel is not None and channel.transport is not None:
-            channel.transport.abortConnection()
+        elif self._relaying is not None:
+            self._relaying.stop()
+        abortClient(self._request)
 
     def _responseTimedOut(self) -> None:
         self._responseTimer = None
@@ -234,10 +176,12 @@ class ProxiedCall:
 
     def _lostClient(self, reason: Failure) -> None:
         self._clientGone = True
-        if self._pending is not None:
+        if self._admitting is not None:
+            self._admitting.cancel()  # still admitting: the steps stop waiting, nothing is answered
+        elif self._pending is not None:
             self._pending.cancel()  # before the response arrives: abandons the upstream request
-        elif self._tee is not None:
-            self._tee.stop()  # mid-body: drop the upstream connection now
+        elif self._relaying is not None:
+            self._relaying.stop()  # mid-body: drop the upstream connection now
 
     def _noResponse(self, reason: Failure) -> None:
         self._pending = None
@@ -248,11 +192,12 @@ class ProxiedCall:
             return
         if self._recorded:  # aborted at shutdown
             return
-        kind = "upstream_timeout" if self._timedOut else _failureKind(reason)
+        kind = "upstream_timeout" if self._timedOut else failureKind(reason)
+        provider = self._context.provider
         self._gateway.rateLog.info(
             "upstream failures",
             "{provider}: no response from upstream ({kind}): {why}",
-            provider=self._provider.name if self._provider else "-",
+            provider=provider.name if provider else "-",
             kind=kind,
             why=reason.getErrorMessage(),
         )
@@ -270,44 +215,18 @@ class ProxiedCall:
     def _relay(self, response: IResponse) -> Deferred[None] | None:
         self._pending = None  # cancelling now would cancel the tee; a leaving client stops it instead
         self._stopResponseTimer()
-        self._responseAt = self._clock.seconds()
-        self._status = response.code
-        provider = self._provider
+        provider = self._context.provider
         assert provider is not None
-        request = self._request
-        request.setResponseCode(response.code, response.phrase)
-        copyEndToEndHeaders(response.headers, request.responseHeaders)
-        length = response.length
-        if (
-            length is not UNKNOWN_LENGTH
-            and response.code not in NO_BODY_CODES
-            and request.method != b"HEAD"
-        ):
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % length])
-        for name in provider.requestIdHeaders:
-            values = response.headers.getRawHeaders(name)
-            if values:
-                self._upstreamRequestId = values[0].decode("latin-1")
-                break
-        from lmgate.usage import readerFor
-
-        headers = response.headers
-
-        def header(name: bytes) -> bytes | None:
-            values = headers.getRawHeaders(name)
-            return values[0] if values else None
-
-        reader = readerFor(provider.format, response.code, header, self._upstreamPath, self._gateway.captureLimit)
-        self._reader = reader
-        tee = Tee(request, reader.feed, self._clock, self._gateway.idleTimeout, self._gateway.clientTimeout)
-        self._tee = tee
-        response.deliverBody(tee)
-        return tee.done.addBoth(self._bodyEnded)
+        relaying = self._relaying = Relay(self._request, self._gateway, provider, self._context.rest)
+        self._status = response.code
+        return relaying.relay(response).addBoth(self._bodyEnded)
 
     def _bodyEnded(self, result: Failure | None) -> None:
         if self._recorded:  # aborted at shutdown: recorded, and the client is already cut
             return
-        if self._tee is not None and self._tee.clientStalled:
+        relaying = self._relaying
+        assert relaying is not None
+        if relaying.clientStalled:
             self._recordOnce("client_timeout", result)
         elif self._clientGone:
             self._recordOnce("client_disconnected", result)
@@ -315,20 +234,18 @@ class ProxiedCall:
             self._request.finish()
             self._recordOnce(None, None)
         else:
-            kind = "upstream_timeout" if result.check(UpstreamIdle) else "upstream_reset"
+            kind = relaying.brokenKind(result)
+            provider = self._context.provider
             self._gateway.rateLog.info(
                 "upstream failures",
                 "{provider}: upstream body ended early ({kind}): {why}",
-                provider=self._provider.name if self._provider else "-",
+                provider=provider.name if provider else "-",
                 kind=kind,
                 why=result.getErrorMessage(),
             )
             if not self._request.startedWriting:
                 # Not a byte has reached the client: it can still get a proper error.
-                headers = self._request.responseHeaders
-                for name, _ in list(headers.getAllRawHeaders()):
-                    if name.lower() != REQUEST_ID_HEADER:
-                        headers.removeHeader(name)
+                relaying.clearHead()
                 if kind == "upstream_timeout":
                     body = self.refuse(kind, "The upstream stopped sending its response.")
                 else:
@@ -337,17 +254,17 @@ class ProxiedCall:
                 self._request.finish()
                 return
             self._recordOnce(kind, result)
-            self._truncateClient()
+            relaying.truncate()
 
     def _bug(self, reason: Failure) -> None:
-        log.failure("Relaying {endpoint!r} failed", reason, endpoint=self._endpoint)
+        log.failure("Relaying {endpoint!r} failed", reason, endpoint=self._context.endpoint)
         if not self._recorded:
             self._status = self._status or 500
             self._recordOnce("internal_error", reason)
         if not self._clientGone:
-            self._abortClient()
+            abortClient(self._request)
 
-    # -- the record ------------------------------------------------------------
+    # -- the ending ------------------------------------------------------------
 
     def _recordOnce(self, errorKind: str | None, failure: Failure | None) -> None:
         if self._recorded:
@@ -356,58 +273,44 @@ class ProxiedCall:
         self._gateway.active.discard(self)
         now = self._clock.seconds()
         usage = Usage()
-        if self._reader is not None:
+        relaying = self._relaying
+        reader = relaying.reader if relaying is not None else None
+        if reader is not None:
             try:
-                usage = self._reader.finish()
+                usage = reader.finish()
             except Exception:  # readers promise not to raise; a record is still owed
                 log.failure("Usage reader failed")
-        provider = self._provider
-        model = usage.model
-        if model is None and provider is not None and self._upstreamPath:
-            from lmgate.usage import requestModel
-
-            try:
-                model = requestModel(provider.format, self._upstreamPath, self._body)
-            except Exception:
-                log.failure("Reading the request's model failed")
-        prices = self._gateway.prices
-        cost = None
-        if prices is not None:
-            cost = prices.cost(model, usage.input_tokens, usage.output_tokens, usage.cached_tokens, usage.cache_write_tokens)
-        if self._sentAt is not None and self._gateway.observeOverhead is not None:
-            self._gateway.observeOverhead(self._sentAt - self._startedAt)
-        if errorKind is None and usage.providerError is not None:
-            errorKind = f"provider_error:{usage.providerError}"
-        entry = self._entry
+        gateway = self._gateway
+        if self._sentAt is not None and gateway.observeOverhead is not None:
+            gateway.observeOverhead(self._sentAt - self._startedAt)
+        context = self._context
+        provider = context.provider
         client = self._request.getClientAddress()
-        record = UsageRecord(
-            timestamp=isoTimestamp(self._startedAt),
-            request_id=self.requestId,
-            lmgate_id=entry.id if entry else None,
-            owner=entry.owner if entry else None,
-            key=self._maskedKey,
-            provider=provider.name if provider else None,
-            method=self._request.method.decode("latin-1"),
-            endpoint=self._endpoint.decode("latin-1"),
-            model=model,
-            status=self._status,
-            streaming=usage.streaming,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cached_tokens=usage.cached_tokens,
-            cache_write_tokens=usage.cache_write_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            total_tokens=usage.total_tokens,
-            usage_source=usage.usage_source,
-            latency_ms=round((now - self._startedAt) * 1000, 3),
-            ttfb_ms=None if self._responseAt is None else round((self._responseAt - self._startedAt) * 1000, 3),
-            request_bytes=self._requestBytes,
-            response_bytes=(
-                self._answerBytes if self._answerBytes is not None else self._tee.bytesRelayed if self._tee else 0
-            ),
-            upstream_request_id=self._upstreamRequestId,
-            client=getattr(client, "host", None),
-            error=errorKind,
-            cost_usd=cost,
+        record = recordFor(
+            CallFacts(
+                requestId=self.requestId,
+                startedAt=self._startedAt,
+                endedAt=now,
+                responseAt=relaying.responseAt if relaying is not None else None,
+                method=self._request.method,
+                endpoint=context.endpoint,
+                provider=provider.name if provider else None,
+                format=provider.format if provider else None,
+                upstreamPath=context.rest,
+                entry=context.entry,
+                maskedKey=context.maskedKey,
+                body=context.body,
+                requestedModel=context.requestedModel,
+                status=self._status,
+                usage=usage,
+                requestBytes=context.bodySize,
+                responseBytes=(
+                    self._answerBytes if self._answerBytes is not None else relaying.bytesRelayed if relaying else 0
+                ),
+                upstreamRequestId=relaying.upstreamRequestId if relaying is not None else None,
+                client=getattr(client, "host", None),
+                error=errorKind,
+                prices=gateway.prices,
+            )
         )
-        self._gateway.sink.write(record)
+        gateway.sink.write(record)

@@ -16,7 +16,6 @@ is answered at once, without C{100 Continue}, and its body is never read.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -57,14 +56,6 @@ class Limits:
             return self.routeMaxBody.get(name, self.maxBody)
         return self.maxBody
 
-
-_REASONS = {
-    400: b"Bad Request",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    431: b"Request Header Fields Too Large",
-}
-_TYPES = {400: "bad_request", 408: "request_timeout", 413: "request_too_large", 431: "headers_too_large"}
 
 #: After answering a request refused at headers-complete: how long the connection
 #: stays half-open, discarding what the client still sends, so that closing it does
@@ -319,17 +310,19 @@ class GatewayChannel(InspectableHTTPChannel):
         self._refused = True
         self._cancelHeaderDeadline()
         self.setTimeout(None)
-        body = json.dumps({"error": {"type": _TYPES[status], "message": message}}).encode()
+        from lmgate.gate.shapes import channelRefusal
+
+        kind, phrase, body = channelRefusal(status, message)
         site = getattr(self, "site", None)
         if site is not None and hasattr(site, "clientRefused"):
             try:
-                site.clientRefused(self, status, reason or _TYPES[status], message, len(body))
+                site.clientRefused(self, status, reason or kind, message, len(body))
             except Exception:
                 log.failure("Accounting for a refused request failed")
         if self.transport is not None:
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                b"Connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
+                b"Connection: close\r\n\r\n%s" % (status, phrase, len(body), body)
             )
             self.loseConnection()
             if self.abortTimeout is not None and not self.abortScheduled():

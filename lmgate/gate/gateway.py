@@ -1,11 +1,10 @@
 """
-The HTTP face of the gateway: the site, path-prefix routing and the key check.
+The HTTP face of the gateway: the shared parts, the root resource that admits
+and relays each call, and the site.
 
-Routing works on the raw request target, never on twisted.web's decoded
-C{postpath}: the bytes after the provider prefix go upstream exactly as the client
-sent them, appended to the provider's base URL, so nothing in a request can change
-the upstream's scheme, host or port, and dot segments (plain or encoded) that
-could climb out of the base path are refused.
+At a request's headers, the root resource runs the admission pipeline's first
+stage (L{lmgate.gate.steps}: route, authenticate); once its body is in, the
+second stage, then relays the call (L{lmgate.gate.call.ProxiedCall}).
 """
 
 from __future__ import annotations
@@ -13,26 +12,28 @@ from __future__ import annotations
 import io
 import re
 from typing import Any, Mapping
-from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
 from twisted.web.http import datetimeToLogString
 from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from lmgate.gate.admission import CallContext, Refusal, Verdict, runSteps
 from lmgate.gate.call import ProxiedCall
 from lmgate.gate.channel import GatewayChannel, GatewayRequest, Limits
+from lmgate.gate.routing import isHealth
+from lmgate.gate.steps import SHUTTING_DOWN, defaultPipeline
 from lmgate.relay.twistedprivate import accessLogEscape
 from lmgate.relay.headers import upstreamRequestHeaders
 from lmgate.interfaces import IKeyCheck, IUsageSink
 from lmgate.gate.providers import Provider
 from lmgate.ops.ratelog import RateLimitedLog
-from lmgate.records.record import KeyEntry
 from lmgate.relay.upstream import BytesProducer, Upstream
 
 log = Logger()
@@ -41,71 +42,13 @@ log = Logger()
 #: reading the model from them; larger ones stream from twisted.web's spool file.
 KEEP_BODY_LIMIT = 1024 * 1024
 
-HEALTH = b"healthz"
-
-_PLAIN = re.compile(rb"^[\x21-\x7e]*$")
-_ENCODED_DOT_OR_SLASH = re.compile(rb"%(2e|2f|5c)", re.IGNORECASE)
-
-SIGV4_MESSAGE = (
-    "AWS SigV4-signed requests cannot be relayed: the signature covers the host and path, "
-    "which are the gateway's, not AWS's. Use a Bedrock API key (AWS_BEARER_TOKEN_BEDROCK), "
-    "which LMGate relays untouched."
-)
-NO_KEY_MESSAGE = "No API key was sent; this gateway admits allow-listed keys only."
-UNKNOWN_KEY_MESSAGE = "The API key is not authorised to use this gateway."
-
-
-class RouteError(Exception):
-    """A request target that LMGate will not relay."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind, self.message = kind, message
-
-
-def splitTarget(uri: bytes) -> tuple[bytes, bytes, bytes | None]:
-    """
-    Split a raw request target into the provider name, the rest of the path and
-    the raw query string.
-
-    @return: C{(name, rest, query)}: C{rest} is empty or starts with C{/};
-        C{query} is L{None} when the target has no C{?}.
-    @raise RouteError: the target is not a plain origin-form path, or its rest
-        could climb out of the upstream's base path.
-    """
-    if not uri.startswith(b"/") or uri.startswith(b"//"):
-        raise RouteError("bad_request", "The request target must be an absolute path (origin-form).")
-    path, sep, query = uri.partition(b"?")
-    if not _PLAIN.match(uri) or b"#" in uri or b"\\" in path:
-        raise RouteError("bad_request", "The request target has characters that are not allowed.")
-    name, slash, tail = path[1:].partition(b"/")
-    rest = slash + tail
-    if rest:
-        _checkRest(rest)
-    return name, rest, (query if sep else None)
-
-
-def _checkRest(rest: bytes) -> None:
-    """Refuse dot segments, plain or percent-encoded, and encoded control bytes."""
-    if b"." in rest:
-        for segment in rest.split(b"/"):
-            if segment == b"." or segment == b"..":
-                raise RouteError("bad_request", "The path must not contain '.' or '..' segments.")
-    if b"%" in rest:
-        decoded = unquote_to_bytes(rest)
-        for segment in decoded.replace(b"\\", b"/").split(b"/"):
-            if segment == b"." or segment == b"..":
-                raise RouteError("bad_request", "The path must not contain encoded '.' or '..' segments.")
-        if any(byte < 0x20 or byte == 0x7F for byte in decoded):
-            raise RouteError("bad_request", "The path must not contain encoded control characters.")
-        if _ENCODED_DOT_OR_SLASH.search(decoded):
-            raise RouteError("bad_request", "The path must not contain double-encoded '.', '/' or '\\'.")
-
 
 class Gateway:
     """
-    The parts every call shares: routes, key check, relay, record sink, clock,
-    and the limits that shape a call.
+    The parts every call shares: routes, key check, admission pipeline, relay,
+    record sink, clock, and the limits that shape a call.
+
+    @ivar pipeline: the admission steps (L{lmgate.gate.steps.defaultPipeline}).
     """
 
     def __init__(
@@ -131,72 +74,56 @@ class Gateway:
         #: Called with the seconds LMGate spent on a call before sending it upstream.
         self.observeOverhead: Any = None
         self.rateLog = RateLimitedLog(log, clock)
-        #: Calls relayed and not yet recorded.
+        #: Calls started (admitted or being admitted, and relayed) and not yet recorded.
         self.active: set[ProxiedCall] = set()
+        #: Requests whose headers stage waits on a step while their body arrives (not calls yet).
+        self.admitting: set[CallContext] = set()
         #: Shutting down: calls that arrive now are refused (503, recorded as C{shutdown}).
         self.draining = False
+        self.pipeline = defaultPipeline(self)
 
     def drain(self, timeout: float) -> Deferred[None]:
         """
-        Wait for the calls in flight to end, at most C{timeout} seconds; then
-        abort the rest (each still gets its record).
+        Wait for the calls in flight (and those still being admitted) to end, at
+        most C{timeout} seconds; then abort the rest (each call still gets its record).
         """
         self.draining = True
         done: Deferred[None] = Deferred()
         deadline = self.clock.seconds() + timeout
 
         def check() -> None:
-            if not self.active:
+            if not self.active and not self.admitting:
                 done.callback(None)
             elif self.clock.seconds() >= deadline:
-                count = len(self.active)
+                count = len(self.active) + len(self.admitting)
                 log.warn("Drain time is up: aborting {count} calls in flight", count=count)
                 for call in list(self.active):
                     call.abort()
+                for context in list(self.admitting):
+                    verdict = context.verdict
+                    if isinstance(verdict, Deferred):
+                        verdict.cancel()  # refused as shutting down, if its body ever arrives
+                        verdict.addErrback(lambda reason: None)  # no call waits on it to learn why
+                self.admitting.clear()
                 done.callback(None)
             else:
                 self.clock.callLater(min(0.1, max(0.0, deadline - self.clock.seconds())), check)
 
-        if self.active:
-            log.info("Draining {count} calls in flight (at most {timeout}s)", count=len(self.active), timeout=timeout)
+        if self.active or self.admitting:
+            count = len(self.active) + len(self.admitting)
+            log.info("Draining {count} calls in flight (at most {timeout}s)", count=count, timeout=timeout)
         check()
         return done
 
 
-class Decision:
-    """
-    What routing and the key check made of a request's head: the route, the
-    caller, and a refusal (C{kind}, message, record error) or None to relay.
-    Made once per request, when its headers are complete (L{GatewayResource.admitHeaders}),
-    and used by C{render} once the body is in.
-    """
-
-    __slots__ = ("provider", "endpoint", "rest", "query", "maskedKey", "entry", "refusal")
-
-    def __init__(
-        self,
-        provider: Provider | None,
-        endpoint: bytes,
-        rest: bytes = b"",
-        query: bytes | None = None,
-        refusal: tuple[str, str, str | None] | None = None,
-        maskedKey: str | None = None,
-        entry: KeyEntry | None = None,
-    ) -> None:
-        self.provider, self.endpoint, self.rest, self.query = provider, endpoint, rest, query
-        self.refusal, self.maskedKey, self.entry = refusal, maskedKey, entry
-
-
-_SHUTTING_DOWN = ("shutting_down", "The gateway is shutting down; retry on a new connection.", "shutdown")
-
-#: The decision for C{/healthz}.
-_HEALTH = Decision(None, b"/" + HEALTH)
+#: What L{GatewayResource.admitHeaders} notes for C{/healthz}.
+_HEALTH = object()
 
 
 class GatewayResource(Resource):
     """
-    The root resource: answers C{/healthz}, routes C{/<provider>/...}, refuses
-    what it must, and relays the rest.
+    The root resource: answers C{/healthz}, admits every other request through
+    the gateway's pipeline, refuses what a step refuses, and relays the rest.
     """
 
     isLeaf = True
@@ -208,83 +135,102 @@ class GatewayResource(Resource):
     def admitHeaders(self, request: Request, method: bytes, uri: bytes) -> bool:
         """
         Called by L{GatewayChannel} when a request's headers are complete, before
-        its body is read: decide route, key and shutdown now, so that a refused
-        request is answered at once and its body never read.
+        its body is read: run the pipeline's headers stage (route, key, shutdown)
+        now, so that a refused request is answered at once and its body never read.
 
-        @return: whether the body should be read (False: refused).
+        @return: whether the body should be read (False: refused; True also
+            while a step still decides: its answer is awaited once the body is in).
         """
-        decision = self.decide(method, uri, request.requestHeaders)
-        request.gateDecision = decision  # type: ignore[attr-defined]
-        return decision.refusal is None
+        if uri[:8] == b"/healthz" and isHealth(uri):
+            request.gateDecision = _HEALTH  # type: ignore[attr-defined]
+            return True
+        context = self._admit(method, uri, request.requestHeaders)
+        request.gateDecision = context  # type: ignore[attr-defined]
+        return not isinstance(context.verdict, Refusal)  # (Deferred is an ABC: slower to test)
 
-    def decide(self, method: bytes, uri: bytes, headers: Any) -> Decision:
-        """Route a request target and check its credential: the L{Decision}."""
+    def _admit(self, method: bytes, uri: bytes, headers: Any) -> CallContext:
+        """A request's context, its headers stage run (or still running: C{verdict} is a Deferred)."""
         gateway = self._gateway
-        try:
-            name, rest, query = splitTarget(uri)
-        except RouteError as e:
-            return Decision(None, uri.partition(b"?")[0], refusal=(e.kind, e.message, None))
-        if name == HEALTH and not rest:
-            return _HEALTH
-        endpoint = uri.partition(b"?")[0]
-        provider = gateway.providers.get(name)
-        if provider is None:
-            return Decision(None, endpoint, refusal=("not_found", "No provider is configured for this path.", None))
-        if gateway.draining:
-            return Decision(provider, endpoint, rest, query, _SHUTTING_DOWN)
-        from lmgate.access.credentials import CredentialError, extractCredential, maskKey
+        context = CallContext(method, uri, headers)
+        verdict = context.verdict = runSteps(gateway.pipeline.atHeaders, context)
+        if verdict is not None and not isinstance(verdict, Refusal):
+            gateway.admitting.add(context)  # a drain waits for it
+            verdict.addBoth(self._headersDecided, context)
+        return context
 
-        try:
-            credential = extractCredential(headers, query or b"")
-        except CredentialError as e:
-            return Decision(provider, endpoint, rest, query, ("forbidden", str(e), None))
-        if credential is None:
-            return Decision(provider, endpoint, rest, query, ("forbidden", NO_KEY_MESSAGE, None))
-        entry: KeyEntry | None = gateway.keyCheck.lookup(credential.key)
-        masked = maskKey(credential.key)
-        if credential.kind == "sigv4":
-            return Decision(provider, endpoint, rest, query, ("forbidden", SIGV4_MESSAGE, None), masked, entry)
-        if entry is None:
-            return Decision(provider, endpoint, rest, query, ("forbidden", UNKNOWN_KEY_MESSAGE, None), masked, entry)
-        if method == b"CONNECT":
-            return Decision(provider, endpoint, rest, query, ("bad_request", "CONNECT is not relayed.", None), masked, entry)
-        return Decision(provider, endpoint, rest, query, None, masked, entry)
+    def _headersDecided(self, result: Refusal | None | Failure, context: CallContext) -> Refusal | None | Failure:
+        self._gateway.admitting.discard(context)
+        # Cancelled (the drain's time ran out, or the call's client left): a body
+        # arriving later is refused as at shutdown; the call, if any, learns why.
+        context.verdict = SHUTTING_DOWN if isinstance(result, Failure) else result
+        return result
 
     def render(self, request: Request) -> Any:
-        gateway = self._gateway
-        decision: Decision | None = getattr(request, "gateDecision", None)
-        if decision is None:  # not through GatewayChannel: decide now
-            decision = self.decide(request.method, request.uri, request.requestHeaders)
-        if decision is _HEALTH:
+        context: Any = getattr(request, "gateDecision", None)
+        if context is None:  # not through GatewayChannel: admit now
+            if isHealth(request.uri):
+                return self._health(request)
+            context = self._admit(request.method, request.uri, request.requestHeaders)
+        elif context is _HEALTH:
             return self._health(request)
-        provider = decision.provider
-        call = ProxiedCall(request, gateway, provider, decision.endpoint, decision.rest)
-        call.identify(decision.maskedKey, decision.entry)
-        refusal = decision.refusal
-        if refusal is None and gateway.draining:  # the shutdown began while the body arrived
-            refusal = _SHUTTING_DOWN
-        if refusal is not None:
-            kind, message, errorName = refusal
-            if refusal is _SHUTTING_DOWN:
-                # A request on a connection opened before the shutdown: its client learns
-                # at once (503, Connection: close) and may retry elsewhere; the call is recorded.
-                request.setHeader(b"connection", b"close")
-                channel: Any = request.channel
-                if channel is not None:
-                    channel.persistent = False  # closed once this answer is written
-            self._receivedBody(request, call)
-            return call.refuse(kind, message, errorName)
+        call = ProxiedCall(request, self._gateway, context)
+        verdict = context.verdict
+        if verdict is not None and not isinstance(verdict, Refusal):  # a headers step still decides: wait, then go on
+            return call.wait(verdict.addCallback(self._afterHeaders, request, call, context).addCallback(call.answer))
+        return self._afterHeaders(verdict, request, call, context)
+
+    def _afterHeaders(self, verdict: Refusal | None, request: Request, call: ProxiedCall, context: CallContext) -> Any:
+        """The headers stage answered and the body is in: refuse, or run the body stage."""
+        gateway = self._gateway
+        if verdict is None and gateway.draining:  # the shutdown began while the body arrived
+            verdict = SHUTTING_DOWN
+        if verdict is not None:
+            self._receivedBody(request, context)
+            return self._refuse(request, call, verdict)
+        producer = self._body(request, context)
+        steps = gateway.pipeline.atBody
+        bodyVerdict: Verdict = runSteps(steps, context) if steps else None
+        if bodyVerdict is None:
+            return self._send(request, call, context, producer)
+        if isinstance(bodyVerdict, Refusal):
+            return self._refuse(request, call, bodyVerdict)
+        bodyVerdict.addCallback(self._afterBody, request, call, context, producer)
+        return call.wait(bodyVerdict.addCallback(call.answer))
+
+    def _afterBody(
+        self, verdict: Refusal | None, request: Request, call: ProxiedCall, context: CallContext, producer: IBodyProducer | None
+    ) -> Any:
+        """A body step that waited has answered: refuse, or relay."""
+        if verdict is not None:
+            return self._refuse(request, call, verdict)
+        return self._send(request, call, context, producer)
+
+    def _send(self, request: Request, call: ProxiedCall, context: CallContext, producer: IBodyProducer | None) -> Any:
+        """Relay the admitted call."""
+        provider = context.provider
         assert provider is not None
-        producer = self._body(request, call)
-        pending = gateway.upstream.send(
+        pending = self._gateway.upstream.send(
             request.method,
-            provider.upstreamURL(decision.rest, decision.query),
+            provider.upstreamURL(context.rest, context.query),
             upstreamRequestHeaders(request.requestHeaders),
             producer,
         )
         return call.start(pending)
 
-    def _receivedBody(self, request: Request, call: ProxiedCall) -> None:
+    def _refuse(self, request: Request, call: ProxiedCall, refusal: Refusal) -> bytes:
+        """Answer a refusal in the provider's shape, with its extra headers; the call records it."""
+        if refusal.kind == "shutting_down":
+            # A request on a connection opened before the shutdown: its client learns
+            # at once (503, Connection: close) and may retry elsewhere; the call is recorded.
+            request.setHeader(b"connection", b"close")
+            channel: Any = request.channel
+            if channel is not None:
+                channel.persistent = False  # closed once this answer is written
+        for name, value in refusal.headers:
+            request.responseHeaders.setRawHeaders(name, [value])
+        return call.refuse(refusal.kind, refusal.message, refusal.errorName)
+
+    def _receivedBody(self, request: Request, context: CallContext) -> None:
         """
         Note on a refused call what LMGate received of the body (all of it, or,
         refused at headers-complete, what came with the headers), for its record.
@@ -295,25 +241,25 @@ class GatewayResource(Resource):
         content.seek(0, io.SEEK_END)
         size = content.tell()
         content.seek(0)
-        call.requestBody(content.read() if size <= KEEP_BODY_LIMIT else None, size)
+        context.body, context.bodySize = (content.read() if size <= KEEP_BODY_LIMIT else None), size
 
-    def _body(self, request: Request, call: ProxiedCall) -> IBodyProducer | None:
-        """The request body as a producer, noted on the call for its record."""
+    def _body(self, request: Request, context: CallContext) -> IBodyProducer | None:
+        """The request body as a producer, noted on the call's context."""
         content = request.content
         if content is None:
             return None
         if isinstance(content, io.BytesIO):
             data = content.getvalue()
-            call.requestBody(data, len(data))
+            context.body, context.bodySize = data, len(data)
             return BytesProducer(data) if data else None
         content.seek(0, io.SEEK_END)
         size = content.tell()
         content.seek(0)
         if size <= KEEP_BODY_LIMIT:
             data = content.read()
-            call.requestBody(data, size)
+            context.body, context.bodySize = data, size
             return BytesProducer(data) if data else None
-        call.requestBody(None, size)
+        context.body, context.bodySize = None, size
         if self._gateway.cooperator is not None:
             return FileBodyProducer(content, cooperator=self._gateway.cooperator)
         return FileBodyProducer(content)

@@ -1,6 +1,6 @@
 """
-What the gateway knows about each route: where it goes, how its responses are
-read, and how its errors look.
+What the gateway knows about each route: where it goes and how its responses
+are read (how its errors look: L{lmgate.gate.shapes}).
 
 A L{Provider} is built once per configured route at start-up, so the relay's
 per-call work is an append of the raw path to bytes prepared here.
@@ -8,56 +8,10 @@ per-call work is an append of the raw path to bytes prepared here.
 
 from __future__ import annotations
 
-import json
 from typing import Mapping
 from urllib.parse import urlsplit
 
 from lmgate.config import ProviderSettings
-
-#: Error kinds LMGate itself answers with, and the HTTP status of each.
-STATUS = {
-    "bad_request": 400,
-    "forbidden": 403,
-    "not_found": 404,
-    "upstream_unreachable": 502,
-    "shutting_down": 503,
-    "upstream_timeout": 504,
-}
-
-# Each provider family names its errors its own way; these are the names its SDK
-# turns into the matching exception class.
-_OPENAI_TYPES = {
-    "bad_request": ("invalid_request_error", None),
-    "forbidden": ("invalid_request_error", "invalid_api_key"),
-    "not_found": ("invalid_request_error", "unknown_url"),
-    "upstream_unreachable": ("api_error", "upstream_unreachable"),
-    "shutting_down": ("api_error", "shutting_down"),
-    "upstream_timeout": ("api_error", "upstream_timeout"),
-}
-_ANTHROPIC_TYPES = {
-    "bad_request": "invalid_request_error",
-    "forbidden": "permission_error",
-    "not_found": "not_found_error",
-    "upstream_unreachable": "api_error",
-    "shutting_down": "overloaded_error",
-    "upstream_timeout": "timeout_error",
-}
-_GOOGLE_STATUS = {
-    "bad_request": "INVALID_ARGUMENT",
-    "forbidden": "PERMISSION_DENIED",
-    "not_found": "NOT_FOUND",
-    "upstream_unreachable": "UNAVAILABLE",
-    "shutting_down": "UNAVAILABLE",
-    "upstream_timeout": "DEADLINE_EXCEEDED",
-}
-_BEDROCK_TYPES = {
-    "bad_request": "ValidationException",
-    "forbidden": "AccessDeniedException",
-    "not_found": "ResourceNotFoundException",
-    "upstream_unreachable": "ServiceUnavailableException",
-    "shutting_down": "ServiceUnavailableException",
-    "upstream_timeout": "ModelTimeoutException",
-}
 
 #: Response headers that carry the provider's own id for a call, by format.
 _REQUEST_ID_HEADERS: Mapping[str, tuple[bytes, ...]] = {
@@ -67,13 +21,6 @@ _REQUEST_ID_HEADERS: Mapping[str, tuple[bytes, ...]] = {
     "bedrock": (b"x-amzn-requestid", b"x-amzn-request-id", b"x-amz-request-id"),
 }
 
-JSON_CONTENT_TYPE = b"application/json"
-
-
-def genericErrorBody(kind: str, message: str) -> bytes:
-    """The error shape for answers that belong to no provider (e.g. an unknown prefix)."""
-    return json.dumps({"error": {"type": kind, "message": message}}).encode()
-
 
 class Provider:
     """
@@ -81,7 +28,7 @@ class Provider:
 
     @ivar name: the path prefix and the record's C{provider}.
     @ivar format: how responses are read and errors shaped
-        (openai, anthropic, google, bedrock).
+        (openai, anthropic, google, bedrock; see L{lmgate.gate.shapes}).
     @ivar baseURL: the upstream URL, base path included, no trailing slash;
         the relayed request's raw path is appended to it.
     @ivar emptyRest: what stands for an empty rest of the path: C{/} when the
@@ -115,26 +62,3 @@ class Provider:
         if query is None:
             return self.baseURL + rest
         return self.baseURL + rest + b"?" + query
-
-    def errorResponse(self, kind: str, message: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """
-        An error LMGate answers itself, in this provider's own shape, so the
-        caller's SDK raises its usual exception with our message.
-
-        @param kind: a key of L{STATUS}.
-        @return: status, headers, body.
-        """
-        status = STATUS[kind]
-        headers = [(b"content-type", JSON_CONTENT_TYPE)]
-        body: object
-        if self.format == "anthropic":
-            body = {"type": "error", "error": {"type": _ANTHROPIC_TYPES[kind], "message": message}}
-        elif self.format == "google":
-            body = {"error": {"code": status, "message": message, "status": _GOOGLE_STATUS[kind]}}
-        elif self.format == "bedrock":
-            body = {"message": message}
-            headers.append((b"x-amzn-errortype", _BEDROCK_TYPES[kind].encode()))
-        else:
-            errorType, code = _OPENAI_TYPES[kind]
-            body = {"error": {"message": message, "type": errorType, "param": None, "code": code}}
-        return status, headers, json.dumps(body).encode()

@@ -1,0 +1,118 @@
+"""
+The error answers LMGate gives itself, in each provider family's own shape.
+
+A refused or failed call is answered so that the caller's SDK raises its usual
+exception, carrying LMGate's message: L{errorResponse} builds that answer for a
+route's format, L{genericErrorBody} for what belongs to no route (an unknown
+prefix), and L{channelRefusal} for the requests the channel refuses before they
+are routed (400, 408, 413, 431).
+"""
+
+from __future__ import annotations
+
+import json
+
+#: Error kinds LMGate itself answers with, and the HTTP status of each.
+STATUS = {
+    "bad_request": 400,
+    "forbidden": 403,
+    "not_found": 404,
+    "internal_error": 500,
+    "upstream_unreachable": 502,
+    "shutting_down": 503,
+    "upstream_timeout": 504,
+}
+
+# Each provider family names its errors its own way; these are the names its SDK
+# turns into the matching exception class.
+_OPENAI_TYPES = {
+    "bad_request": ("invalid_request_error", None),
+    "forbidden": ("invalid_request_error", "invalid_api_key"),
+    "not_found": ("invalid_request_error", "unknown_url"),
+    "internal_error": ("api_error", "internal_error"),
+    "upstream_unreachable": ("api_error", "upstream_unreachable"),
+    "shutting_down": ("api_error", "shutting_down"),
+    "upstream_timeout": ("api_error", "upstream_timeout"),
+}
+_ANTHROPIC_TYPES = {
+    "bad_request": "invalid_request_error",
+    "forbidden": "permission_error",
+    "not_found": "not_found_error",
+    "internal_error": "api_error",
+    "upstream_unreachable": "api_error",
+    "shutting_down": "overloaded_error",
+    "upstream_timeout": "timeout_error",
+}
+_GOOGLE_STATUS = {
+    "bad_request": "INVALID_ARGUMENT",
+    "forbidden": "PERMISSION_DENIED",
+    "not_found": "NOT_FOUND",
+    "internal_error": "INTERNAL",
+    "upstream_unreachable": "UNAVAILABLE",
+    "shutting_down": "UNAVAILABLE",
+    "upstream_timeout": "DEADLINE_EXCEEDED",
+}
+_BEDROCK_TYPES = {
+    "bad_request": "ValidationException",
+    "forbidden": "AccessDeniedException",
+    "not_found": "ResourceNotFoundException",
+    "internal_error": "InternalServerException",
+    "upstream_unreachable": "ServiceUnavailableException",
+    "shutting_down": "ServiceUnavailableException",
+    "upstream_timeout": "ModelTimeoutException",
+}
+
+JSON_CONTENT_TYPE = b"application/json"
+
+
+def genericErrorBody(kind: str, message: str) -> bytes:
+    """The error shape for answers that belong to no provider (e.g. an unknown prefix)."""
+    return json.dumps({"error": {"type": kind, "message": message}}).encode()
+
+
+def errorResponse(format: str | None, kind: str, message: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """
+    An error LMGate answers itself, in the shape of the route's provider
+    format (openai, anthropic, google, bedrock), or the generic shape when
+    there is no route (C{format} is None).
+
+    @param kind: a key of L{STATUS}.
+    @return: status, headers, body.
+    """
+    status = STATUS[kind]
+    headers = [(b"content-type", JSON_CONTENT_TYPE)]
+    body: object
+    if format is None:
+        return status, headers, genericErrorBody(kind, message)
+    if format == "anthropic":
+        body = {"type": "error", "error": {"type": _ANTHROPIC_TYPES[kind], "message": message}}
+    elif format == "google":
+        body = {"error": {"code": status, "message": message, "status": _GOOGLE_STATUS[kind]}}
+    elif format == "bedrock":
+        body = {"message": message}
+        headers.append((b"x-amzn-errortype", _BEDROCK_TYPES[kind].encode()))
+    else:
+        errorType, code = _OPENAI_TYPES[kind]
+        body = {"error": {"message": message, "type": errorType, "param": None, "code": code}}
+    return status, headers, json.dumps(body).encode()
+
+
+_CHANNEL_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+}
+_CHANNEL_TYPES = {400: "bad_request", 408: "request_timeout", 413: "request_too_large", 431: "headers_too_large"}
+
+
+def channelRefusal(status: int, message: str) -> tuple[str, bytes, bytes]:
+    """
+    The answer to a request the channel refuses before routing (400, 408, 413,
+    431): the generic shape, as no route is known yet.
+
+    @return: the error type (also the refusal's default name), the reason
+        phrase, the body.
+    """
+    kind = _CHANNEL_TYPES[status]
+    return kind, _CHANNEL_REASONS[status], genericErrorBody(kind, message)

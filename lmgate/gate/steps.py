@@ -1,0 +1,122 @@
+"""
+The admission steps of every call, and L{defaultPipeline}: the one place they
+are listed, in order.
+
+The steps read the gateway's current routes and allow-list at each call (a
+reload replaces them on the L{lmgate.gate.gateway.Gateway}).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from zope.interface import implementer
+
+from lmgate.access.credentials import CredentialError, extractCredential, maskKey
+
+from lmgate.gate.admission import CallContext, IAdmissionStep, Pipeline, Refusal
+from lmgate.gate.routing import RouteError, splitTarget
+
+if TYPE_CHECKING:
+    from lmgate.gate.gateway import Gateway
+
+SIGV4_MESSAGE = (
+    "AWS SigV4-signed requests cannot be relayed: the signature covers the host and path, "
+    "which are the gateway's, not AWS's. Use a Bedrock API key (AWS_BEARER_TOKEN_BEDROCK), "
+    "which LMGate relays untouched."
+)
+NO_KEY_MESSAGE = "No API key was sent; this gateway admits allow-listed keys only."
+UNKNOWN_KEY_MESSAGE = "The API key is not authorised to use this gateway."
+
+#: The refusal of a call that arrives while the gateway shuts down: answered 503
+#: with C{Connection: close} (its client may retry elsewhere), recorded as C{shutdown}.
+SHUTTING_DOWN = Refusal("shutting_down", "The gateway is shutting down; retry on a new connection.", "shutdown")
+_NO_PROVIDER = Refusal("not_found", "No provider is configured for this path.")
+_NO_KEY = Refusal("forbidden", NO_KEY_MESSAGE)
+_SIGV4 = Refusal("forbidden", SIGV4_MESSAGE)
+_UNKNOWN_KEY = Refusal("forbidden", UNKNOWN_KEY_MESSAGE)
+_CONNECT = Refusal("bad_request", "CONNECT is not relayed.")
+
+
+@implementer(IAdmissionStep)
+class Route:
+    """
+    Find the call's provider by the target's first segment (fills C{endpoint},
+    C{provider}, C{rest}, C{query}); refuse a target LMGate will not relay (400)
+    or an unknown prefix (404).
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def admit(self, context: CallContext) -> Refusal | None:
+        uri = context.uri
+        context.endpoint = uri.partition(b"?")[0]
+        try:
+            name, rest, query = splitTarget(uri)
+        except RouteError as e:
+            return Refusal(e.kind, e.message)
+        provider = self._gateway.providers.get(name)
+        if provider is None:
+            return _NO_PROVIDER
+        context.provider, context.rest, context.query = provider, rest, query
+        return None
+
+
+@implementer(IAdmissionStep)
+class Draining:
+    """Refuse a call that arrives while the gateway shuts down (503, recorded as C{shutdown})."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def admit(self, context: CallContext) -> Refusal | None:
+        return SHUTTING_DOWN if self._gateway.draining else None
+
+
+@implementer(IAdmissionStep)
+class Authenticate:
+    """
+    Find the caller's credential and its allow-list entry (fills C{credential},
+    C{maskedKey}, C{entry}); refuse no key, an ambiguous or malformed one, a
+    SigV4 signature, or a key not on the allow-list (403).
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def admit(self, context: CallContext) -> Refusal | None:
+        try:
+            credential = extractCredential(context.headers, context.query or b"")
+        except CredentialError as e:
+            return Refusal("forbidden", str(e))
+        if credential is None:
+            return _NO_KEY
+        context.credential = credential
+        context.entry = self._gateway.keyCheck.lookup(credential.key)
+        context.maskedKey = maskKey(credential.key)
+        if credential.kind == "sigv4":
+            return _SIGV4
+        if context.entry is None:
+            return _UNKNOWN_KEY
+        return None
+
+
+@implementer(IAdmissionStep)
+class NoConnect:
+    """Refuse C{CONNECT}: LMGate relays requests, not tunnels (400)."""
+
+    def admit(self, context: CallContext) -> Refusal | None:
+        return _CONNECT if context.method == b"CONNECT" else None
+
+
+def defaultPipeline(gateway: Gateway) -> Pipeline:
+    """
+    The steps every call passes, in order. A new step is added here: to the
+    headers stage when it needs only the request's head (its refusal then
+    saves reading the body), to the body stage otherwise.
+    """
+    return Pipeline(
+        atHeaders=[Route(gateway), Draining(gateway), Authenticate(gateway), NoConnect()],
+        atBody=[],
+    )
