@@ -67,7 +67,9 @@ class Gateway:
         self.providers = {name.encode("ascii"): p for name, p in providers.items()}
         self.keyCheck, self.upstream, self.sink, self.clock = keyCheck, upstream, sink, clock
         self.captureLimit, self.responseTimeout, self.idleTimeout = captureLimit, responseTimeout, idleTimeout
-        self.cooperator = cooperator
+        #: Sends spooled request bodies upstream; scheduled on C{clock}, never on
+        #: Twisted's global cooperator (which runs on the global reactor).
+        self.cooperator = cooperator or Cooperator(scheduler=lambda work: clock.callLater(0, work))
         self.clientTimeout = clientTimeout
         #: The price table for C{cost_usd} (None: no costs).
         self.prices: Any = None
@@ -260,9 +262,7 @@ class GatewayResource(Resource):
             context.body, context.bodySize = data, size
             return BytesProducer(data) if data else None
         context.body, context.bodySize = None, size
-        if self._gateway.cooperator is not None:
-            return FileBodyProducer(content, cooperator=self._gateway.cooperator)
-        return FileBodyProducer(content)
+        return FileBodyProducer(content, cooperator=self._gateway.cooperator)
 
     def _health(self, request: Request) -> bytes:
         if request.method not in (b"GET", b"HEAD"):
