@@ -211,6 +211,22 @@ class RelayTests(TestCase):
         self.assertEqual(gate.upstream.seen, [])
 
 
+    async def test_spooledBodyByteForByte(self) -> None:
+        """A request body too large to keep in memory (twisted.web spools it to a
+        file) reaches the upstream whole and unchanged, sent by the gateway's own
+        cooperator; the record counts its bytes."""
+        from lmgate.gate.gateway import KEEP_BODY_LIMIT
+
+        upstream = FakeUpstream()
+        gate = startGateway(self, upstream)
+        body = b'{"model": "m", "input": "' + bytes(range(97, 123)) * ((KEEP_BODY_LIMIT * 3) // 26) + b'"}'
+        response, _, _ = await call(self, gate.url + CHAT, body=body)
+        self.assertEqual(response.code, 200)
+        self.assertEqual((len(upstream.seen[0].body), upstream.seen[0].body == body), (len(body), True))
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.request_bytes, record.model), (len(body), None))
+
+
 class FailureTests(TestCase):
     async def test_unreachable(self) -> None:
         """A refused connection is a 502 with a JSON body and an C{upstream_unreachable} record,
