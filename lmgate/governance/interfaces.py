@@ -1,3 +1,8 @@
+"""
+The interface every managed credential implements (a key from the environment
+or a file, Bedrock SigV4, Vertex OAuth), and the request it applies to.
+"""
+
 from typing import Union
 from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
