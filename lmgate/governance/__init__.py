@@ -1,0 +1,1 @@
+"""Governance: provider credentials held by LMGate, signing, aliases and policy."""
