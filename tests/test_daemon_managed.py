@@ -62,11 +62,9 @@ class ManagedDaemonTests(TestCase):
             ]
         ) + "\n"
 
-    async def post(self, path: str, body: bytes = CHAT, **headers: str) -> tuple[int, bytes]:
-        response = await treq.post(
-            f"http://127.0.0.1:{self.port}{path}", body, headers=headers or {"Authorization": f"Bearer {CLIENT_KEY}"},
-            persistent=False,
-        )
+    async def post(self, path: str, body: bytes = CHAT, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        sent: Any = headers or {"Authorization": f"Bearer {CLIENT_KEY}"}
+        response = await treq.post(f"http://127.0.0.1:{self.port}{path}", body, headers=sent, persistent=False)
         return response.code, await response.content()
 
     def assertNoProviderKeyWritten(self) -> None:
@@ -114,7 +112,7 @@ class ManagedDaemonTests(TestCase):
                 return b"Reloaded the configuration" in f.read()
 
         await waitFor(reloaded, "the reload")
-        code, body = await self.post("/openai/v1/chat/completions", **{"x-api-key": CLIENT_KEY})
+        code, body = await self.post("/openai/v1/chat/completions", headers={"x-api-key": CLIENT_KEY})
         self.assertEqual(code, 200, body)
         held[0].setHeader(b"content-type", b"application/json")
         held[0].write(b'{"id": "chatcmpl-1", "model": "gpt-4o-mini", "usage": {"prompt_tokens": 2, "completion_tokens": 1}}')
@@ -172,14 +170,14 @@ class ManagedDaemonTests(TestCase):
         self.assertTrue(body.startswith(b"data: "), body)
         self.assertIn(b"data: [DONE]", body)
         messages = b'{"model": "claude-sonnet-4", "max_tokens": 10, "stream": true, "messages": [{"role": "user", "content": "Hi"}]}'
-        code, body = await self.post("/anthropic/v1/messages", messages, **{"x-api-key": CLIENT_KEY})
+        code, body = await self.post("/anthropic/v1/messages", messages, headers={"x-api-key": CLIENT_KEY})
         self.assertEqual(code, 200, body)
         self.assertIn(b"event: message_stop", body)
         gemini = b'{"contents": [{"parts": [{"text": "Hi"}]}]}'
-        code, body = await self.post("/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=" + CLIENT_KEY, gemini, **{"x-ignored": "1"})
+        code, body = await self.post("/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=" + CLIENT_KEY, gemini, headers={"x-ignored": "1"})
         self.assertEqual(code, 200, body)
         self.assertTrue(body.startswith(b"data: "), body)
-        code, body = await self.post("/azure/openai/deployments/d/chat/completions?api-version=2024-10-21", **{"api-key": CLIENT_KEY})
+        code, body = await self.post("/azure/openai/deployments/d/chat/completions?api-version=2024-10-21", headers={"api-key": CLIENT_KEY})
         self.assertEqual(code, 200, body)
         self.assertEqual(await daemon.stop(), 0)
 
@@ -211,10 +209,10 @@ class ManagedDaemonTests(TestCase):
         daemon.env.pop("OPENAI_API_KEY", None)
         daemon.startDemo("--listen", f"tcp:{self.port}:interface=127.0.0.1")
         await daemon.waitUntilHealthy(self.port)
-        code, body = await self.post("/openai/v1/chat/completions", **{"Authorization": "Bearer lmgate-demo-key"})
+        code, body = await self.post("/openai/v1/chat/completions", headers={"Authorization": "Bearer lmgate-demo-key"})
         self.assertEqual(code, 200, body)
         messages = b'{"model": "claude-sonnet-4", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}'
-        code, body = await self.post("/anthropic/v1/messages", messages, **{"x-api-key": "lmgate-demo-key"})
+        code, body = await self.post("/anthropic/v1/messages", messages, headers={"x-api-key": "lmgate-demo-key"})
         self.assertEqual(code, 200, body)
         self.assertEqual(await daemon.stop(), 0)
         self.assertIn(b"providers.openai: OPENAI_API_KEY is missing", daemon.watch.output)

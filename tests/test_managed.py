@@ -116,7 +116,7 @@ class CredentialSettingsTests(SynchronousTestCase):
     def test_refusals(self) -> None:
         """Each wrong value is one line naming the key."""
         up = "https://api.openai.com"
-        cases = [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"openai": {"upstream": up, "credentials": "OPENAI_API_KEY"}},
              "providers.openai.credentials: must be a mapping (env, file, aws or google), got str"),
             ({"openai": {"upstream": up, "credentials": {}}}, "providers.openai.credentials: needs exactly one of env, file, aws, google"),
@@ -508,7 +508,7 @@ class ProviderCredentialsTests(SynchronousTestCase):
             route = service.authFor("openai")
             assert route is not None and route.credential is not None
             route.credential.apply(request)
-            return request.headers.getRawHeaders(b"authorization", [])
+            return list(request.headers.getRawHeaders(b"authorization", []))
 
         with open(path, "w") as f:
             f.write("key-two-bbbbbbbbbbbbb\n")
