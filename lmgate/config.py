@@ -51,16 +51,100 @@ _PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _RESERVED_NAMES = frozenset({"healthz"})
 
 
+#: What C{credentials.missing} may say: refuse to start, or serve the route from the stub.
+MISSING_POLICIES = ("refuse", "stub")
+
+
+@dataclass(frozen=True)
+class AwsCredentialSettings:
+    """
+    C{credentials.aws}: Bedrock requests signed with SigV4 by LMGate.
+
+    @ivar region: the signing region (default: from the upstream host
+        C{bedrock-runtime.<region>.amazonaws.com}).
+    @ivar profile: the shared-config profile to take credentials from, or None.
+    """
+
+    region: str
+    profile: str | None = None
+
+
+@dataclass(frozen=True)
+class GoogleCredentialSettings:
+    """
+    C{credentials.google}: Vertex AI OAuth access tokens fetched by LMGate.
+
+    @ivar serviceAccountFile: a service account's JSON key file, or None for
+        the application default credentials.
+    @ivar scopes: the OAuth scopes asked for (empty: the library's default).
+    """
+
+    serviceAccountFile: str | None = None
+    scopes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CredentialSettings:
+    """
+    C{providers.<name>.credentials}: the provider credential LMGate holds for a
+    managed route (the client's own credential is then never relayed).
+
+    Exactly one of C{env}, C{file}, C{aws}, C{google} is set.
+
+    @ivar env: the environment variable holding the key.
+    @ivar file: the file whose first line is the key (re-read on SIGHUP).
+    @ivar missing: C{refuse} (a missing key stops start-up) or C{stub} (the
+        route is served by the embedded stub upstream).
+    @ivar header: the request header the key goes in (C{env}/C{file} only).
+    @ivar scheme: the word before the key in that header (C{Bearer}), or None.
+    """
+
+    env: str | None = None
+    file: str | None = None
+    missing: str = "refuse"
+    header: str | None = None
+    scheme: str | None = None
+    aws: AwsCredentialSettings | None = None
+    google: GoogleCredentialSettings | None = None
+
+    @property
+    def kind(self) -> str:
+        """Which source: C{env}, C{file}, C{aws} or C{google}."""
+        for kind in ("env", "file", "aws", "google"):
+            if getattr(self, kind) is not None:
+                return kind
+        raise AssertionError("a credential with no source")  # the schema requires one
+
+    def __repr__(self) -> str:  # names where the key is, never the key: there is none here anyway
+        return f"<CredentialSettings {self.kind} missing={self.missing}>"
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """C{providers.<name>.health}: an active probe of the route's upstream."""
+
+    path: str
+    interval: float = 10.0
+
+
 @dataclass(frozen=True)
 class ProviderSettings:
     """
     One route: C{/<name>/...} is relayed to C{upstream} and read as C{format}.
+
+    @ivar credentials: the provider credential LMGate adds (a managed route),
+        or None (a pass-through route: the client's key is relayed).
+    @ivar openaiPath: the base path of the route's OpenAI-compatible API.
+    @ivar health: the route's active health probe, or None.
     """
 
     name: str
     upstream: str
     format: str
     maxBody: int | None = None
+    credentials: CredentialSettings | None = None
+    openaiPath: str = "/v1"
+    health: HealthSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -235,7 +319,156 @@ SCHEMA: Mapping[str, Any] = {
     },
 }
 
-PROVIDER_KEYS = ("upstream", "format", "max_body")
+PROVIDER_KEYS = ("upstream", "format", "max_body", "credentials", "openai_path", "health")
+CREDENTIAL_SOURCES = ("env", "file", "aws", "google")
+CREDENTIAL_KEYS = (*CREDENTIAL_SOURCES, "missing", "header", "scheme")
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_BEDROCK_HOST = re.compile(r"^bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com$")
+
+
+def defaultKeyHeader(name: str, fmt: str, upstream: str) -> tuple[str, str | None]:
+    """
+    Where a provider takes an API key by default: C{(header, scheme)}.
+    OpenAI and OpenAI-compatible APIs (and Bedrock API keys) take
+    C{Authorization: Bearer}; Azure OpenAI C{api-key}; Anthropic C{x-api-key};
+    the Gemini API and Vertex AI C{x-goog-api-key}.
+    """
+    host = (urlsplit(upstream).hostname or "").lower()
+    if fmt == "anthropic":
+        return "x-api-key", None
+    if fmt == "google":
+        return "x-goog-api-key", None
+    if fmt == "openai" and (name == "azure" or host.endswith(".openai.azure.com") or host.endswith(".cognitiveservices.azure.com")):
+        return "api-key", None
+    return "Authorization", "Bearer"
+
+
+def _credentials(source: str, key: str, name: str, fmt: str, upstream: str, raw: Any) -> CredentialSettings:
+    """Check C{providers.<name>.credentials}."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, key, f"must be a mapping (env, file, aws or google), got {_typeName(raw)}")
+    for unknown in sorted(set(raw) - set(CREDENTIAL_KEYS), key=str):
+        raise ConfigError(source, f"{key}.{unknown}", "unknown key")
+    given = [kind for kind in CREDENTIAL_SOURCES if kind in raw]
+    if len(given) != 1:
+        raise ConfigError(source, key, "needs exactly one of env, file, aws, google")
+    kind = given[0]
+    values: dict[str, Any] = {}
+    where = key
+    try:
+        if kind == "env":
+            where = f"{key}.env"
+            value = _text(raw["env"])
+            if not _ENV_NAME.match(value):
+                raise _Invalid(f"must be an environment variable's name, got {value!r}")
+            values["env"] = value
+        elif kind == "file":
+            where = f"{key}.file"
+            values["file"] = _text(raw["file"])
+        elif kind == "aws":
+            values["aws"] = _aws(source, f"{key}.aws", upstream, raw["aws"])
+        else:
+            values["google"] = _google(source, f"{key}.google", raw["google"])
+        where = f"{key}.missing"
+        missing = raw.get("missing", "refuse")
+        if missing not in MISSING_POLICIES:
+            raise _Invalid(f"must be one of {', '.join(MISSING_POLICIES)}, got {missing!r}")
+        values["missing"] = missing
+        for option in ("header", "scheme"):
+            if option in raw and kind in ("aws", "google"):
+                raise ConfigError(source, f"{key}.{option}", f"only with env or file (credentials.{kind} sets its own)")
+        if kind in ("env", "file"):
+            header, scheme = defaultKeyHeader(name, fmt, upstream)
+            if "header" in raw:
+                where = f"{key}.header"
+                header = _text(raw["header"])
+                if not _HEADER_NAME.match(header):
+                    raise _Invalid(f"must be an HTTP header name, got {header!r}")
+                scheme = "Bearer" if header.lower() == "authorization" else None
+            if "scheme" in raw:
+                where = f"{key}.scheme"
+                scheme = _optionalText(raw["scheme"])
+                if scheme is not None and not _HEADER_NAME.match(scheme):
+                    raise _Invalid(f"must be one word (Bearer, Token ...) or null, got {scheme!r}")
+            values["header"], values["scheme"] = header, scheme
+    except _Invalid as e:
+        raise ConfigError(source, where, str(e)) from None
+    return CredentialSettings(**values)
+
+
+def _aws(source: str, key: str, upstream: str, raw: Any) -> AwsCredentialSettings:
+    """Check C{credentials.aws}: region (default from the upstream host), profile."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(source, key, f"must be a mapping (region, profile), got {_typeName(raw)}")
+    for unknown in sorted(set(raw) - {"region", "profile"}, key=str):
+        raise ConfigError(source, f"{key}.{unknown}", "unknown key")
+    try:
+        region = _optionalText(raw.get("region"))
+    except _Invalid as e:
+        raise ConfigError(source, f"{key}.region", str(e)) from None
+    if region is None:
+        match = _BEDROCK_HOST.match((urlsplit(upstream).hostname or "").lower())
+        if match is None:
+            raise ConfigError(source, f"{key}.region", "required: the upstream host names no region (bedrock-runtime.<region>.amazonaws.com)")
+        region = match.group(1)
+    try:
+        profile = _optionalText(raw.get("profile"))
+    except _Invalid as e:
+        raise ConfigError(source, f"{key}.profile", str(e)) from None
+    return AwsCredentialSettings(region, profile)
+
+
+def _google(source: str, key: str, raw: Any) -> GoogleCredentialSettings:
+    """Check C{credentials.google}: service_account_file, scopes (both optional)."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(source, key, f"must be a mapping (service_account_file, scopes), got {_typeName(raw)}")
+    for unknown in sorted(set(raw) - {"service_account_file", "scopes"}, key=str):
+        raise ConfigError(source, f"{key}.{unknown}", "unknown key")
+    try:
+        path = _optionalText(raw.get("service_account_file"))
+    except _Invalid as e:
+        raise ConfigError(source, f"{key}.service_account_file", str(e)) from None
+    scopes: tuple[str, ...] = ()
+    if raw.get("scopes") is not None:
+        try:
+            scopes = _textList(raw["scopes"])
+        except _Invalid as e:
+            raise ConfigError(source, f"{key}.scopes", str(e)) from None
+    return GoogleCredentialSettings(path, scopes)
+
+
+def _openaiPath(value: Any) -> str:
+    path = _text(value)
+    if not path.startswith("/") or any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in path) or "?" in path or "#" in path:
+        raise _Invalid(f"must be a plain path starting with '/', got {value!r}")
+    return path.rstrip("/")
+
+
+def _health(source: str, key: str, raw: Any) -> HealthSettings:
+    """Check C{providers.<name>.health}: path (required), interval."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, key, f"must be a mapping (path, interval), got {_typeName(raw)}")
+    for unknown in sorted(set(raw) - {"path", "interval"}, key=str):
+        raise ConfigError(source, f"{key}.{unknown}", "unknown key")
+    if "path" not in raw:
+        raise ConfigError(source, f"{key}.path", "missing (the path probed, e.g. /v1/models)")
+    try:
+        path = _text(raw["path"])
+        if not path.startswith("/"):
+            raise _Invalid(f"must start with '/', got {path!r}")
+    except _Invalid as e:
+        raise ConfigError(source, f"{key}.path", str(e)) from None
+    interval = 10.0
+    if raw.get("interval") is not None:
+        try:
+            interval = _number()(raw["interval"])
+        except _Invalid as e:
+            raise ConfigError(source, f"{key}.interval", str(e)) from None
+    return HealthSettings(path, interval)
 
 
 def _typeName(value: Any) -> str:
@@ -344,7 +577,19 @@ def _providers(source: str, raw: Any) -> dict[str, ProviderSettings]:
                 maxBody = _integer(0)(entry["max_body"])
             except _Invalid as e:
                 raise ConfigError(source, f"{key}.max_body", str(e)) from None
-        providers[name] = ProviderSettings(name, upstream, fmt, maxBody)
+        credentials = None
+        if entry.get("credentials") is not None:
+            credentials = _credentials(source, f"{key}.credentials", name, fmt, upstream, entry["credentials"])
+        openaiPath = "/v1"
+        if entry.get("openai_path") is not None:
+            try:
+                openaiPath = _openaiPath(entry["openai_path"])
+            except _Invalid as e:
+                raise ConfigError(source, f"{key}.openai_path", str(e)) from None
+        health = None
+        if entry.get("health") is not None:
+            health = _health(source, f"{key}.health", entry["health"])
+        providers[name] = ProviderSettings(name, upstream, fmt, maxBody, credentials, openaiPath, health)
     return providers
 
 

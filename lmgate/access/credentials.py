@@ -289,3 +289,44 @@ def redactQuery(rawQuery: bytes) -> bytes:
         if eq and parameterKind(name) is not None:
             parts[i] = name + b"=" + maskKey(unquote_to_bytes(value.replace(b"+", b" "))).encode("utf-8")
     return b"".join(parts)
+
+
+#: Request headers that carry, or belong to, a client's credential (lower case):
+#: every form above plus the parts of a SigV4 signature. A managed route's
+#: request loses them all before LMGate adds the provider's own.
+CLIENT_CREDENTIAL_HEADERS = frozenset(
+    spelling.lower()
+    for name in CREDENTIAL_HEADERS | {b"x-amz-date", b"x-amz-content-sha256"}
+    for spelling in _spellings(name)
+)
+
+
+def removeCredentials(headers: Headers) -> None:
+    """
+    Remove from C{headers} every header that carries a client's credential
+    (L{CLIENT_CREDENTIAL_HEADERS}, however spelt or cased).
+    """
+    for name in [name for name, _ in headers.getAllRawHeaders() if name.lower() in CLIENT_CREDENTIAL_HEADERS]:
+        headers.removeHeader(name)
+
+
+def withoutCredentialParameters(rawQuery: bytes) -> bytes | None:
+    """
+    A raw query string without its credential parameters (C{key}, however its
+    name is encoded, and every other form L{parameterKind} knows); every other
+    byte is kept as sent, separators included.
+
+    @return: the rest of the query, or None when nothing is left.
+    """
+    if _HINT.search(rawQuery) is None:  # mayHoldCredential, inline
+        return rawQuery
+    parts = _SEPARATORS.split(rawQuery)
+    kept: list[tuple[bytes, bytes]] = []  # (the separator before, the parameter)
+    for i in range(0, len(parts), 2):
+        if parameterKind(parts[i].partition(b"=")[0]) is None:
+            kept.append((parts[i - 1] if i else b"", parts[i]))
+    if len(kept) * 2 - 1 == len(parts):
+        return rawQuery
+    if not kept:
+        return None
+    return kept[0][1] + b"".join(separator + pair for separator, pair in kept[1:])

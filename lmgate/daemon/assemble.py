@@ -36,6 +36,7 @@ from lmgate.daemon.workers import (
 )
 from lmgate.errors import ConfigError
 from lmgate.gate.gateway import Gateway, GatewayResource, GatewaySite
+from lmgate.governance.managed import ProviderCredentials
 from lmgate.ops.metrics import AdminSite, Fanout, Metrics
 from lmgate.records.jsonl import UsageLog, checkStatsPath
 from lmgate.relay.upstream import Upstream
@@ -53,6 +54,52 @@ def stubService(reactor: Any, settings: Settings) -> Service:
     return listenerFor(reactor, settings.stubListen, stubSite, settings, "stub.listen")
 
 
+class EmbeddedStub(Service):
+    """
+    The stub upstream that serves C{missing: stub} routes: started on first
+    need on a loopback port of its own (independent of C{stub.listen}), in
+    this process, and closed at stop.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._port: Any = None
+
+    def url(self) -> str:
+        """The stub's base URL, listening from now on."""
+        if self._port is None:
+            site = Site(makeStubResource(self._reactor), reactor=self._reactor)
+            site.noisy = False
+            site.log = lambda request: None  # type: ignore[method-assign]  # the gateway's access log shows each call
+            self._port = self._reactor.listenTCP(0, site, interface="127.0.0.1")
+        return f"http://127.0.0.1:{self._port.getHost().port}"
+
+    def stopService(self) -> Deferred[None] | None:
+        Service.stopService(self)
+        port, self._port = self._port, None
+        return None if port is None else port.stopListening()
+
+
+def credentialsFor(settings: Settings, reactor: Any, stub: EmbeddedStub | None, announce: bool = True) -> ProviderCredentials:
+    """
+    The managed routes' credentials, read now (in the foreground).
+
+    @param stub: serves C{missing: stub} routes (None: only checking, as the
+        supervisor of C{--workers} does).
+    @raise ConfigError: a key is missing on a C{missing: refuse} route, or a
+        credential kind cannot be used.
+    """
+    from lmgate.governance.managed import CredentialParts, ProviderCredentials
+
+    credentials = ProviderCredentials(
+        CredentialParts(settings.source, reactor),
+        stub.url if stub is not None else (lambda: "http://127.0.0.1:9"),
+        announce=announce,
+    )
+    credentials.configure(settings)
+    return credentials
+
+
 def supervisorService(
     settings: Settings,
     reactor: Any,
@@ -68,6 +115,7 @@ def supervisorService(
     if settings.adminListen is not None:
         raise ConfigError(settings.source, "admin.listen", "not available with --workers yet (each worker would need its own port)")
     AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
+    credentialsFor(settings, reactor, None, announce=False)  # each worker reads them again, the first says so
     accessPath = accessLogPath(settings)
     for index in range(1, workers + 1):
         checkStatsPath(workerStatsPath(settings.statsPath, index), settings.source, owner=owner)
@@ -164,13 +212,18 @@ def gatewayFor(
 
 
 def siteFor(
-    settings: Settings, reactor: Any, gateway: Gateway, accessLog: UsageLog | None, metrics: Metrics | None
+    settings: Settings,
+    reactor: Any,
+    gateway: Gateway,
+    accessLog: UsageLog | None,
+    metrics: Metrics | None,
+    credentials: ProviderCredentials | None = None,
 ) -> GatewaySite:
     """The gateway's site, with the settings a reload can change applied."""
     site = GatewaySite(GatewayResource(gateway), accessLog=accessLog, reactor=reactor)
     if metrics is not None:
         site.observeRefusal = metrics.clientRefused
-    applySettings(settings, gateway, site)
+    applySettings(settings, gateway, site, credentials)
     return site
 
 
@@ -241,11 +294,13 @@ def buildService(
     if workerIndex is not None:
         settings = replace(settings, statsPath=workerStatsPath(settings.statsPath, workerIndex), stubListen=None)
     allowList = AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
+    embeddedStub = EmbeddedStub(reactor)
+    credentials = credentialsFor(settings, reactor, embeddedStub, announce=workerIndex in (None, 1))
     usageLog, accessLog = writersFor(settings, reactor, workerIndex, owner)
     upstream = Upstream.fromSettings(reactor, settings)
     metrics = metricsFor(settings, usageLog, allowList)
     gateway = gatewayFor(settings, reactor, allowList, upstream, usageLog, metrics)
-    site = siteFor(settings, reactor, gateway, accessLog, metrics)
+    site = siteFor(settings, reactor, gateway, accessLog, metrics, credentials)
     listener = gatewayListener(settings, reactor, site, workerFd)
 
     top = OrderedMultiService()
@@ -255,14 +310,16 @@ def buildService(
     if accessLog is not None:
         accessLog.setServiceParent(top)  # after the records' writer: it borrows its thread
     allowList.setServiceParent(top)
+    credentials.setServiceParent(top)
     upstream.setServiceParent(top)
     if settings.stubListen is not None:
         stubService(reactor, settings).setServiceParent(top)
+    embeddedStub.setServiceParent(top)  # stopped before the upstream pool, after the calls drained
     if metrics is not None:
         adminService(settings, reactor, metrics).setServiceParent(top)
     drain = drainFor(site, gateway, settings.drainTimeout)
     drain.setServiceParent(top)
-    reloader = Reloader(configured, gateway, site, allowList, drain)
+    reloader = Reloader(configured, gateway, site, allowList, drain, credentials)
     reloader.listen = listen  # a --listen override holds across reloads
     signalsFor(reactor, reloader, usageLog, accessLog).setServiceParent(top)
     StopSignalGuard(reactor).setServiceParent(top)

@@ -35,6 +35,7 @@ def announceDemo(settings: Settings) -> None:
     if settings.source == DEMO_SOURCE:
         log.warn(
             "No --config given: running the embedded demo. Providers are routed to the stub "
-            "upstream on {stub}; use the API key 'lmgate-demo-key'.",
+            "upstream on {stub} (the managed openai route to the real OpenAI API when "
+            "OPENAI_API_KEY is set); use the API key 'lmgate-demo-key'.",
             stub=settings.stubListen,
         )

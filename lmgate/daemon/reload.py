@@ -74,15 +74,28 @@ def pricesFor(settings: Settings) -> Any:
     return PriceTable.load(path)
 
 
-def applySettings(settings: Settings, gateway: Any, site: Any) -> None:
+def providersFor(settings: Settings, credentials: Any = None) -> dict[bytes, Any]:
     """
-    Put the settings a running gateway can change into effect: routes, timeouts,
-    capture limit, client limits and the access log. Each is one assignment,
-    so a call sees the old settings or the new, never a mix of one kind.
+    The gateway's routes: one L{lmgate.gate.providers.Provider} per configured
+    route, a managed one carrying its credential from C{credentials} (an
+    L{lmgate.governance.managed.ProviderCredentials}).
     """
     from lmgate.gate.providers import Provider
 
-    gateway.providers = {name.encode("ascii"): Provider(p) for name, p in settings.providers.items()}
+    return {
+        name.encode("ascii"): Provider(p, credentials.authFor(name) if credentials is not None else None)
+        for name, p in settings.providers.items()
+    }
+
+
+def applySettings(settings: Settings, gateway: Any, site: Any, credentials: Any = None) -> None:
+    """
+    Put the settings a running gateway can change into effect: routes (with
+    their credentials), timeouts, capture limit, client limits and the access
+    log. Each is one assignment, so a call sees the old settings or the new,
+    never a mix of one kind.
+    """
+    gateway.providers = providersFor(settings, credentials)
     gateway.captureLimit = settings.statsCaptureLimit
     gateway.responseTimeout = settings.responseTimeout
     gateway.idleTimeout = settings.idleTimeout
@@ -94,18 +107,23 @@ def applySettings(settings: Settings, gateway: Any, site: Any) -> None:
 class Reloader:
     """
     SIGHUP: read the configuration file again and apply what can change live,
-    then reload the allow-list. A bad new file keeps the running configuration
-    and logs one line.
+    read the managed routes' provider credentials again, then reload the
+    allow-list. A bad new file keeps the running configuration and logs one
+    line; the credentials are read again all the same.
     """
 
-    def __init__(self, settings: Settings, gateway: Any, site: Any, allowList: Any, drain: DrainService) -> None:
+    def __init__(
+        self, settings: Settings, gateway: Any, site: Any, allowList: Any, drain: DrainService, credentials: Any = None
+    ) -> None:
         self.settings, self._gateway, self._site = settings, gateway, site
         self._allowList, self._drain = allowList, drain
+        self._credentials = credentials
         self.configPath: str | None = None if settings.source == DEMO_SOURCE else settings.source
         self.listen: str | None = None
         self.accessLogBase = accessLogPath(settings)  # the file the site's writer appends to (before any -wN)
 
     def reload(self) -> None:
+        applied = False
         if self.configPath is not None:
             try:
                 new = settingsFor(self.configPath, self.listen)
@@ -113,6 +131,11 @@ class Reloader:
                 log.error("Keeping the running configuration: {problem}", problem=str(e))
             else:
                 self._apply(new)
+                applied = True
+        if not applied and self._credentials is not None:
+            # The same routes, their keys read again (a rotated secret file).
+            self._credentials.reload(self.settings)
+            self._gateway.providers = providersFor(self.settings, self._credentials)
         self._allowList.reload()
 
     def _apply(self, new: Settings) -> None:
@@ -132,7 +155,9 @@ class Reloader:
             self._gateway.prices = pricesFor(new)
         except ConfigError as e:
             log.error("Keeping the previous price table: {problem}", problem=str(e))
-        applySettings(new, self._gateway, self._site)
+        if self._credentials is not None:
+            self._credentials.reload(new)
+        applySettings(new, self._gateway, self._site, self._credentials)
         self._drain.timeout = new.drainTimeout
         self.settings = new
         log.info(

@@ -49,6 +49,18 @@ def newRequestId() -> str:
     return "%032x" % _ids.getrandbits(128)
 
 
+def _authOf(context: "CallContext") -> str | None:
+    """
+    The record's C{auth}: how the route authenticates upstream (C{client},
+    C{managed}, C{stub}); None for a call refused before it was routed and its
+    caller known.
+    """
+    provider, credential = context.provider, context.credential
+    if provider is None or context.entry is None or credential is None or credential.kind == "sigv4":
+        return None
+    return provider.auth
+
+
 class ProxiedCall:
     """
     Carries one request through admission, refusal or relay, and records it once.
@@ -140,6 +152,7 @@ class ProxiedCall:
     def start(self, pending: Deferred[IResponse]) -> Any:
         """Relay the upstream's response when it comes."""
         self._admitting = None  # admitted: a leaving client now cancels the upstream request
+        self._context.attempts += 1
         self._pending = pending
         self._sentAt = self._clock.seconds()
         self._gateway.active.add(self)
@@ -311,6 +324,9 @@ class ProxiedCall:
                 client=getattr(client, "host", None),
                 error=errorKind,
                 prices=gateway.prices,
+                auth=_authOf(context),
+                alias=context.alias,
+                attempts=context.attempts,
             )
         )
         gateway.sink.write(record)

@@ -24,11 +24,13 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from lmgate.access.credentials import removeCredentials, withoutCredentialParameters
 from lmgate.gate.admission import CallContext, Refusal, Verdict, runSteps
 from lmgate.gate.call import ProxiedCall
 from lmgate.gate.channel import GatewayChannel, GatewayRequest, Limits
 from lmgate.gate.routing import isHealth
 from lmgate.gate.steps import SHUTTING_DOWN, defaultPipeline
+from lmgate.governance.interfaces import CredentialUnavailable, OutgoingRequest
 from lmgate.relay.twistedprivate import accessLogEscape
 from lmgate.relay.headers import upstreamRequestHeaders
 from lmgate.interfaces import IKeyCheck, IUsageSink
@@ -41,6 +43,9 @@ log = Logger()
 #: Request bodies up to this size are kept in memory for the relay and for
 #: reading the model from them; larger ones stream from twisted.web's spool file.
 KEEP_BODY_LIMIT = 1024 * 1024
+
+#: The answer (502) when a managed route has no usable provider credential.
+CREDENTIALS_UNAVAILABLE_MESSAGE = "LMGate has no usable credential for this provider right now; the request was not relayed."
 
 
 class Gateway:
@@ -211,6 +216,8 @@ class GatewayResource(Resource):
         """Relay the admitted call."""
         provider = context.provider
         assert provider is not None
+        if provider.managed:
+            return self._sendManaged(request, call, context, producer, provider)
         pending = self._gateway.upstream.send(
             request.method,
             provider.upstreamURL(context.rest, context.query),
@@ -218,6 +225,62 @@ class GatewayResource(Resource):
             producer,
         )
         return call.start(pending)
+
+    def _sendManaged(
+        self, request: Request, call: ProxiedCall, context: CallContext, producer: IBodyProducer | None, provider: Provider
+    ) -> Any:
+        """
+        Relay a call on a managed route: every credential the client sent is
+        removed (headers, and the C{key} query parameter: the rest of the query
+        stays byte for byte), then the route's credential is applied to the
+        request about to be sent (a stub-served route gets none). A credential
+        that waits is waited on like an admission step (a leaving client or
+        the drain cancels it); one that cannot be had answers 502
+        C{credentials_unavailable}, never relayed.
+        """
+        headers = upstreamRequestHeaders(request.requestHeaders)
+        removeCredentials(headers)
+        query = context.query
+        if query:
+            query = withoutCredentialParameters(query)
+        url = provider.upstreamURL(context.rest, query)
+        credential = provider.credential
+        if credential is None:  # served by the stub: nothing to add
+            return call.start(self._gateway.upstream.send(request.method, url, headers, producer))
+        body = context.body
+        bodyFile = request.content if body is None and context.bodySize else None
+        outgoing = OutgoingRequest(request.method, url, headers, body, bodyFile, context.bodySize)
+        try:
+            waiting = credential.apply(outgoing)
+        except CredentialUnavailable as e:
+            return self._credentialUnavailable(call, provider, e)
+        if waiting is None:
+            return self._sendOutgoing(call, outgoing, body, producer)
+        waiting.addCallback(lambda _: self._sendOutgoing(call, outgoing, body, producer))
+        waiting.addErrback(self._credentialFailed, call, provider)
+        return call.wait(waiting.addCallback(call.answer))
+
+    def _sendOutgoing(self, call: ProxiedCall, outgoing: OutgoingRequest, body: bytes | None, producer: IBodyProducer | None) -> Any:
+        """Send a managed call's request as its credential left it."""
+        if outgoing.body is not body:  # replaced in memory: send what it is now
+            producer = BytesProducer(outgoing.body) if outgoing.body else None
+        elif outgoing.bodyFile is not None:
+            outgoing.bodyFile.seek(0)  # type: ignore[attr-defined]  # a signer may have read it
+        pending = self._gateway.upstream.send(outgoing.method, outgoing.url, outgoing.headers, producer)
+        return call.start(pending)
+
+    def _credentialFailed(self, reason: Failure, call: ProxiedCall, provider: Provider) -> Any:
+        """A credential that waited could not be had: 502; anything else (a cancel) goes on to the call."""
+        if reason.check(CredentialUnavailable):
+            return self._credentialUnavailable(call, provider, reason.value or CredentialUnavailable())
+        return reason
+
+    def _credentialUnavailable(self, call: ProxiedCall, provider: Provider, why: BaseException) -> bytes:
+        """Answer 502 C{credentials_unavailable} in the provider's shape (the reason is logged, never sent)."""
+        self._gateway.rateLog.info(
+            "credentials unavailable", "{provider}: no provider credential: {why}", provider=provider.name, why=str(why)
+        )
+        return call.refuse("credentials_unavailable", CREDENTIALS_UNAVAILABLE_MESSAGE)
 
     def _refuse(self, request: Request, call: ProxiedCall, refusal: Refusal) -> bytes:
         """Answer a refusal in the provider's shape, with its extra headers; the call records it."""

@@ -8,10 +8,13 @@ per-call work is an append of the raw path to bytes prepared here.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit
 
 from lmgate.config import ProviderSettings
+
+if TYPE_CHECKING:
+    from lmgate.governance.interfaces import IUpstreamCredential
 
 #: Response headers that carry the provider's own id for a call, by format.
 _REQUEST_ID_HEADERS: Mapping[str, tuple[bytes, ...]] = {
@@ -36,17 +39,32 @@ class Provider:
         where a relay splitting at the first C{/} would take it for the path),
         nothing when it has one.
     @ivar requestIdHeaders: response headers holding the provider's call id.
+    @ivar auth: how the route authenticates upstream, the record's C{auth}:
+        C{client} (the client's key is relayed), C{managed} (C{credential} is
+        added), C{stub} (served by the embedded stub: a managed route whose key
+        is missing).
+    @ivar managed: whether the client's credentials are removed before the
+        request is sent (C{managed} and C{stub} routes).
+    @ivar credential: the L{IUpstreamCredential} a managed route adds, else None.
     """
 
-    def __init__(self, settings: ProviderSettings) -> None:
+    def __init__(self, settings: ProviderSettings, auth: Any = None) -> None:
+        """
+        @param auth: the route's L{lmgate.governance.managed.RouteAuth} when it
+            is managed, else None.
+        """
         self.name = settings.name
         self.format = settings.format
-        self.baseURL = settings.upstream.encode("ascii")
-        self.emptyRest = b"" if urlsplit(settings.upstream).path else b"/"
+        upstream = settings.upstream if auth is None or auth.stubURL is None else auth.stubURL
+        self.baseURL = upstream.encode("ascii")
+        self.emptyRest = b"" if urlsplit(upstream).path else b"/"
         self.requestIdHeaders = _REQUEST_ID_HEADERS[settings.format]
+        self.auth: str = "client" if auth is None else auth.mode
+        self.managed = auth is not None
+        self.credential: IUpstreamCredential | None = None if auth is None else auth.credential
 
     def __repr__(self) -> str:
-        return f"<Provider {self.name} {self.format} {self.baseURL.decode()}>"
+        return f"<Provider {self.name} {self.format} {self.baseURL.decode()} auth={self.auth}>"
 
     def upstreamURL(self, rest: bytes, query: bytes | None) -> bytes:
         """

@@ -19,6 +19,7 @@ STATUS = {
     "not_found": 404,
     "internal_error": 500,
     "upstream_unreachable": 502,
+    "credentials_unavailable": 502,
     "shutting_down": 503,
     "upstream_timeout": 504,
 }
@@ -31,6 +32,7 @@ _OPENAI_TYPES = {
     "not_found": ("invalid_request_error", "unknown_url"),
     "internal_error": ("api_error", "internal_error"),
     "upstream_unreachable": ("api_error", "upstream_unreachable"),
+    "credentials_unavailable": ("api_error", "credentials_unavailable"),
     "shutting_down": ("api_error", "shutting_down"),
     "upstream_timeout": ("api_error", "upstream_timeout"),
 }
@@ -40,6 +42,7 @@ _ANTHROPIC_TYPES = {
     "not_found": "not_found_error",
     "internal_error": "api_error",
     "upstream_unreachable": "api_error",
+    "credentials_unavailable": "api_error",
     "shutting_down": "overloaded_error",
     "upstream_timeout": "timeout_error",
 }
@@ -49,6 +52,7 @@ _GOOGLE_STATUS = {
     "not_found": "NOT_FOUND",
     "internal_error": "INTERNAL",
     "upstream_unreachable": "UNAVAILABLE",
+    "credentials_unavailable": "UNAVAILABLE",
     "shutting_down": "UNAVAILABLE",
     "upstream_timeout": "DEADLINE_EXCEEDED",
 }
@@ -58,6 +62,7 @@ _BEDROCK_TYPES = {
     "not_found": "ResourceNotFoundException",
     "internal_error": "InternalServerException",
     "upstream_unreachable": "ServiceUnavailableException",
+    "credentials_unavailable": "ServiceUnavailableException",
     "shutting_down": "ServiceUnavailableException",
     "upstream_timeout": "ModelTimeoutException",
 }

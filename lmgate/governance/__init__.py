@@ -1,1 +1,1 @@
-"""Governance: what LMGate decides about a call beyond relaying it (aliases, provider credentials, policies)."""
+"""Governance: what LMGate decides about a call beyond relaying it: provider credentials held by LMGate, signing, aliases, limits and policy."""

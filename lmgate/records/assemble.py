@@ -48,6 +48,10 @@ class CallFacts:
     @ivar usage: what the response's usage reader found.
     @ivar error: the ending's error name, or None for a clean one.
     @ivar prices: the price table (anything with L{lmgate.ops.prices.Prices.cost}), or None.
+    @ivar auth: how the route authenticated upstream (C{client}, C{managed},
+        C{stub}), or None for a call refused before routing and authentication.
+    @ivar alias: the model alias the request named, or None.
+    @ivar attempts: upstream attempts made (0: never sent upstream).
     """
 
     requestId: str
@@ -71,6 +75,9 @@ class CallFacts:
     client: str | None
     error: str | None
     prices: Any
+    auth: str | None = None
+    alias: str | None = None
+    attempts: int = 0
 
 
 def recordFor(facts: CallFacts) -> UsageRecord:
@@ -122,4 +129,7 @@ def recordFor(facts: CallFacts) -> UsageRecord:
         client=facts.client,
         error=errorKind,
         cost_usd=cost,
+        alias=facts.alias,
+        attempts=facts.attempts,
+        auth=facts.auth,
     )

@@ -110,6 +110,9 @@ RECORD_FIELDS = (
     "client",
     "error",
     "cost_usd",
+    "alias",
+    "attempts",
+    "auth",
 )
 
 
@@ -145,6 +148,9 @@ class UsageRecord:
     client: str | None
     error: str | None
     cost_usd: float | None = None
+    alias: str | None = None
+    attempts: int = 0
+    auth: str | None = None
 
     def asDict(self) -> dict[str, Any]:
         """The record as a plain dict, fields in contract order."""

@@ -1,0 +1,221 @@
+"""
+Managed routes end to end: C{twistd -n lmgate} as a child process, a fake
+OpenAI upstream on loopback that checks which key it got, SIGHUP rotating a
+key file under a call in flight, C{missing: refuse} and C{missing: stub}, the
+embedded demo without a provider key, and no provider key in any file LMGate
+wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from tests.daemon import Daemon, freePort, readRecords, waitFor
+from tests.helpers import FakeUpstream, jsonAnswer, listenLocal
+
+CLIENT_KEY = "lmgate-app-key-0000000000000000Qq"
+PROVIDER_KEYS = ("sk-provider-first-111111111111Aa", "sk-provider-second-22222222222Bb")
+ABSENT = "LMGATE_TESTS_ABSENT_PROVIDER_KEY_VARIABLE"
+CHAT = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}]}'
+
+
+class ManagedDaemonTests(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.allowlistPath = os.path.join(self.directory, "allowlist.csv")
+        with open(self.allowlistPath, "w") as f:
+            f.write(f"id,api_key,owner,added\napp,{CLIENT_KEY},team-a,2026-12-01\n")
+        self.keyPath = os.path.join(self.directory, "secrets", "openai")
+        os.makedirs(os.path.dirname(self.keyPath))
+        self.writeKey(PROVIDER_KEYS[0])
+        self.upstream = FakeUpstream()
+        self.upstreamPort = listenLocal(self, Site(self.upstream))
+        self.port = freePort()
+        self.statsPath = os.path.join(self.directory, "var", "stats.jsonl")
+        self.logPath = os.path.join(self.directory, "var", "twistd.log")
+
+    def writeKey(self, key: str) -> None:
+        """Replace the key file as a secret mount does: a new file renamed over the old."""
+        with open(self.keyPath + ".new", "w") as f:
+            f.write(key + "\n")
+        os.replace(self.keyPath + ".new", self.keyPath)
+
+    def config(self, *routes: str) -> str:
+        return "\n".join(
+            [
+                f'listen: "tcp:{self.port}:interface=127.0.0.1"',
+                f"allowlist: {{path: {self.allowlistPath}}}",
+                f"stats: {{path: {self.statsPath}, flush_interval: 0.2}}",
+                "providers:",
+                *routes,
+            ]
+        ) + "\n"
+
+    async def post(self, path: str, body: bytes = CHAT, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        sent: Any = headers or {"Authorization": f"Bearer {CLIENT_KEY}"}
+        response = await treq.post(f"http://127.0.0.1:{self.port}{path}", body, headers=sent, persistent=False)
+        return response.code, await response.content()
+
+    def assertNoProviderKeyWritten(self) -> None:
+        """No provider key in any file LMGate wrote (records, access log, twistd's log)."""
+        written = []
+        for root, _, files in os.walk(self.directory):
+            for name in files:
+                path = os.path.join(root, name)
+                if os.path.dirname(path) == os.path.dirname(self.keyPath):
+                    continue  # the secret itself
+                written.append(path)
+                with open(path, "rb") as f:
+                    content = f.read()
+                for key in PROVIDER_KEYS:
+                    self.assertNotIn(key.encode(), content, path)
+        self.assertIn(self.logPath, written)
+        self.assertIn(self.statsPath, written)
+        self.assertIn(os.path.join(self.directory, "var", "access.log"), written)
+
+    async def test_managedKeyRotatedOnSighupUnderACallInFlight(self) -> None:
+        """The upstream gets the key from the file, never the client's; SIGHUP after the file is replaced
+        sends the new key from the next call on, while a call already in flight finishes untouched;
+        no provider key reaches a file LMGate wrote."""
+        held: list[Request] = []
+
+        def handler(request: Request) -> Any:
+            if not held:
+                held.append(request)
+                return NOT_DONE_YET
+            return jsonAnswer({"id": "chatcmpl-2", "model": "gpt-4o-mini", "usage": {"prompt_tokens": 2, "completion_tokens": 1}})(request)
+
+        self.upstream.handler = handler
+        route = f"  openai: {{upstream: 'http://127.0.0.1:{self.upstreamPort}', credentials: {{file: {self.keyPath}}}}}"
+        daemon = Daemon(self, self.config(route), self.directory)
+        daemon.start(logfile=self.logPath)
+        await daemon.waitUntilHealthy(self.port)
+
+        first = Deferred.fromCoroutine(self.post("/openai/v1/chat/completions?key=" + CLIENT_KEY + "&trace=1"))
+        await waitFor(lambda: held, "the first call to reach the upstream")
+        self.writeKey(PROVIDER_KEYS[1])
+        daemon.signal("HUP")
+
+        def reloaded() -> bool:
+            with open(self.logPath, "rb") as f:
+                return b"Reloaded the configuration" in f.read()
+
+        await waitFor(reloaded, "the reload")
+        code, body = await self.post("/openai/v1/chat/completions", headers={"x-api-key": CLIENT_KEY})
+        self.assertEqual(code, 200, body)
+        held[0].setHeader(b"content-type", b"application/json")
+        held[0].write(b'{"id": "chatcmpl-1", "model": "gpt-4o-mini", "usage": {"prompt_tokens": 2, "completion_tokens": 1}}')
+        held[0].finish()
+        code, body = await first
+        self.assertEqual(code, 200, body)
+        self.assertEqual(await daemon.stop(), 0)
+
+        self.assertEqual(
+            [seen.headers.getRawHeaders(b"authorization") for seen in self.upstream.seen],
+            [[b"Bearer " + key.encode()] for key in PROVIDER_KEYS],
+        )
+        self.assertEqual(self.upstream.seen[0].uri, b"/v1/chat/completions?trace=1")
+        for seen in self.upstream.seen:
+            self.assertFalse(seen.headers.hasHeader(b"x-api-key"))
+            self.assertNotIn(CLIENT_KEY.encode(), seen.uri)
+        records = readRecords(self.statsPath)
+        self.assertEqual(sorted((r["status"], r["auth"], r["attempts"], r["alias"]) for r in records), [(200, "managed", 1, None)] * 2)
+        self.assertNoProviderKeyWritten()
+
+    async def test_missingKeyRefusesStartUp(self) -> None:
+        """C{missing: refuse} (the default) with the variable unset: one line naming it, a non-zero exit."""
+        route = f"  openai: {{upstream: 'http://127.0.0.1:{self.upstreamPort}', credentials: {{env: {ABSENT}}}}}"
+        daemon = Daemon(self, self.config(route), self.directory)
+        daemon.env.pop(ABSENT, None)
+        daemon.start()
+        code = await daemon.watch.ended
+        self.assertNotEqual(code, 0)
+        self.assertIn(
+            f"lmgate: {daemon.configPath}: providers.openai.credentials.env: {ABSENT} is not set (missing: refuse)\n".encode(),
+            daemon.watch.output,
+        )
+        self.assertNotIn(b"Traceback", daemon.watch.output)
+
+    async def test_missingKeyServedByTheStub(self) -> None:
+        """C{missing: stub} with the key absent: every format is answered by the embedded stub, streaming
+        included, the upstream never called; the record says C{auth: stub}; /healthz answers 200; the
+        start-up log says so once per route. A managed route whose key is present is served beside it."""
+        routes = [
+            f"  openai: {{upstream: 'http://127.0.0.1:{self.upstreamPort}', credentials: {{env: {ABSENT}, missing: stub}}}}",
+            f"  anthropic: {{upstream: 'http://127.0.0.1:{self.upstreamPort}', credentials: {{env: {ABSENT}, missing: stub}}}}",
+            f"  gemini: {{upstream: 'http://127.0.0.1:{self.upstreamPort}', credentials: {{env: {ABSENT}, missing: stub}}}}",
+            f"  azure: {{upstream: 'http://127.0.0.1:{self.upstreamPort}', credentials: {{file: {self.keyPath}, missing: stub}}}}",
+        ]
+        daemon = Daemon(self, self.config(*routes), self.directory)
+        daemon.env.pop(ABSENT, None)
+        daemon.start(logfile=self.logPath)
+        await daemon.waitUntilHealthy(self.port)
+        code, body = await self.post("/openai/v1/chat/completions")
+        self.assertEqual(code, 200, body)
+        self.assertTrue(json.loads(body)["choices"][0]["message"]["content"])
+        streamed = b'{"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "Hi"}]}'
+        code, body = await self.post("/openai/v1/chat/completions", streamed)
+        self.assertEqual(code, 200, body)
+        self.assertTrue(body.startswith(b"data: "), body)
+        self.assertIn(b"data: [DONE]", body)
+        messages = b'{"model": "claude-sonnet-4", "max_tokens": 10, "stream": true, "messages": [{"role": "user", "content": "Hi"}]}'
+        code, body = await self.post("/anthropic/v1/messages", messages, headers={"x-api-key": CLIENT_KEY})
+        self.assertEqual(code, 200, body)
+        self.assertIn(b"event: message_stop", body)
+        gemini = b'{"contents": [{"parts": [{"text": "Hi"}]}]}'
+        code, body = await self.post("/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=" + CLIENT_KEY, gemini, headers={"x-ignored": "1"})
+        self.assertEqual(code, 200, body)
+        self.assertTrue(body.startswith(b"data: "), body)
+        code, body = await self.post("/azure/openai/deployments/d/chat/completions?api-version=2024-10-21", headers={"api-key": CLIENT_KEY})
+        self.assertEqual(code, 200, body)
+        self.assertEqual(await daemon.stop(), 0)
+
+        self.assertEqual(len(self.upstream.seen), 1)  # azure: its key is present
+        self.assertEqual(self.upstream.seen[0].headers.getRawHeaders(b"api-key"), [PROVIDER_KEYS[0].encode()])
+        records = readRecords(self.statsPath)
+        self.assertEqual(
+            sorted((r["provider"], r["status"], r["auth"], r["streaming"]) for r in records),
+            [("anthropic", 200, "stub", True), ("azure", 200, "managed", False), ("gemini", 200, "stub", True),
+             ("openai", 200, "stub", False), ("openai", 200, "stub", True)],
+        )
+        with open(self.logPath, "rb") as f:
+            log = f.read()
+        for name in (b"openai", b"anthropic", b"gemini"):
+            self.assertEqual(log.count(b"providers." + name + b": " + ABSENT.encode() + b" is missing"), 1, log)
+        self.assertIn(b"served by the embedded stub upstream", log)
+        self.assertNoProviderKeyWritten()
+
+    async def test_demoWithoutProviderKey(self) -> None:
+        """The embedded demo, OPENAI_API_KEY unset: its managed openai route is served by the stub
+        (C{auth: stub}) with the demo key, the other routes relay as before (C{auth: client})."""
+        stubPort = freePort()
+        env = {
+            "LMGATE_STUB__LISTEN": f"tcp:{stubPort}:interface=127.0.0.1",
+            "LMGATE_PROVIDERS__ANTHROPIC__UPSTREAM": f"http://127.0.0.1:{stubPort}",
+            "LMGATE_STATS__PATH": self.statsPath,
+        }
+        daemon = Daemon(self, "", self.directory, env=env)
+        daemon.env.pop("OPENAI_API_KEY", None)
+        daemon.startDemo("--listen", f"tcp:{self.port}:interface=127.0.0.1")
+        await daemon.waitUntilHealthy(self.port)
+        code, body = await self.post("/openai/v1/chat/completions", headers={"Authorization": "Bearer lmgate-demo-key"})
+        self.assertEqual(code, 200, body)
+        messages = b'{"model": "claude-sonnet-4", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}'
+        code, body = await self.post("/anthropic/v1/messages", messages, headers={"x-api-key": "lmgate-demo-key"})
+        self.assertEqual(code, 200, body)
+        self.assertEqual(await daemon.stop(), 0)
+        self.assertIn(b"providers.openai: OPENAI_API_KEY is missing", daemon.watch.output)
+        records = readRecords(self.statsPath)
+        self.assertEqual(sorted((r["provider"], r["status"], r["auth"]) for r in records),
+                         [("anthropic", 200, "client"), ("openai", 200, "stub")])
