@@ -136,7 +136,8 @@ class WireFormTests(SynchronousTestCase):
         """The region an AWS endpoint names, or None."""
         self.assertEqual(regionFromHost("bedrock-runtime.us-east-1.amazonaws.com"), "us-east-1")
         self.assertEqual(regionFromHost("bedrock-runtime-fips.us-gov-west-1.amazonaws.com"), "us-gov-west-1")
-        self.assertEqual(regionFromHost("bedrock-runtime.eu-central-2.api.aws"), None)
+        self.assertEqual(regionFromHost("bedrock-runtime.eu-central-2.api.aws"), "eu-central-2")
+        self.assertEqual(regionFromHost("example.com"), None)
         self.assertEqual(regionFromHost("127.0.0.1"), None)
 
     def test_unsignedHeaders(self) -> None:

@@ -305,10 +305,10 @@ def hashFile(bodyFile: Any, size: int) -> str:
 def regionFromHost(host: str) -> str | None:
     """
     The region an AWS endpoint host names (C{bedrock-runtime.us-east-1.amazonaws.com} →
-    C{us-east-1}; FIPS and dual-stack forms too), or None when it names none.
+    C{us-east-1}; FIPS and dual-stack (C{.api.aws}) forms too), or None when it names none.
     """
     labels = host.lower().rpartition("@")[2].split(":")[0].split(".")
-    if "amazonaws" not in labels:
+    if "amazonaws" not in labels and labels[-2:] != ["api", "aws"]:
         return None
     for label in labels[1:]:
         if _REGION.match(label):
