@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
+from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
 from lmgate.access.allowlist import AllowList
@@ -25,7 +26,7 @@ from lmgate.config import Settings, accessLogPath
 from lmgate.daemon.demo import announceDemo
 from lmgate.daemon.listen import listenerFor
 from lmgate.daemon.reload import Reloader, applySettings, pricesFor
-from lmgate.daemon.services import DrainService, FreezeService, OrderedMultiService
+from lmgate.daemon.services import DrainService, FreezeService, OrderedMultiService, ThreadPoolService
 from lmgate.daemon.signals import SignalService, StopSignalGuard, reopenTwistdLog
 from lmgate.daemon.workers import (
     AdoptedListener,
@@ -80,19 +81,23 @@ class EmbeddedStub(Service):
         return None if port is None else port.stopListening()
 
 
-def credentialsFor(settings: Settings, reactor: Any, stub: EmbeddedStub | None, announce: bool = True) -> ProviderCredentials:
+def credentialsFor(
+    settings: Settings, reactor: Any, stub: EmbeddedStub | None, announce: bool = True, threadPool: ThreadPool | None = None
+) -> ProviderCredentials:
     """
     The managed routes' credentials, read now (in the foreground).
 
     @param stub: serves C{missing: stub} routes (None: only checking, as the
         supervisor of C{--workers} does).
+    @param threadPool: where credentials refresh and sign slow parts (SigV4,
+        Google OAuth); None when only checking (nothing refreshes then).
     @raise ConfigError: a key is missing on a C{missing: refuse} route, or a
         credential kind cannot be used.
     """
     from lmgate.governance.managed import CredentialParts, ProviderCredentials
 
     credentials = ProviderCredentials(
-        CredentialParts(settings.source, reactor),
+        CredentialParts(settings.source, reactor, threadPool),
         stub.url if stub is not None else (lambda: "http://127.0.0.1:9"),
         announce=announce,
     )
@@ -295,7 +300,8 @@ def buildService(
         settings = replace(settings, statsPath=workerStatsPath(settings.statsPath, workerIndex), stubListen=None)
     allowList = AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
     embeddedStub = EmbeddedStub(reactor)
-    credentials = credentialsFor(settings, reactor, embeddedStub, announce=workerIndex in (None, 1))
+    credentialThreads = ThreadPoolService("lmgate-credentials", maxThreads=4)
+    credentials = credentialsFor(settings, reactor, embeddedStub, workerIndex in (None, 1), credentialThreads.pool)
     usageLog, accessLog = writersFor(settings, reactor, workerIndex, owner)
     upstream = Upstream.fromSettings(reactor, settings)
     metrics = metricsFor(settings, usageLog, allowList)
@@ -310,6 +316,7 @@ def buildService(
     if accessLog is not None:
         accessLog.setServiceParent(top)  # after the records' writer: it borrows its thread
     allowList.setServiceParent(top)
+    credentialThreads.setServiceParent(top)  # before the credentials start refreshing in it, stopped after
     credentials.setServiceParent(top)
     upstream.setServiceParent(top)
     if settings.stubListen is not None:

@@ -93,3 +93,28 @@ def exitNonZeroOnLoss(service: IService) -> None:
             os._exit(EXIT_RECORDS_LOST)
 
     atexit.register(atExit)
+
+
+class ThreadPoolService(Service):
+    """
+    A small thread pool with the daemon's lifetime: managed credentials refresh
+    in it (reading files, asking a token endpoint, STS or the instance metadata
+    service are blocking I/O) and hash spooled bodies for signing, never on the
+    reactor thread. Started before the credentials begin refreshing, stopped
+    after they stop (a refresh still running is waited for).
+
+    @ivar pool: the pool, usable (work is queued) before it starts.
+    """
+
+    def __init__(self, name: str, maxThreads: int = 4) -> None:
+        from twisted.python.threadpool import ThreadPool
+
+        self.pool = ThreadPool(minthreads=0, maxthreads=maxThreads, name=name)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self.pool.start()
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self.pool.stop()

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from lmgate.gate.gateway import Gateway
 
 SIGV4_MESSAGE = (
-    "AWS SigV4-signed requests cannot be relayed: the signature covers the host and path, "
-    "which are the gateway's, not AWS's. Use a Bedrock API key (AWS_BEARER_TOKEN_BEDROCK), "
-    "which LMGate relays untouched."
+    "AWS SigV4-signed requests are not accepted: the signature covers the host and path, "
+    "which are the gateway's, not AWS's. Send your LMGate key as a Bedrock API key "
+    "(AWS_BEARER_TOKEN_BEDROCK); on a managed route LMGate signs with its own AWS credentials."
 )
 NO_KEY_MESSAGE = "No API key was sent; this gateway admits allow-listed keys only."
 UNKNOWN_KEY_MESSAGE = "The API key is not authorised to use this gateway."

@@ -71,12 +71,76 @@ def notInThisBuild(provider: ProviderSettings, parts: CredentialParts) -> IUpstr
     raise ConfigError(parts.source, f"providers.{provider.name}.credentials.{spec.kind}", "not available in this build yet")
 
 
+def awsSigV4(provider: ProviderSettings, parts: CredentialParts) -> IUpstreamCredential:
+    """
+    C{credentials: {aws: {region, profile}}}: Bedrock requests signed with SigV4.
+
+    botocore's credential chain is searched now, in the foreground (environment,
+    shared files, container and instance roles; the instance metadata service is
+    asked with botocore's own short timeout, one attempt by default), so that
+    C{missing} decides at start-up; the credentials are then kept fresh in the
+    thread pool by L{lmgate.governance.sigv4.SigV4Credential}.
+
+    @raise CredentialUnavailable: the chain finds no credentials (or a named
+        profile does not exist).
+    """
+    from botocore.exceptions import BotoCoreError
+    from botocore.session import Session
+
+    from lmgate.governance.sigv4 import SigV4Credential
+
+    spec = provider.credentials
+    assert spec is not None and spec.aws is not None
+    aws = spec.aws
+    try:
+        session = Session(profile=aws.profile)
+        found = session.get_credentials()  # cached by the session: the pool's first load reuses it
+        frozen = found.get_frozen_credentials() if found is not None else None
+    except BotoCoreError as e:  # ProfileNotFound, a config file that does not parse...: botocore names it, no secret
+        raise CredentialUnavailable(f"AWS credentials: {e}") from None
+    if frozen is None or not frozen.access_key or not frozen.secret_key:
+        raise CredentialUnavailable(
+            "no AWS credentials found (environment, shared credentials or config file, container or instance role)"
+            + (f" for profile {aws.profile!r}" if aws.profile else "")
+        )
+    return SigV4Credential(parts.reactor, parts.threadPool, aws.region, aws.profile, session=session)
+
+
+def googleOAuth(provider: ProviderSettings, parts: CredentialParts) -> IUpstreamCredential:
+    """
+    C{credentials: {google: {service_account_file, scopes}}}: Vertex AI OAuth
+    access tokens minted by LMGate (google-auth), refreshed in the thread pool.
+
+    The service account file (or, without one, the application default
+    credentials, which may ask the metadata server with google-auth's short
+    timeout) is read now, in the foreground; the first token is minted in the
+    pool once the daemon runs.
+
+    @raise CredentialUnavailable: the file is missing or unusable (naming it),
+        or there are no application default credentials.
+    """
+    from lmgate.governance.vertex import CLOUD_PLATFORM, GoogleOAuthCredential
+
+    spec = provider.credentials
+    assert spec is not None and spec.google is not None
+    google = spec.google
+    try:
+        return GoogleOAuthCredential(parts.reactor, parts.threadPool, google.serviceAccountFile, google.scopes or (CLOUD_PLATFORM,))
+    except ConfigError as e:
+        path = google.serviceAccountFile
+        raise CredentialUnavailable(f"{path}: {e.problem}" if path is not None else e.problem) from None
+
+
+#: Kinds whose credential refreshes itself (in the thread pool): a reload with the
+#: same settings keeps it rather than searching for credentials again on the reactor thread.
+SELF_REFRESHING = frozenset({"aws", "google"})
+
 #: How each kind of C{credentials} becomes a credential (L{CredentialSettings.kind}).
 CREDENTIAL_KINDS: dict[str, CredentialFactory] = {
     "env": staticKey,
     "file": staticKey,
-    "aws": notInThisBuild,
-    "google": notInThisBuild,
+    "aws": awsSigV4,
+    "google": googleOAuth,
 }
 
 
@@ -188,6 +252,9 @@ class ProviderCredentials(Service):
     def _reloadRoute(self, name: str, provider: ProviderSettings, spec: CredentialSettings) -> RouteAuth:
         old = self.routes.get(name)
         reread = getattr(old.credential, "reload", None) if old is not None and old.spec == spec else None
+        if old is not None and old.mode == MANAGED and old.spec == spec and spec.kind in SELF_REFRESHING:
+            if not isinstance(old.credential, _Unavailable):
+                return old  # it keeps itself fresh in the pool; building it again would block the reactor
         try:
             if reread is not None:
                 assert old is not None
