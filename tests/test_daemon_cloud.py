@@ -82,6 +82,9 @@ class CloudDaemonTests(TestCase):
         )
         return daemon
 
+    def headers(self, headers: dict[str, str]) -> Any:
+        return headers
+
     def assertClientKeyNeverSent(self) -> None:
         for seen in self.upstream.seen:
             for _, values in seen.headers.getAllRawHeaders():
@@ -182,8 +185,8 @@ class CloudDaemonTests(TestCase):
 
         self.assertEqual([seen.request.code for seen in self.upstream.seen], [200, 200, 200])
         for seen in self.upstream.seen:
-            self.assertTrue(seen.headers.getRawHeaders(b"authorization")[0].startswith(b"AWS4-HMAC-SHA256 Credential=" + ACCESS_KEY.encode()))
-            self.assertEqual(len(seen.headers.getRawHeaders(b"authorization")), 1)
+            [authorization] = seen.headers.getRawHeaders(b"authorization") or []
+            self.assertTrue(authorization.startswith(b"AWS4-HMAC-SHA256 Credential=" + ACCESS_KEY.encode()))
         self.assertNotEqual(self.upstream.seen[0].headers.getRawHeaders(b"x-amz-date"), [b"20200101T000000Z"])  # LMGate's own
         self.assertFalse(self.upstream.seen[0].headers.hasHeader(b"x-amz-content-sha256"))
         self.assertIn(b"%3A", self.upstream.seen[0].uri)  # the model id as boto3 encoded it, signed as sent
@@ -214,7 +217,7 @@ class CloudDaemonTests(TestCase):
         )
         daemon.start(logfile=self.logPath)
         await daemon.waitUntilHealthy(self.port)
-        signed = {
+        signed: Any = {
             "Authorization": "AWS4-HMAC-SHA256 Credential=AKIDCLIENT/20261201/us-east-1/bedrock/aws4_request, "
             "SignedHeaders=host;x-amz-date, Signature=" + "0" * 64,
             "X-Amz-Date": "20261201T000000Z",
@@ -235,7 +238,7 @@ class CloudDaemonTests(TestCase):
         daemon.start(logfile=self.logPath)
         await daemon.waitUntilHealthy(self.port)
         converse = b'{"messages": [{"role": "user", "content": [{"text": "hello"}]}]}'
-        headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
+        headers: Any = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
         response = await treq.post(f"http://127.0.0.1:{self.port}/bedrock/model/{MODEL}/converse", converse, headers=headers, persistent=False)
         body = await response.content()
         self.assertEqual(response.code, 200, body)
@@ -305,13 +308,13 @@ class CloudDaemonTests(TestCase):
         body = b'{"contents": [{"role": "user", "parts": [{"text": "hello there"}]}]}'
         response = await treq.post(
             f"http://127.0.0.1:{self.port}{path}:generateContent", body,
-            headers={"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}, persistent=False,
+            headers=self.headers({"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}), persistent=False,
         )
         plain = await response.content()
         self.assertEqual(response.code, 200, plain)
         response = await treq.post(
             f"http://127.0.0.1:{self.port}{path}:streamGenerateContent?alt=sse&key={CLIENT_KEY}", body,
-            headers={"Content-Type": "application/json"}, persistent=False,
+            headers=self.headers({"Content-Type": "application/json"}), persistent=False,
         )
         streamed = await response.content()
         self.assertEqual(response.code, 200, streamed)
@@ -350,7 +353,7 @@ class CloudDaemonTests(TestCase):
         await daemon.waitUntilHealthy(self.port)
         response = await treq.post(
             f"http://127.0.0.1:{self.port}/google/v1/projects/p/locations/l/publishers/google/models/gemini-2.0-flash:generateContent",
-            b'{"contents": [{"parts": [{"text": "hi"}]}]}', headers={"x-goog-api-key": CLIENT_KEY}, persistent=False,
+            b'{"contents": [{"parts": [{"text": "hi"}]}]}', headers=self.headers({"x-goog-api-key": CLIENT_KEY}), persistent=False,
         )
         body = await response.content()
         self.assertEqual(response.code, 200, body)

@@ -24,6 +24,7 @@ from lmgate.gate.providers import Provider
 from lmgate.governance.interfaces import CredentialUnavailable, IUpstreamCredential, OutgoingRequest
 from lmgate.governance.keys import EnvironmentKey, FileKey, StaticKeyCredential
 from lmgate.governance.managed import MANAGED, STUB, CredentialParts, ProviderCredentials, RouteAuth
+from lmgate.governance.sigv4 import SigV4Credential
 from lmgate.records.record import RECORD_FIELDS
 from tests.helpers import ALLOWED_KEY, FakeUpstream, call, clientAgent, jsonAnswer, startGateway
 
@@ -470,14 +471,62 @@ class ProviderCredentialsTests(SynchronousTestCase):
         e = self.assertRaises(ConfigError, self.service().configure, self.settings({"file": path}))
         self.assertEqual(str(e), f"etc/lmgate.yaml: providers.openai.credentials.file: {path} does not exist (missing: refuse)")
 
-    def test_awsAndGoogleNotYet(self) -> None:
-        """Bedrock SigV4 and Vertex OAuth are refused at start-up until their signers are in the build."""
+    def awsEnvironment(self, **variables: str) -> None:
+        """botocore (which reads C{os.environ}) finds only C{variables}: no shared files, no metadata service."""
+        directory = self.mktemp()
+        environ = {
+            "AWS_SHARED_CREDENTIALS_FILE": os.path.join(directory, "none"),
+            "AWS_CONFIG_FILE": os.path.join(directory, "none"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+            **variables,
+        }
+        self.patch(os, "environ", environ)
+
+    def test_awsAndGoogle(self) -> None:
+        """C{credentials.aws} builds a SigV4 signer when botocore's chain finds credentials, and is refused in
+        one line naming the route when it finds none; C{credentials.google} names a service account file it
+        cannot read."""
+        bedrock = self.settings({"aws": {}}, "bedrock", "https://bedrock-runtime.eu-west-3.amazonaws.com")
+        self.awsEnvironment(AWS_ACCESS_KEY_ID="AKIDTEST", AWS_SECRET_ACCESS_KEY="secret-for-tests")
+        from tests.test_sigv4 import FakePool, FakeReactor
+
+        service = ProviderCredentials(CredentialParts("etc/lmgate.yaml", FakeReactor(), FakePool()), lambda: "http://127.0.0.1:7")
+        service.configure(bedrock)
+        route = service.authFor("bedrock")
+        assert route is not None
+        self.assertIsInstance(route.credential, SigV4Credential)
+        self.assertEqual((route.mode, route.credential.region), (MANAGED, "eu-west-3"))  # type: ignore[union-attr]
+        self.assertNotIn("secret-for-tests", repr(route.credential))
+
+        self.awsEnvironment()
+        e = self.assertRaises(ConfigError, self.service().configure, bedrock)
+        self.assertTrue(str(e).startswith("etc/lmgate.yaml: providers.bedrock.credentials.aws: no AWS credentials found"), str(e))
+        self.assertTrue(str(e).endswith("(missing: refuse)"), str(e))
+
+        path = os.path.abspath(self.mktemp())
         e = self.assertRaises(ConfigError, self.service().configure,
-                              self.settings({"aws": {}}, "bedrock", "https://bedrock-runtime.us-east-1.amazonaws.com"))
-        self.assertTrue(str(e).endswith("credentials.aws: not available in this build yet"), str(e))
-        e = self.assertRaises(ConfigError, self.service().configure,
-                              self.settings({"google": {}}, "google", "https://aiplatform.googleapis.com"))
-        self.assertTrue(str(e).endswith("credentials.google: not available in this build yet"), str(e))
+                              self.settings({"google": {"service_account_file": path}}, "google", "https://aiplatform.googleapis.com"))
+        self.assertTrue(str(e).startswith(f"etc/lmgate.yaml: providers.google.credentials.google: {path}: cannot read"), str(e))
+
+    def test_selfRefreshingKeptOnReload(self) -> None:
+        """SIGHUP with unchanged C{credentials.aws}/C{google} keeps the credential (it refreshes itself in the
+        pool): the chain is not searched again on the reactor thread. Changed settings build a new one."""
+        built: list[Any] = []
+
+        def factory(provider: Any, parts: Any) -> Any:
+            built.append(StaticKeyCredential(EnvironmentKey("K", {"K": "key-aaaaaaaaaaaaaaaa"}), "Authorization", "Bearer"))
+            built[-1].reload()
+            return built[-1]
+
+        service = ProviderCredentials(CredentialParts("etc/lmgate.yaml"), lambda: "http://127.0.0.1:7", kinds={"aws": factory})
+        settings = self.settings({"aws": {}}, "bedrock", "https://bedrock-runtime.us-east-1.amazonaws.com")
+        service.configure(settings)
+        service.reload(settings)
+        self.assertEqual(len(built), 1)
+        self.assertIs(service.authFor("bedrock").credential, built[0])  # type: ignore[union-attr]
+        service.reload(self.settings({"aws": {"region": "us-west-2"}}, "bedrock", "https://bedrock-runtime.us-east-1.amazonaws.com"))
+        self.assertEqual(len(built), 2)
+        self.assertIs(service.authFor("bedrock").credential, built[1])  # type: ignore[union-attr]
 
     def test_stubWhenMissing(self) -> None:
         """C{missing: stub}: the route goes to the stub; with the key present, it is managed."""
