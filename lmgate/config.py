@@ -589,6 +589,10 @@ def _providers(source: str, raw: Any) -> dict[str, ProviderSettings]:
         health = None
         if entry.get("health") is not None:
             health = _health(source, f"{key}.health", entry["health"])
+            # Checked, but no probe runs yet: say so rather than accept a setting that does nothing.
+            raise ConfigError(source, f"{key}.health", "not available in this build yet (active health probes)")
+        if entry.get("openai_path") is not None:
+            raise ConfigError(source, f"{key}.openai_path", "not available in this build yet (the unified /v1 endpoint)")
         providers[name] = ProviderSettings(name, upstream, fmt, maxBody, credentials, openaiPath, health)
     return providers
 
