@@ -398,13 +398,19 @@ def _credentials(source: str, key: str, name: str, fmt: str, upstream: str, raw:
     return CredentialSettings(**values)
 
 
-def _aws(source: str, key: str, upstream: str, raw: Any) -> AwsCredentialSettings:
-    """Check C{credentials.aws}: region (default from the upstream host), profile."""
+def _subsection(source: str, key: str, raw: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """A mapping of optional keys (null: all defaults); anything else, or an unknown key, is refused."""
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
-        raise ConfigError(source, key, f"must be a mapping (region, profile), got {_typeName(raw)}")
-    for unknown in sorted(set(raw) - {"region", "profile"}, key=str):
+        raise ConfigError(source, key, f"must be a mapping ({', '.join(allowed)}), got {_typeName(raw)}")
+    for unknown in sorted(set(raw) - set(allowed), key=str):
         raise ConfigError(source, f"{key}.{unknown}", "unknown key")
+    return raw
+
+
+def _aws(source: str, key: str, upstream: str, raw: Any) -> AwsCredentialSettings:
+    """Check C{credentials.aws}: region (default from the upstream host), profile."""
+    raw = _subsection(source, key, raw, ("region", "profile"))
     try:
         region = _optionalText(raw.get("region"))
     except _Invalid as e:
@@ -423,11 +429,7 @@ def _aws(source: str, key: str, upstream: str, raw: Any) -> AwsCredentialSetting
 
 def _google(source: str, key: str, raw: Any) -> GoogleCredentialSettings:
     """Check C{credentials.google}: service_account_file, scopes (both optional)."""
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ConfigError(source, key, f"must be a mapping (service_account_file, scopes), got {_typeName(raw)}")
-    for unknown in sorted(set(raw) - {"service_account_file", "scopes"}, key=str):
-        raise ConfigError(source, f"{key}.{unknown}", "unknown key")
+    raw = _subsection(source, key, raw, ("service_account_file", "scopes"))
     try:
         path = _optionalText(raw.get("service_account_file"))
     except _Invalid as e:

@@ -206,14 +206,7 @@ class ProxiedCall:
         if self._recorded:  # aborted at shutdown
             return
         kind = "upstream_timeout" if self._timedOut else failureKind(reason)
-        provider = self._context.provider
-        self._gateway.rateLog.info(
-            "upstream failures",
-            "{provider}: no response from upstream ({kind}): {why}",
-            provider=provider.name if provider else "-",
-            kind=kind,
-            why=reason.getErrorMessage(),
-        )
+        self._logUpstreamFailure("no response from upstream", kind, reason)
         if kind == "upstream_timeout":
             body = self.refuse(kind, "The upstream did not answer in time.")
         elif kind == "upstream_reset":
@@ -224,6 +217,18 @@ class ProxiedCall:
             body = self.refuse(kind, "The upstream could not be reached.")
         self._request.write(body)
         self._request.finish()
+
+    def _logUpstreamFailure(self, what: str, kind: str, reason: Failure) -> None:
+        """One rate-limited log line for an upstream that failed this call."""
+        provider = self._context.provider
+        self._gateway.rateLog.info(
+            "upstream failures",
+            "{provider}: {what} ({kind}): {why}",
+            provider=provider.name if provider else "-",
+            what=what,
+            kind=kind,
+            why=reason.getErrorMessage(),
+        )
 
     def _relay(self, response: IResponse) -> Deferred[None] | None:
         self._pending = None  # cancelling now would cancel the tee; a leaving client stops it instead
@@ -248,14 +253,7 @@ class ProxiedCall:
             self._recordOnce(None, None)
         else:
             kind = relaying.brokenKind(result)
-            provider = self._context.provider
-            self._gateway.rateLog.info(
-                "upstream failures",
-                "{provider}: upstream body ended early ({kind}): {why}",
-                provider=provider.name if provider else "-",
-                kind=kind,
-                why=result.getErrorMessage(),
-            )
+            self._logUpstreamFailure("upstream body ended early", kind, result)
             if not self._request.startedWriting:
                 # Not a byte has reached the client: it can still get a proper error.
                 relaying.clearHead()
