@@ -88,7 +88,7 @@ class Digest(Protocol):
 class CompressionBombTests(DaemonTestCase):
     async def test_gzipBombStaysResponsive(self) -> None:
         """A gzip SSE stream inflating to 1 GB is relayed byte for byte; its usage is read only up
-        to the bound (the record says "truncated"), and /healthz answers in under a second
+        to the bound (the record says "truncated"), and /healthz answers within 2.5 s
         throughout (measured: before the bound, each wire chunk held the reactor for seconds)."""
         bomb, decoded = gzipBomb(1000)
         self.assertGreater(decoded, 1_000_000_000)
@@ -124,8 +124,10 @@ class CompressionBombTests(DaemonTestCase):
         assert body.reason is not None
         self.assertTrue(body.reason.check(ResponseDone), body.reason)
         self.assertEqual((body.size, body.sha.hexdigest()), (len(bomb), hashlib.sha256(bomb).hexdigest()))
-        self.assertGreaterEqual(len(latencies), 10)
-        self.assertLess(max(latencies), 1.0, latencies)
+        self.assertGreaterEqual(len(latencies), 5)
+        # Unbounded, each took 25-31 s; the bound leaves room for a loaded CI machine
+        # (a single check took 1.2 s with four test suites sharing two cores).
+        self.assertLess(max(latencies), 2.5, latencies)
 
         self.assertEqual(await daemon.stop(), 0)
         [record] = readRecords(self.statsPath)
