@@ -8,6 +8,7 @@ reload replaces them on the L{lmgate.gate.gateway.Gateway}).
 
 from __future__ import annotations
 
+from random import Random
 from typing import TYPE_CHECKING
 
 from zope.interface import implementer
@@ -16,6 +17,7 @@ from lmgate.access.credentials import CredentialError, extractCredential, maskKe
 
 from lmgate.gate.admission import CallContext, IAdmissionStep, Pipeline, Refusal
 from lmgate.gate.routing import RouteError, splitTarget
+from lmgate.governance.aliases import Choice, ModelNotFound, findModel, resolveModel
 
 if TYPE_CHECKING:
     from lmgate.gate.gateway import Gateway
@@ -110,6 +112,54 @@ class NoConnect:
         return _CONNECT if context.method == b"CONNECT" else None
 
 
+@implementer(IAdmissionStep)
+class ResolveAlias:
+    """
+    A body whose top-level C{model} names an alias goes to one of the alias's
+    targets of the route's own format: the step puts the target's route in
+    C{provider} (its upstream, and its managed credential or the client's key,
+    as that route says), the alias in C{alias}, the target in C{target}, and
+    the body with only the C{model} value rewritten in C{body} (the call sends
+    that body). An alias with no target of this format is refused 404
+    C{model_not_found}, never relayed.
+
+    Without C{models:} configured the step costs one truth test. A body LMGate
+    spooled to a file (over L{lmgate.gate.gateway.KEEP_BODY_LIMIT}) is not read
+    for an alias: it is relayed as it came, as on a route without aliases.
+
+    The first target in the L{lmgate.governance.aliases.Selector}'s order
+    (healthy targets first) is used; falling back to the next one when it fails
+    is not built yet.
+    """
+
+    def __init__(self, gateway: Gateway, random: Random | None = None) -> None:
+        self._gateway = gateway
+        self._random = random or Random()
+
+    def admit(self, context: CallContext) -> Refusal | None:
+        gateway = self._gateway
+        aliases = gateway.aliases
+        body = context.body
+        if not aliases or not body or context.provider is None:
+            return None
+        found = findModel(body)
+        if found is None or found.model not in aliases:
+            return None  # not an alias: relayed unchanged
+        choice = resolveModel(found.model, False, context.provider.format, aliases, gateway.formats)
+        if isinstance(choice, ModelNotFound):
+            return Refusal("model_not_found", choice.message)
+        assert isinstance(choice, Choice)
+        target = gateway.selector.order(choice.alias, self._random)[0]
+        provider = gateway.providers.get(target.provider.encode("ascii"))
+        if provider is None:  # the routes and aliases are replaced together on reload; kept as a guard
+            return Refusal("model_not_found", f"The model `{found.model}` has no target on this gateway.")
+        context.alias, context.target = choice.named, target
+        context.provider, context.requestedModel = provider, target.model
+        context.body = found.rewrite(body, target.model)
+        context.bodySize = len(context.body)
+        return None
+
+
 def defaultPipeline(gateway: Gateway) -> Pipeline:
     """
     The steps every call passes, in order. A new step is added here: to the
@@ -118,5 +168,5 @@ def defaultPipeline(gateway: Gateway) -> Pipeline:
     """
     return Pipeline(
         atHeaders=[Route(gateway), Draining(gateway), Authenticate(gateway), NoConnect()],
-        atBody=[],
+        atBody=[ResolveAlias(gateway)],
     )

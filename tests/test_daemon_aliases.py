@@ -1,0 +1,134 @@
+"""
+Model aliases end to end: C{twistd -n lmgate} as a child process, two fake
+Anthropic-format upstreams on loopback (one pass-through route, one managed),
+an alias on the native route, the byte-exact rewrite of the body's model, the
+404 C{model_not_found} answer, and SIGHUP applying new aliases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import treq
+from twisted.trial.unittest import TestCase
+from twisted.web.server import Request, Site
+
+from tests.daemon import Daemon, freePort, readRecords, waitFor
+from tests.helpers import FakeUpstream, jsonAnswer, listenLocal
+
+CLIENT_KEY = "lmgate-app-key-0000000000000000Qq"
+PROVIDER_KEY = "sk-ant-provider-111111111111111Aa"
+#: "model" is not first, appears inside the messages, and the body has odd spacing: only the top-level value changes.
+ALIASED = (
+    b'{"max_tokens": 5,  "messages": [{"role": "user", "content": "model: \\"fast-claude\\"", "model": "x"}],\n'
+    b' "model" : "fast-claude", "stream": false}'
+)
+ANSWER = {"id": "msg_1", "type": "message", "model": "claude-3-5-haiku", "usage": {"input_tokens": 3, "output_tokens": 2}}
+
+
+def echoModel(request: Request) -> bytes:
+    """Answer as Anthropic does, naming the model the request asked for."""
+    content: Any = request.content
+    content.seek(0)
+    model = json.loads(content.read())["model"]
+    return jsonAnswer(dict(ANSWER, model=model))(request)
+
+
+class AliasDaemonTests(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.allowlistPath = os.path.join(self.directory, "allowlist.csv")
+        with open(self.allowlistPath, "w") as f:
+            f.write(f"id,api_key,owner,added\napp,{CLIENT_KEY},team-a,2026-12-01\n")
+        self.plain, self.managed = FakeUpstream(), FakeUpstream()
+        self.plain.handler = self.managed.handler = echoModel
+        self.plainPort = listenLocal(self, Site(self.plain))
+        self.managedPort = listenLocal(self, Site(self.managed))
+        self.port = freePort()
+        self.statsPath = os.path.join(self.directory, "var", "stats.jsonl")
+        self.logPath = os.path.join(self.directory, "var", "twistd.log")
+
+    def config(self, models: str) -> str:
+        return "\n".join(
+            [
+                f'listen: "tcp:{self.port}:interface=127.0.0.1"',
+                f"allowlist: {{path: {self.allowlistPath}}}",
+                f"stats: {{path: {self.statsPath}, flush_interval: 0.2}}",
+                "providers:",
+                f"  anthropic: {{upstream: 'http://127.0.0.1:{self.plainPort}'}}",
+                f"  claude-eu: {{upstream: 'http://127.0.0.1:{self.managedPort}', format: anthropic,"
+                f" credentials: {{env: LMGATE_TESTS_ANTHROPIC_KEY}}}}",
+                f"  openai: {{upstream: 'http://127.0.0.1:{self.plainPort}'}}",
+                models,
+            ]
+        ) + "\n"
+
+    async def post(self, path: str, body: bytes) -> tuple[int, Any]:
+        headers: Any = {"x-api-key": CLIENT_KEY, "content-type": "application/json"}
+        response = await treq.post(f"http://127.0.0.1:{self.port}{path}", body, headers=headers, persistent=False)
+        return response.code, json.loads(await response.content())
+
+    async def test_aliasOnANativeRoute(self) -> None:
+        """An alias in the body of /anthropic/v1/messages goes to its anthropic-format target's route
+        (its upstream, its managed key, never the client's), with only the top-level model's value
+        rewritten; a model that is no alias is relayed byte for byte; an alias with no target of the
+        route's format is refused 404 in Anthropic's shape, never relayed; each call is recorded once
+        with its alias, the target's route and model; SIGHUP applies a changed alias."""
+        models = (
+            "models:\n"
+            "  fast-claude: {targets: [{provider: claude-eu, model: claude-3-5-haiku}, {provider: openai, model: gpt-4o-mini}]}\n"
+            "  only-openai: {targets: [{provider: openai, model: gpt-4o-mini}]}\n"
+        )
+        daemon = Daemon(self, self.config(models), self.directory, env={"LMGATE_TESTS_ANTHROPIC_KEY": PROVIDER_KEY})
+        daemon.start(logfile=self.logPath)
+        await daemon.waitUntilHealthy(self.port)
+
+        code, answer = await self.post("/anthropic/v1/messages", ALIASED)
+        self.assertEqual((code, answer), (200, ANSWER))  # the target's model, as the provider names it
+        plainBody = b'{"model": "claude-3-opus", "max_tokens": 5, "messages": []}'
+        code, _ = await self.post("/anthropic/v1/messages", plainBody)
+        self.assertEqual(code, 200)
+        code, refused = await self.post("/anthropic/v1/messages", b'{"model": "only-openai", "messages": []}')
+        self.assertEqual(code, 404)
+        self.assertEqual(refused["type"], "error")
+        self.assertEqual(refused["error"]["type"], "not_found_error")
+        self.assertIn("only-openai", refused["error"]["message"])
+
+        with open(daemon.configPath, "w") as f:
+            f.write(self.config("models:\n  fast-claude: {targets: [{provider: anthropic, model: claude-3-opus}]}\n"))
+        daemon.signal("HUP")
+
+        def reloaded() -> bool:
+            with open(self.logPath, "rb") as f:
+                return b"Reloaded the configuration" in f.read()
+
+        await waitFor(reloaded, "the reload")
+        code, _ = await self.post("/anthropic/v1/messages", ALIASED)
+        self.assertEqual(code, 200)
+        self.assertEqual(await daemon.stop(), 0)
+
+        [viaAlias] = self.managed.seen
+        self.assertEqual(viaAlias.uri, b"/v1/messages")
+        self.assertEqual(viaAlias.body, ALIASED.replace(b'"model" : "fast-claude"', b'"model" : "claude-3-5-haiku"'))
+        self.assertEqual(viaAlias.headers.getRawHeaders(b"x-api-key"), [PROVIDER_KEY.encode()])
+        plainSeen, afterReload = self.plain.seen
+        self.assertEqual(plainSeen.body, plainBody)
+        self.assertEqual(plainSeen.headers.getRawHeaders(b"x-api-key"), [CLIENT_KEY.encode()])
+        self.assertEqual(afterReload.body, ALIASED.replace(b'"model" : "fast-claude"', b'"model" : "claude-3-opus"'))
+
+        records = readRecords(self.statsPath)
+        self.assertEqual(
+            [(r["status"], r["provider"], r["model"], r["alias"], r["auth"], r["attempts"]) for r in records],
+            [
+                (200, "claude-eu", "claude-3-5-haiku", "fast-claude", "managed", 1),
+                (200, "anthropic", "claude-3-opus", None, "client", 1),
+                (404, "anthropic", "only-openai", None, "client", 0),
+                (200, "anthropic", "claude-3-opus", "fast-claude", "client", 1),
+            ],
+        )
+        self.assertEqual(records[2]["error"], "model_not_found")
