@@ -15,7 +15,7 @@ import treq
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Request, Site
 
-from tests.daemon import Daemon, freePort, readRecords, waitFor
+from tests.daemon import Daemon, freePort, inThread, readRecords, waitFor
 from tests.helpers import FakeUpstream, jsonAnswer, listenLocal
 
 CLIENT_KEY = "lmgate-app-key-0000000000000000Qq"
@@ -132,3 +132,114 @@ class AliasDaemonTests(TestCase):
             ],
         )
         self.assertEqual(records[2]["error"], "model_not_found")
+
+
+EMBEDDING = {
+    "object": "list",
+    "data": [{"object": "embedding", "index": 0, "embedding": [0.25, -0.5]}],
+    "model": "emb-small",
+    "usage": {"prompt_tokens": 1, "total_tokens": 1},
+}
+
+
+class UnifiedDaemonTests(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        from lmgate.stub.server import makeStubResource
+
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        self.allowlistPath = os.path.join(self.directory, "allowlist.csv")
+        with open(self.allowlistPath, "w") as f:
+            f.write(f"id,api_key,owner,added\napp,{CLIENT_KEY},team-a,2026-12-01\n")
+        self.stubPort = listenLocal(self, Site(makeStubResource(reactor)))
+        self.compat = FakeUpstream()
+        self.compat.handler = jsonAnswer(EMBEDDING)
+        self.compatPort = listenLocal(self, Site(self.compat))
+        self.port = freePort()
+        self.statsPath = os.path.join(self.directory, "var", "stats.jsonl")
+
+    async def test_openaiSDKOnTheUnifiedEndpoint(self) -> None:
+        """The openai SDK pointed at /v1 reaches an alias's openai-format target, streamed and not;
+        lists the aliases it can use; reaches a route directly as <route>/<model> under that route's
+        openai_path; and gets NotFoundError (404 model_not_found, never relayed) for an unknown model,
+        an alias with no openai-format target and a route of another format. One record each, with
+        the target's route and model and the alias."""
+        config = "\n".join(
+            [
+                f'listen: "tcp:{self.port}:interface=127.0.0.1"',
+                f"allowlist: {{path: {self.allowlistPath}}}",
+                f"stats: {{path: {self.statsPath}, flush_interval: 0.2}}",
+                "providers:",
+                f"  openai: {{upstream: 'http://127.0.0.1:{self.stubPort}'}}",
+                f"  compat: {{upstream: 'http://127.0.0.1:{self.compatPort}', format: openai, openai_path: /v1beta/openai/}}",
+                f"  anthropic: {{upstream: 'http://127.0.0.1:{self.compatPort}'}}",
+                "models:",
+                "  default-chat: {targets: [{provider: openai, model: gpt-4o-mini}]}",
+                "  claude-only: {targets: [{provider: anthropic, model: claude-3-5-haiku}]}",
+            ]
+        ) + "\n"
+        daemon = Daemon(self, config, self.directory)
+        daemon.start()
+        await daemon.waitUntilHealthy(self.port)
+        base = f"http://127.0.0.1:{self.port}/v1"
+
+        def calls() -> list[Any]:
+            import openai
+
+            client = openai.OpenAI(base_url=base, api_key=CLIENT_KEY, max_retries=0, timeout=20)
+            chat = client.chat.completions.create(model="default-chat", messages=[{"role": "user", "content": "hi there"}])
+            chunks = list(
+                client.chat.completions.create(
+                    model="default-chat",
+                    messages=[{"role": "user", "content": "hi"}],
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            listed = [m.id for m in client.models.list()]
+            embedding = client.embeddings.create(model="compat/emb-small", input="hi", encoding_format="float")
+            refused = []
+            for model in ("no-such-model", "claude-only", "anthropic/claude-3-5-haiku"):
+                try:
+                    client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+                except openai.NotFoundError as e:
+                    refused.append((model, e.code))
+            return [chat, chunks, listed, embedding, refused]
+
+        chat, chunks, listed, embedding, refused = await inThread(calls)
+        self.assertTrue(chat.choices[0].message.content)
+        self.assertIsNotNone(chunks[-1].usage)
+        self.assertEqual(listed, ["default-chat"])
+        self.assertEqual(embedding.data[0].embedding, [0.25, -0.5])
+        self.assertEqual(
+            refused,
+            [
+                ("no-such-model", "model_not_found"),
+                ("claude-only", "model_not_found"),
+                ("anthropic/claude-3-5-haiku", "model_not_found"),
+            ],
+        )
+        self.assertEqual(await daemon.stop(), 0)
+
+        [seen] = self.compat.seen  # nothing refused reached an upstream
+        self.assertEqual(seen.uri, b"/v1beta/openai/embeddings")
+        self.assertEqual(json.loads(seen.body)["model"], "emb-small")
+        self.assertEqual(seen.headers.getRawHeaders(b"authorization"), [f"Bearer {CLIENT_KEY}".encode()])
+        records = readRecords(self.statsPath)
+        self.assertEqual(
+            [(r["endpoint"], r["status"], r["provider"], r["model"], r["alias"], r["attempts"], r["error"]) for r in records],
+            [
+                ("/v1/chat/completions", 200, "openai", "gpt-4o-mini", "default-chat", 1, None),
+                ("/v1/chat/completions", 200, "openai", "gpt-4o-mini", "default-chat", 1, None),
+                ("/v1/models", 200, "v1", None, None, 0, None),
+                ("/v1/embeddings", 200, "compat", "emb-small", None, 1, None),
+                ("/v1/chat/completions", 404, "v1", "no-such-model", None, 0, "model_not_found"),
+                ("/v1/chat/completions", 404, "v1", "claude-only", None, 0, "model_not_found"),
+                ("/v1/chat/completions", 404, "v1", "anthropic/claude-3-5-haiku", None, 0, "model_not_found"),
+            ],
+        )
+        self.assertTrue(records[1]["streaming"])

@@ -110,6 +110,21 @@ class ProxiedCall:
         self._recordOnce(errorName or kind, None)
         return body
 
+    def serve(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+        """
+        Answer with a response of LMGate's own that is no error (C{GET /v1/models}), and record it.
+
+        @return: the body, for C{render} to return.
+        """
+        self._request.setResponseCode(status)
+        for name, value in headers:
+            self._request.responseHeaders.setRawHeaders(name, [value])
+        self._request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        self._status = status
+        self._answerBytes = 0 if self._request.method == b"HEAD" else len(body)
+        self._recordOnce(None, None)
+        return b"" if self._request.method == b"HEAD" else body
+
     def answer(self, body: Any) -> None:
         """
         Finish what the call's continuation rendered after a wait (a refusal's

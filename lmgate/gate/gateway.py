@@ -30,7 +30,8 @@ from lmgate.gate.call import ProxiedCall
 from lmgate.gate.channel import GatewayChannel, GatewayRequest, Limits
 from lmgate.gate.routing import isHealth
 from lmgate.gate.steps import SHUTTING_DOWN, defaultPipeline
-from lmgate.governance.aliases import Alias, Cooldown, FallbackSettings, Selector
+from lmgate.config import ProviderSettings
+from lmgate.governance.aliases import Alias, Cooldown, FallbackSettings, Selector, modelsList, usableOnUnified
 from lmgate.governance.interfaces import CredentialUnavailable, OutgoingRequest
 from lmgate.relay.twistedprivate import accessLogEscape
 from lmgate.relay.headers import upstreamRequestHeaders
@@ -94,6 +95,8 @@ class Gateway:
         self.formats: Mapping[str, str] = {p.name: p.format for p in providers.values()}
         #: The order of an alias's targets; its cooldown is shared by every call.
         self.selector = Selector(Cooldown(clock))
+        #: The unified endpoint C{/v1} (OpenAI format) until the alias step picks the target's route.
+        self.unified = Provider(ProviderSettings("v1", "http://unified.invalid", "openai"))
         self.pipeline = defaultPipeline(self)
 
     def setAliases(self, aliases: Mapping[str, Alias], fallback: FallbackSettings) -> None:
@@ -240,6 +243,8 @@ class GatewayResource(Resource):
         """Relay the admitted call."""
         provider = context.provider
         assert provider is not None
+        if provider is self._gateway.unified:  # GET /v1/models: the alias step let only that through
+            return self._models(call)
         if provider.managed:
             return self._sendManaged(request, call, context, producer, provider)
         pending = self._gateway.upstream.send(
@@ -249,6 +254,16 @@ class GatewayResource(Resource):
             producer,
         )
         return call.start(pending)
+
+    def _models(self, call: ProxiedCall) -> bytes:
+        """
+        C{GET /v1/models}: the aliases the unified endpoint can send somewhere
+        (those with an C{openai}-format target), in configuration order, in
+        OpenAI's list shape. Every admitted key may use every alias.
+        """
+        gateway = self._gateway
+        names = [name for name, alias in gateway.aliases.items() if usableOnUnified(alias, gateway.formats)]
+        return call.serve(200, [(b"content-type", b"application/json")], modelsList(names))
 
     def _sendManaged(
         self, request: Request, call: ProxiedCall, context: CallContext, producer: IBodyProducer | None, provider: Provider

@@ -15,6 +15,7 @@ import json
 #: Error kinds LMGate itself answers with, and the HTTP status of each.
 STATUS = {
     "bad_request": 400,
+    "body_too_large": 413,
     "forbidden": 403,
     "not_found": 404,
     "model_not_found": 404,
@@ -29,6 +30,7 @@ STATUS = {
 # turns into the matching exception class.
 _OPENAI_TYPES = {
     "bad_request": ("invalid_request_error", None),
+    "body_too_large": ("invalid_request_error", "request_too_large"),
     "forbidden": ("invalid_request_error", "invalid_api_key"),
     "not_found": ("invalid_request_error", "unknown_url"),
     "model_not_found": ("invalid_request_error", "model_not_found"),
@@ -40,6 +42,7 @@ _OPENAI_TYPES = {
 }
 _ANTHROPIC_TYPES = {
     "bad_request": "invalid_request_error",
+    "body_too_large": "request_too_large",
     "forbidden": "permission_error",
     "not_found": "not_found_error",
     "model_not_found": "not_found_error",
@@ -51,6 +54,7 @@ _ANTHROPIC_TYPES = {
 }
 _GOOGLE_STATUS = {
     "bad_request": "INVALID_ARGUMENT",
+    "body_too_large": "INVALID_ARGUMENT",
     "forbidden": "PERMISSION_DENIED",
     "not_found": "NOT_FOUND",
     "model_not_found": "NOT_FOUND",
@@ -62,6 +66,7 @@ _GOOGLE_STATUS = {
 }
 _BEDROCK_TYPES = {
     "bad_request": "ValidationException",
+    "body_too_large": "ValidationException",
     "forbidden": "AccessDeniedException",
     "not_found": "ResourceNotFoundException",
     "model_not_found": "ResourceNotFoundException",

@@ -17,7 +17,15 @@ from lmgate.access.credentials import CredentialError, extractCredential, maskKe
 
 from lmgate.gate.admission import CallContext, IAdmissionStep, Pipeline, Refusal
 from lmgate.gate.routing import RouteError, splitTarget
-from lmgate.governance.aliases import Choice, ModelNotFound, findModel, resolveModel
+from lmgate.governance.aliases import (
+    FoundModel,
+    UNIFIED_OPERATIONS,
+    Choice,
+    ModelNotFound,
+    findModel,
+    resolveModel,
+    unifiedPath,
+)
 
 if TYPE_CHECKING:
     from lmgate.gate.gateway import Gateway
@@ -38,6 +46,19 @@ _NO_KEY = Refusal("forbidden", NO_KEY_MESSAGE)
 _SIGV4 = Refusal("forbidden", SIGV4_MESSAGE)
 _UNKNOWN_KEY = Refusal("forbidden", UNKNOWN_KEY_MESSAGE)
 _CONNECT = Refusal("bad_request", "CONNECT is not relayed.")
+
+#: The unified endpoint's prefix (OpenAI wire format, any route of format openai behind it); no route may take the name.
+UNIFIED_PREFIX = b"v1"
+#: The unified endpoint's own listing of the aliases (answered by LMGate, never relayed).
+MODELS_PATH = b"/models"
+_UNIFIED_NO_OPERATION = Refusal(
+    "not_found",
+    "The unified endpoint serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and GET /v1/models.",
+)
+_UNIFIED_SPOOLED = Refusal(
+    "body_too_large",
+    "On the unified endpoint LMGate reads the body's model to pick the route: the body must be at most 1 MiB.",
+)
 
 
 @implementer(IAdmissionStep)
@@ -60,7 +81,9 @@ class Route:
             return Refusal(e.kind, e.message)
         provider = self._gateway.providers.get(name)
         if provider is None:
-            return _NO_PROVIDER
+            if name != UNIFIED_PREFIX:
+                return _NO_PROVIDER
+            provider = self._gateway.unified  # the target's route replaces it in the body stage
         context.provider, context.rest, context.query = provider, rest, query
         return None
 
@@ -138,24 +161,56 @@ class ResolveAlias:
 
     def admit(self, context: CallContext) -> Refusal | None:
         gateway = self._gateway
+        provider = context.provider
+        if provider is gateway.unified:
+            return self._unified(context)
         aliases = gateway.aliases
         body = context.body
-        if not aliases or not body or context.provider is None:
+        if not aliases or not body or provider is None:
             return None
         found = findModel(body)
         if found is None or found.model not in aliases:
             return None  # not an alias: relayed unchanged
-        choice = resolveModel(found.model, False, context.provider.format, aliases, gateway.formats)
+        return self._toTarget(context, found.model, found, False, provider.format)
+
+    def _unified(self, context: CallContext) -> Refusal | None:
+        """
+        The unified endpoint: C{GET /v1/models} goes on (the gateway answers
+        it); an operation's body must name an alias with an C{openai}-format
+        target, or C{<route>/<model>} naming an C{openai} route.
+        """
+        rest = context.rest
+        if context.method in (b"GET", b"HEAD") and rest == MODELS_PATH:
+            return None
+        if context.method != b"POST" or rest not in UNIFIED_OPERATIONS:
+            return _UNIFIED_NO_OPERATION
+        body = context.body
+        if body is None and context.bodySize:
+            return _UNIFIED_SPOOLED
+        found = findModel(body) if body else None
+        return self._toTarget(context, found.model if found is not None else None, found, True, "openai")
+
+    def _toTarget(
+        self, context: CallContext, requested: str | None, found: FoundModel | None, unified: bool, format: str
+    ) -> Refusal | None:
+        """Send the call to the first target the request's model allows, its body's model rewritten."""
+        gateway = self._gateway
+        choice = resolveModel(requested, unified, format, gateway.aliases, gateway.formats)
+        if choice is None:
+            return None
         if isinstance(choice, ModelNotFound):
             return Refusal("model_not_found", choice.message)
         assert isinstance(choice, Choice)
+        assert found is not None and context.body is not None  # a model was found: there is a body
         target = gateway.selector.order(choice.alias, self._random)[0]
         provider = gateway.providers.get(target.provider.encode("ascii"))
         if provider is None:  # the routes and aliases are replaced together on reload; kept as a guard
-            return Refusal("model_not_found", f"The model `{found.model}` has no target on this gateway.")
+            return Refusal("model_not_found", f"The model `{requested}` has no target on this gateway.")
+        if unified:
+            context.rest = unifiedPath(context.rest, provider.openaiPath)
         context.alias, context.target = choice.named, target
         context.provider, context.requestedModel = provider, target.model
-        context.body = found.rewrite(body, target.model)
+        context.body = found.rewrite(context.body, target.model)
         context.bodySize = len(context.body)
         return None
 
