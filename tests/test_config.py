@@ -121,20 +121,21 @@ class ConfigTests(SynchronousTestCase):
             self.assertTrue(self.problem(text).startswith(expected), (text, self.problem(text)))
 
     def test_modelsAndFallback(self) -> None:
-        """The top-level C{models:} and C{fallback:} sections become the settings'
-        aliases (configuration order) and fallback values; absent, no aliases and
-        the default fallback."""
+        """The top-level C{models:} section becomes the settings' aliases (configuration
+        order); absent, no aliases. C{fallback:} is checked, then refused with one
+        line while no call falls back."""
         settings = self.load(
             "providers: {openai: {upstream: 'http://h'}, anthropic: {upstream: 'http://a'}}\n"
             "models:\n"
             "  default-chat: {targets: [{provider: openai, model: gpt-4o-mini}, {provider: anthropic, model: claude}]}\n"
             "  embed: {targets: [{provider: openai, model: text-embedding-3-small}]}\n"
-            "fallback: {on: [429, connect], cooldown: {failures: 2, window: 10, seconds: 5}}\n"
         )
         self.assertEqual(list(settings.models), ["default-chat", "embed"])
         self.assertEqual([t.provider for t in settings.models["default-chat"].targets], ["openai", "anthropic"])
-        self.assertEqual(settings.fallback.on, (429, "connect"))
-        self.assertEqual((settings.fallback.failures, settings.fallback.window, settings.fallback.seconds), (2, 10.0, 5.0))
+        self.assertEqual(
+            self.problem("fallback: {on: [429, connect], cooldown: {failures: 2, window: 10, seconds: 5}}\n"),
+            "fallback: not available in this build yet (trying an alias's next target)",
+        )
         plain = self.load("listen: tcp:1\n")
         self.assertEqual((dict(plain.models), plain.fallback.on), ({}, (429, 500, 502, 503, 504, "connect", "timeout")))
 
