@@ -166,7 +166,8 @@ class UnifiedDaemonTests(TestCase):
         """The openai SDK pointed at /v1 reaches an alias's openai-format target, streamed and not;
         lists the aliases it can use; reaches a route directly as <route>/<model> under that route's
         openai_path; and gets NotFoundError (404 model_not_found, never relayed) for an unknown model,
-        an alias with no openai-format target and a route of another format. One record each, with
+        an alias with no openai-format target and a route of another format; a body too large to read
+        in memory is refused 413 and another operation 404. One record each, with
         the target's route and model and the alias."""
         config = "\n".join(
             [
@@ -211,6 +212,12 @@ class UnifiedDaemonTests(TestCase):
             return [chat, chunks, listed, embedding, refused]
 
         chat, chunks, listed, embedding, refused = await inThread(calls)
+        headers: Any = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        big = b'{"model": "default-chat", "messages": [{"role": "user", "content": "' + b"x" * (1024 * 1024) + b'"}]}'
+        tooLarge = await treq.post(base + "/chat/completions", big, headers=headers, persistent=False)
+        self.assertEqual((tooLarge.code, json.loads(await tooLarge.content())["error"]["code"]), (413, "request_too_large"))
+        other = await treq.post(base + "/audio/speech", b'{"model": "default-chat"}', headers=headers, persistent=False)
+        self.assertEqual((other.code, json.loads(await other.content())["error"]["code"]), (404, "unknown_url"))
         self.assertTrue(chat.choices[0].message.content)
         self.assertIsNotNone(chunks[-1].usage)
         self.assertEqual(listed, ["default-chat"])
@@ -240,6 +247,8 @@ class UnifiedDaemonTests(TestCase):
                 ("/v1/chat/completions", 404, "v1", "no-such-model", None, 0, "model_not_found"),
                 ("/v1/chat/completions", 404, "v1", "claude-only", None, 0, "model_not_found"),
                 ("/v1/chat/completions", 404, "v1", "anthropic/claude-3-5-haiku", None, 0, "model_not_found"),
+                ("/v1/chat/completions", 413, "v1", None, None, 0, "body_too_large"),  # a spooled body is not read
+                ("/v1/audio/speech", 404, "v1", "default-chat", None, 0, "not_found"),
             ],
         )
         self.assertTrue(records[1]["streaming"])
