@@ -667,9 +667,6 @@ def _check(raw: dict[str, Any], source: str) -> Settings:
         values["fallback"] = parseFallback(raw.get("fallback"))
     except AliasConfigError as e:
         raise ConfigError(source, e.where, e.problem) from None
-    if raw.get("fallback") is not None:
-        # Checked, but no call falls back yet: say so rather than accept a setting that does nothing.
-        raise ConfigError(source, "fallback", "not available in this build yet (trying an alias's next target)")
     return Settings(**values)
 
 

@@ -121,9 +121,9 @@ class ConfigTests(SynchronousTestCase):
             self.assertTrue(self.problem(text).startswith(expected), (text, self.problem(text)))
 
     def test_modelsAndFallback(self) -> None:
-        """The top-level C{models:} section becomes the settings' aliases (configuration
-        order); absent, no aliases. C{fallback:} is checked, then refused with one
-        line while no call falls back."""
+        """The top-level C{models:} and C{fallback:} sections become the settings'
+        aliases (configuration order) and fallback values; absent, no aliases and
+        the default fallback."""
         settings = self.load(
             "providers: {openai: {upstream: 'http://h'}, anthropic: {upstream: 'http://a'}}\n"
             "models:\n"
@@ -132,10 +132,9 @@ class ConfigTests(SynchronousTestCase):
         )
         self.assertEqual(list(settings.models), ["default-chat", "embed"])
         self.assertEqual([t.provider for t in settings.models["default-chat"].targets], ["openai", "anthropic"])
-        self.assertEqual(
-            self.problem("fallback: {on: [429, connect], cooldown: {failures: 2, window: 10, seconds: 5}}\n"),
-            "fallback: not available in this build yet (trying an alias's next target)",
-        )
+        fallback = self.load("fallback: {on: [429, connect], cooldown: {failures: 2, window: 10, seconds: 5}}\n").fallback
+        self.assertEqual(fallback.on, (429, "connect"))
+        self.assertEqual((fallback.failures, fallback.window, fallback.seconds), (2, 10.0, 5.0))
         plain = self.load("listen: tcp:1\n")
         self.assertEqual((dict(plain.models), plain.fallback.on), ({}, (429, 500, 502, 503, 504, "connect", "timeout")))
 

@@ -31,7 +31,7 @@ from lmgate.gate.channel import GatewayChannel, GatewayRequest, Limits
 from lmgate.gate.routing import isHealth
 from lmgate.gate.steps import SHUTTING_DOWN, defaultPipeline
 from lmgate.config import ProviderSettings
-from lmgate.governance.aliases import Alias, Cooldown, FallbackSettings, Selector, modelsList, usableOnUnified
+from lmgate.governance.aliases import Alias, Cooldown, FallbackPolicy, FallbackSettings, Selector, modelsList, usableOnUnified
 from lmgate.governance.interfaces import CredentialUnavailable, OutgoingRequest
 from lmgate.relay.twistedprivate import accessLogEscape
 from lmgate.relay.headers import upstreamRequestHeaders
@@ -94,7 +94,10 @@ class Gateway:
         #: Each route's name and format, for the aliases' targets.
         self.formats: Mapping[str, str] = {p.name: p.format for p in providers.values()}
         #: The order of an alias's targets; its cooldown is shared by every call.
-        self.selector = Selector(Cooldown(clock))
+        self.cooldown = Cooldown(clock)
+        self.selector = Selector(self.cooldown)
+        #: When a call falls back to its alias's next target (C{fallback.on}).
+        self.fallbackPolicy = FallbackPolicy()
         #: The unified endpoint C{/v1} (OpenAI format) until the alias step picks the target's route.
         self.unified = Provider(ProviderSettings("v1", "http://unified.invalid", "openai"))
         self.pipeline = defaultPipeline(self)
@@ -102,7 +105,9 @@ class Gateway:
     def setAliases(self, aliases: Mapping[str, Alias], fallback: FallbackSettings) -> None:
         """Put the configured aliases (and the cooldown values) into effect, at start-up and on reload."""
         self.formats = {p.name: p.format for p in self.providers.values()}
-        self.selector = Selector(fallback.cooldown(self.clock))
+        self.cooldown = fallback.cooldown(self.clock)
+        self.selector = Selector(self.cooldown)
+        self.fallbackPolicy = fallback.policy()
         self.aliases = aliases
 
     def drain(self, timeout: float) -> Deferred[None]:
@@ -243,6 +248,9 @@ class GatewayResource(Resource):
         """Relay the admitted call."""
         provider = context.provider
         assert provider is not None
+        if context.fallbacks is not None and call.resend is None:
+            # The body is in memory (aliases apply to no other): each attempt sends it afresh.
+            call.resend = lambda: self._send(request, call, context, BytesProducer(context.body or b""))
         if provider is self._gateway.unified:  # GET /v1/models: the alias step let only that through
             return self._models(call)
         if provider.managed:

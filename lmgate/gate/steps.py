@@ -19,6 +19,7 @@ from lmgate.gate.admission import CallContext, IAdmissionStep, Pipeline, Refusal
 from lmgate.gate.routing import RouteError, splitTarget
 from lmgate.governance.aliases import (
     FoundModel,
+    Target,
     UNIFIED_OPERATIONS,
     Choice,
     ModelNotFound,
@@ -151,8 +152,8 @@ class ResolveAlias:
     for an alias: it is relayed as it came, as on a route without aliases.
 
     The first target in the L{lmgate.governance.aliases.Selector}'s order
-    (healthy targets first) is used; falling back to the next one when it fails
-    is not built yet.
+    (healthy targets first) is used; the rest wait in C{fallbacks} (L{Targets})
+    for the call to fall back on.
     """
 
     def __init__(self, gateway: Gateway, random: Random | None = None) -> None:
@@ -202,17 +203,45 @@ class ResolveAlias:
             return Refusal("model_not_found", choice.message)
         assert isinstance(choice, Choice)
         assert found is not None and context.body is not None  # a model was found: there is a body
-        target = gateway.selector.order(choice.alias, self._random)[0]
-        provider = gateway.providers.get(target.provider.encode("ascii"))
-        if provider is None:  # the routes and aliases are replaced together on reload; kept as a guard
+        order = gateway.selector.order(choice.alias, self._random)
+        targets = Targets(gateway, order, context.body, found, context.rest if unified else None)
+        if not targets.advance(context):  # the routes and aliases are replaced together on reload; kept as a guard
             return Refusal("model_not_found", f"The model `{requested}` has no target on this gateway.")
-        if unified:
-            context.rest = unifiedPath(context.rest, provider.openaiPath)
-        context.alias, context.target = choice.named, target
-        context.provider, context.requestedModel = provider, target.model
-        context.body = found.rewrite(context.body, target.model)
-        context.bodySize = len(context.body)
+        context.alias = choice.named
+        context.fallbacks = targets
         return None
+
+
+class Targets:
+    """
+    The targets one call may still try, in the order the selector gave, and
+    how each is put into the call's context: the target's route, the path on
+    it (unified endpoint: its C{openai_path}), the body as the client sent it
+    with only the top-level C{model} rewritten. The call asks for the next one
+    when a target fails before any byte reached the client
+    (L{lmgate.gate.call.ProxiedCall}).
+    """
+
+    def __init__(
+        self, gateway: Gateway, order: list[Target], body: bytes, found: FoundModel, unifiedRest: bytes | None
+    ) -> None:
+        self._gateway, self._order = gateway, order
+        self._body, self._found, self._unifiedRest = body, found, unifiedRest
+
+    def advance(self, context: CallContext) -> bool:
+        """Put the next target whose route exists into C{context}; False when none is left."""
+        while self._order:
+            target = self._order.pop(0)
+            provider = self._gateway.providers.get(target.provider.encode("ascii"))
+            if provider is None:
+                continue
+            if self._unifiedRest is not None:
+                context.rest = unifiedPath(self._unifiedRest, provider.openaiPath)
+            context.target, context.provider, context.requestedModel = target, provider, target.model
+            context.body = self._found.rewrite(self._body, target.model)
+            context.bodySize = len(context.body)
+            return True
+        return False
 
 
 def defaultPipeline(gateway: Gateway) -> Pipeline:
