@@ -252,3 +252,44 @@ class UnifiedDaemonTests(TestCase):
             ],
         )
         self.assertTrue(records[1]["streaming"])
+
+    async def test_fallbackThroughTheDaemon(self) -> None:
+        """Through the running daemon: the alias's first target answers 503, the client gets the
+        second target's answer; one record (two attempts, the second target's model) and one
+        access-log line for the call."""
+        def byModel(request: Request) -> bytes:
+            content: Any = request.content
+            content.seek(0)
+            if json.loads(content.read())["model"] == "first":
+                return jsonAnswer({"error": {"message": "overloaded"}}, 503)(request)
+            return jsonAnswer({"id": "chatcmpl-2", "object": "chat.completion", "model": "second", "choices": []})(request)
+
+        self.compat.handler = byModel
+        config = "\n".join(
+            [
+                f'listen: "tcp:{self.port}:interface=127.0.0.1"',
+                f"allowlist: {{path: {self.allowlistPath}}}",
+                f"stats: {{path: {self.statsPath}, flush_interval: 0.2}}",
+                "providers:",
+                f"  compat: {{upstream: 'http://127.0.0.1:{self.compatPort}', format: openai}}",
+                "models:",
+                "  chat: {targets: [{provider: compat, model: first}, {provider: compat, model: second}]}",
+                "fallback: {on: [503, connect]}",
+            ]
+        ) + "\n"
+        daemon = Daemon(self, config, self.directory)
+        daemon.start()
+        await daemon.waitUntilHealthy(self.port)
+        headers: Any = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        response = await treq.post(
+            f"http://127.0.0.1:{self.port}/v1/chat/completions", b'{"model": "chat", "messages": []}', headers=headers,
+            persistent=False,
+        )
+        self.assertEqual((response.code, json.loads(await response.content())["id"]), (200, "chatcmpl-2"))
+        self.assertEqual(await daemon.stop(), 0)
+        self.assertEqual([json.loads(s.body)["model"] for s in self.compat.seen], ["first", "second"])
+        [record] = readRecords(self.statsPath)
+        self.assertEqual((record["status"], record["provider"], record["model"], record["alias"], record["attempts"]),
+                         (200, "compat", "second", "chat", 2))
+        with open(os.path.join(os.path.dirname(self.statsPath), "access.log")) as f:
+            self.assertEqual(len([line for line in f if "/v1/chat/completions" in line]), 1)

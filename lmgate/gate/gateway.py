@@ -31,7 +31,15 @@ from lmgate.gate.channel import GatewayChannel, GatewayRequest, Limits
 from lmgate.gate.routing import isHealth
 from lmgate.gate.steps import SHUTTING_DOWN, defaultPipeline
 from lmgate.config import ProviderSettings
-from lmgate.governance.aliases import Alias, Cooldown, FallbackPolicy, FallbackSettings, Selector, modelsList, usableOnUnified
+from lmgate.governance.aliases import (
+    Alias,
+    Cooldown,
+    FallbackPolicy,
+    FallbackSettings,
+    Selector,
+    modelsList,
+    usableOnUnified,
+)
 from lmgate.governance.interfaces import CredentialUnavailable, OutgoingRequest
 from lmgate.relay.twistedprivate import accessLogEscape
 from lmgate.relay.headers import upstreamRequestHeaders
