@@ -19,6 +19,14 @@ from urllib.parse import urlsplit
 import yaml
 
 from lmgate.errors import ConfigError
+from lmgate.governance.aliases import (
+    Alias,
+    AliasConfigError,
+    FallbackSettings,
+    parseFallback,
+    parseModels,
+    parseOpenAIPath,
+)
 
 #: The response formats LMGate reads usage from.
 FORMATS = ("openai", "anthropic", "google", "bedrock")
@@ -48,7 +56,8 @@ ENV_PREFIX = "LMGATE_"
 ENV_NOT_KEYS = frozenset({"LMGATE_CONFIG", "LMGATE_DEFAULTS"})  # the tac's config path; the init script's defaults file
 
 _PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-_RESERVED_NAMES = frozenset({"healthz"})
+#: Path prefixes that are not routes: the health check and the unified OpenAI-format endpoint.
+_RESERVED_NAMES = frozenset({"healthz", "v1"})
 
 
 #: What C{credentials.missing} may say: refuse to start, or serve the route from the stub.
@@ -180,6 +189,10 @@ class Settings:
     metricsPerKey: bool = False
     metricsPerKeyLimit: int = 100
     providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
+    #: The C{models:} section: each alias by name, in configuration order.
+    models: Mapping[str, Alias] = field(default_factory=dict)
+    #: The C{fallback:} section.
+    fallback: FallbackSettings = field(default_factory=FallbackSettings)
 
 
 def accessLogPath(settings: Settings) -> str | None:
@@ -443,13 +456,6 @@ def _google(source: str, key: str, raw: Any) -> GoogleCredentialSettings:
     return GoogleCredentialSettings(path, scopes)
 
 
-def _openaiPath(value: Any) -> str:
-    path = _text(value)
-    if not path.startswith("/") or any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in path) or "?" in path or "#" in path:
-        raise _Invalid(f"must be a plain path starting with '/', got {value!r}")
-    return path.rstrip("/")
-
-
 def _health(source: str, key: str, raw: Any) -> HealthSettings:
     """Check C{providers.<name>.health}: path (required), interval."""
     if not isinstance(raw, dict):
@@ -550,7 +556,7 @@ def _providers(source: str, raw: Any) -> dict[str, ProviderSettings]:
         key = f"providers.{name}"
         if not isinstance(name, str) or not _PROVIDER_NAME.match(name) or name in _RESERVED_NAMES:
             raise ConfigError(
-                source, key, "a provider name is lower-case letters, digits, '_', '-', '.' (not 'healthz')"
+                source, key, "a provider name is lower-case letters, digits, '_', '-', '.' (not 'healthz' or 'v1')"
             )
         if not isinstance(entry, dict):
             raise ConfigError(source, key, f"must be a mapping, got {_typeName(entry)}")
@@ -582,19 +588,15 @@ def _providers(source: str, raw: Any) -> dict[str, ProviderSettings]:
         credentials = None
         if entry.get("credentials") is not None:
             credentials = _credentials(source, f"{key}.credentials", name, fmt, upstream, entry["credentials"])
-        openaiPath = "/v1"
-        if entry.get("openai_path") is not None:
-            try:
-                openaiPath = _openaiPath(entry["openai_path"])
-            except _Invalid as e:
-                raise ConfigError(source, f"{key}.openai_path", str(e)) from None
+        try:
+            openaiPath = parseOpenAIPath(entry.get("openai_path"), f"{key}.openai_path")
+        except AliasConfigError as e:
+            raise ConfigError(source, e.where, e.problem) from None
         health = None
         if entry.get("health") is not None:
             health = _health(source, f"{key}.health", entry["health"])
             # Checked, but no probe runs yet: say so rather than accept a setting that does nothing.
             raise ConfigError(source, f"{key}.health", "not available in this build yet (active health probes)")
-        if entry.get("openai_path") is not None:
-            raise ConfigError(source, f"{key}.openai_path", "not available in this build yet (the unified /v1 endpoint)")
         providers[name] = ProviderSettings(name, upstream, fmt, maxBody, credentials, openaiPath, health)
     return providers
 
@@ -634,7 +636,7 @@ def settingsFrom(
 def _check(raw: dict[str, Any], source: str) -> Settings:
     values: dict[str, Any] = {"source": source}
     for key, value in raw.items():
-        if key == "providers":
+        if key in ("providers", "models", "fallback"):
             continue
         spec = SCHEMA.get(key) if isinstance(key, str) else None
         if spec is None:
@@ -659,7 +661,12 @@ def _check(raw: dict[str, Any], source: str) -> Settings:
                 values[attribute] = check(subvalue)
             except _Invalid as e:
                 raise ConfigError(source, where, str(e)) from None
-    values["providers"] = _providers(source, raw["providers"])
+    providers = values["providers"] = _providers(source, raw["providers"])
+    try:
+        values["models"] = parseModels(raw.get("models"), {name: p.format for name, p in providers.items()})
+        values["fallback"] = parseFallback(raw.get("fallback"))
+    except AliasConfigError as e:
+        raise ConfigError(source, e.where, e.problem) from None
     return Settings(**values)
 
 

@@ -29,7 +29,7 @@ from lmgate.config import ProviderSettings
 from lmgate.gate.admission import CallContext, IAdmissionStep, Pipeline, Refusal, runSteps
 from lmgate.gate.gateway import Gateway, GatewayResource, GatewaySite
 from lmgate.gate.providers import Provider
-from lmgate.gate.steps import Authenticate, Draining, NoConnect, Route, defaultPipeline
+from lmgate.gate.steps import Authenticate, Draining, NoConnect, ResolveAlias, Route, defaultPipeline
 from tests.helpers import ALLOWED_ENTRY, ALLOWED_KEY, RecordingSink, StaticKeys
 
 CHAT = b"/openai/v1/chat/completions"
@@ -110,12 +110,13 @@ class PipelineTests(SynchronousTestCase):
         return CallContext(b"POST", CHAT, Headers())
 
     def test_defaultStepsProvideTheInterface(self) -> None:
-        """Every default step provides L{IAdmissionStep}, in the order route, draining, authenticate, CONNECT."""
+        """Every default step provides L{IAdmissionStep}, in the order route, draining, authenticate, CONNECT;
+        then, once the body is in, the alias step."""
         gateway = Gateway({}, StaticKeys({}), FakeUpstream(), RecordingSink(), MemoryReactorClock())  # type: ignore[arg-type]
         pipeline = defaultPipeline(gateway)
         self.assertEqual([type(s) for s in pipeline.atHeaders], [Route, Draining, Authenticate, NoConnect])
-        self.assertEqual(pipeline.atBody, ())
-        for step in pipeline.atHeaders:
+        self.assertEqual([type(s) for s in pipeline.atBody], [ResolveAlias])
+        for step in pipeline.atHeaders + pipeline.atBody:
             self.assertTrue(verifyObject(IAdmissionStep, step))
 
     def test_synchronousStepsAnswerSynchronously(self) -> None:

@@ -107,11 +107,36 @@ class ConfigTests(SynchronousTestCase):
             "providers: {openai: {upstream: 'http://h', format: cohere}}\n": "providers.openai.format: must be one of",
             "providers: {Open AI: {upstream: 'http://h'}}\n": "providers.Open AI: a provider name is",
             "providers: {healthz: {upstream: 'http://h', format: openai}}\n": "providers.healthz: a provider name is",
+            "providers: {v1: {upstream: 'http://h', format: openai}}\n": "providers.v1: a provider name is",
+            "models: {fast: {targets: [{provider: nope, model: m}]}}\n": "models.fast.targets[0].provider: unknown provider 'nope'",
+            "models: {fast: {targets: []}}\n": "models.fast.targets: must be a non-empty list",
+            "models: [a]\n": "models: must be a mapping of alias names",
+            "fallback: {on: [200]}\n": "fallback.on[0]: must be an HTTP status 400-599",
+            "fallback: {cooldown: {failures: 0}}\n": "fallback.cooldown.failures: must be a whole number >= 1",
+            "fallback: {retry: 1}\n": "fallback.retry: unknown key",
             "- a\n- b\n": "must be a YAML mapping, got list",
             "listen: [\n": "line 2: not valid YAML",
         }
         for text, expected in cases.items():
             self.assertTrue(self.problem(text).startswith(expected), (text, self.problem(text)))
+
+    def test_modelsAndFallback(self) -> None:
+        """The top-level C{models:} and C{fallback:} sections become the settings'
+        aliases (configuration order) and fallback values; absent, no aliases and
+        the default fallback."""
+        settings = self.load(
+            "providers: {openai: {upstream: 'http://h'}, anthropic: {upstream: 'http://a'}}\n"
+            "models:\n"
+            "  default-chat: {targets: [{provider: openai, model: gpt-4o-mini}, {provider: anthropic, model: claude}]}\n"
+            "  embed: {targets: [{provider: openai, model: text-embedding-3-small}]}\n"
+        )
+        self.assertEqual(list(settings.models), ["default-chat", "embed"])
+        self.assertEqual([t.provider for t in settings.models["default-chat"].targets], ["openai", "anthropic"])
+        fallback = self.load("fallback: {on: [429, connect], cooldown: {failures: 2, window: 10, seconds: 5}}\n").fallback
+        self.assertEqual(fallback.on, (429, "connect"))
+        self.assertEqual((fallback.failures, fallback.window, fallback.seconds), (2, 10.0, 5.0))
+        plain = self.load("listen: tcp:1\n")
+        self.assertEqual((dict(plain.models), plain.fallback.on), ({}, (429, 500, 502, 503, 504, "connect", "timeout")))
 
     def test_environmentErrorsNameTheVariable(self) -> None:
         """A bad override names the variable."""

@@ -198,7 +198,8 @@ class ManagedDaemonTests(TestCase):
 
     async def test_demoWithoutProviderKey(self) -> None:
         """The embedded demo, OPENAI_API_KEY unset: its managed openai route is served by the stub
-        (C{auth: stub}) with the demo key, the other routes relay as before (C{auth: client})."""
+        (C{auth: stub}) with the demo key, directly and through the unified endpoint's C{default-chat}
+        alias; the other routes relay as before (C{auth: client})."""
         stubPort = freePort()
         env = {
             "LMGATE_STUB__LISTEN": f"tcp:{stubPort}:interface=127.0.0.1",
@@ -211,11 +212,14 @@ class ManagedDaemonTests(TestCase):
         await daemon.waitUntilHealthy(self.port)
         code, body = await self.post("/openai/v1/chat/completions", headers={"Authorization": "Bearer lmgate-demo-key"})
         self.assertEqual(code, 200, body)
+        aliased = b'{"model": "default-chat", "messages": [{"role": "user", "content": "Hello"}]}'
+        code, body = await self.post("/v1/chat/completions", aliased, headers={"Authorization": "Bearer lmgate-demo-key"})
+        self.assertEqual(code, 200, body)
         messages = b'{"model": "claude-sonnet-4", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}'
         code, body = await self.post("/anthropic/v1/messages", messages, headers={"x-api-key": "lmgate-demo-key"})
         self.assertEqual(code, 200, body)
         self.assertEqual(await daemon.stop(), 0)
         self.assertIn(b"providers.openai: OPENAI_API_KEY is missing", daemon.watch.output)
         records = readRecords(self.statsPath)
-        self.assertEqual(sorted((r["provider"], r["status"], r["auth"]) for r in records),
-                         [("anthropic", 200, "client"), ("openai", 200, "stub")])
+        self.assertEqual(sorted((r["provider"], r["status"], r["auth"], r["alias"] or "") for r in records),
+                         [("anthropic", 200, "client", ""), ("openai", 200, "stub", ""), ("openai", 200, "stub", "default-chat")])

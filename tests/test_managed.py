@@ -84,18 +84,18 @@ class CredentialSettingsTests(SynchronousTestCase):
         )
 
     def test_openaiPathAndHealthNotYet(self) -> None:
-        """C{openai_path} and C{health} are checked, then refused with one line while
-        nothing uses them (the unified endpoint and health probes are not built yet):
-        a setting that silently did nothing would mislead the operator."""
+        """C{health} is checked, then refused with one line while nothing uses it
+        (health probes are not built yet): a setting that silently did nothing
+        would mislead the operator. C{openai_path} is taken (the unified endpoint
+        uses it), without its trailing slash, C{/v1} by default."""
         self.assertEqual(providersSection({"openai": {"upstream": "https://api.openai.com"}})["openai"].health, None)
         self.assertRefused(
             {"g": {"upstream": "https://g", "format": "openai", "health": {"path": "/v1/models", "interval": 5}}},
             "etc/lmgate.yaml: providers.g.health: not available in this build yet (active health probes)",
         )
-        self.assertRefused(
-            {"g": {"upstream": "https://g", "format": "openai", "openai_path": "/v1beta/openai/"}},
-            "etc/lmgate.yaml: providers.g.openai_path: not available in this build yet (the unified /v1 endpoint)",
-        )
+        taken = providersSection({"g": {"upstream": "https://g", "format": "openai", "openai_path": "/v1beta/openai/"}})
+        self.assertEqual(taken["g"].openaiPath, "/v1beta/openai")
+        self.assertEqual(providersSection({"g": {"upstream": "https://g", "format": "openai"}})["g"].openaiPath, "/v1")
 
     def test_awsAndGoogle(self) -> None:
         """C{credentials.aws} takes its region from the upstream host unless given; C{credentials.google} its optional keys."""
@@ -137,7 +137,7 @@ class CredentialSettingsTests(SynchronousTestCase):
              "providers.bedrock.credentials.header: only with env or file (credentials.aws sets its own)"),
             ({"google": {"upstream": up, "credentials": {"google": {"scopes": "s"}}}},
              "providers.google.credentials.google.scopes: must be a list of non-empty strings, got 's'"),
-            ({"openai": {"upstream": up, "openai_path": "v1"}}, "providers.openai.openai_path: must be a plain path starting with '/', got 'v1'"),
+            ({"openai": {"upstream": up, "openai_path": "v1"}}, "providers.openai.openai_path: must be a plain ASCII path starting with '/', without query, dots or escapes, got 'v1'"),
             ({"openai": {"upstream": up, "health": {"interval": 3}}}, "providers.openai.health.path: missing (the path probed, e.g. /v1/models)"),
             ({"openai": {"upstream": up, "health": {"path": "/m", "interval": 0}}},
              "providers.openai.health.interval: must be a number > 0, got 0"),

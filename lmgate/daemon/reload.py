@@ -96,6 +96,7 @@ def applySettings(settings: Settings, gateway: Any, site: Any, credentials: Any 
     never a mix of one kind.
     """
     gateway.providers = providersFor(settings, credentials)
+    gateway.setAliases(settings.models, settings.fallback)
     gateway.captureLimit = settings.statsCaptureLimit
     gateway.responseTimeout = settings.responseTimeout
     gateway.idleTimeout = settings.idleTimeout

@@ -108,6 +108,8 @@ class CallContext:
         no step did).
     @ivar alias: the model alias the request used (model aliases).
     @ivar target: where the call goes instead of the route's upstream (model targets).
+    @ivar fallbacks: the targets still to try when the current one fails
+        before any byte reached the client (model aliases).
     @ivar attempts: upstream attempts made so far.
     @ivar reservation: what a usage limit holds for the call until it ends.
     @ivar tags: labels steps attach to the call.
@@ -128,6 +130,7 @@ class CallContext:
     requestedModel: str | None = None
     alias: str | None = None
     target: Any = None
+    fallbacks: Any = None
     attempts: int = 0
     reservation: Any = None
     tags: dict[str, str] | None = None

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import random
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -61,6 +62,19 @@ def _authOf(context: "CallContext") -> str | None:
     return provider.auth
 
 
+class _Discard(Protocol):
+    """Takes a response LMGate falls back from: its connection is dropped at once, nothing is read."""
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        pass
+
+
 class ProxiedCall:
     """
     Carries one request through admission, refusal or relay, and records it once.
@@ -86,6 +100,8 @@ class ProxiedCall:
         self._sentAt: float | None = None
         self._timedOut = False
         self._answerBytes: int | None = None  # the body of LMGate's own answer (refusals, 502, 504)
+        #: Sends the call again to the target now in its context (set by the gateway for an alias with targets left).
+        self.resend: Callable[[], Any] | None = None
         request.notifyFinish().addErrback(self._lostClient)  # first: called late, it never fires
         request.responseHeaders.setRawHeaders(REQUEST_ID_HEADER, [self.requestId.encode()])
 
@@ -109,6 +125,21 @@ class ProxiedCall:
         self._answerBytes = 0 if self._request.method == b"HEAD" else len(body)
         self._recordOnce(errorName or kind, None)
         return body
+
+    def serve(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+        """
+        Answer with a response of LMGate's own that is no error (C{GET /v1/models}), and record it.
+
+        @return: the body, for C{render} to return.
+        """
+        self._request.setResponseCode(status)
+        for name, value in headers:
+            self._request.responseHeaders.setRawHeaders(name, [value])
+        self._request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+        self._status = status
+        self._answerBytes = 0 if self._request.method == b"HEAD" else len(body)
+        self._recordOnce(None, None)
+        return b"" if self._request.method == b"HEAD" else body
 
     def answer(self, body: Any) -> None:
         """
@@ -207,6 +238,9 @@ class ProxiedCall:
             return
         kind = "upstream_timeout" if self._timedOut else failureKind(reason)
         self._logUpstreamFailure("no response from upstream", kind, reason)
+        if self._failedBeforeAnyByte(None, kind):
+            self._tryNextTarget()
+            return
         if kind == "upstream_timeout":
             body = self.refuse(kind, "The upstream did not answer in time.")
         elif kind == "upstream_reset":
@@ -217,6 +251,47 @@ class ProxiedCall:
             body = self.refuse(kind, "The upstream could not be reached.")
         self._request.write(body)
         self._request.finish()
+
+    # -- falling back to an alias's next target ------------------------------
+
+    def _failedBeforeAnyByte(self, status: int | None, kind: str | None) -> bool:
+        """
+        Whether the current target failed in a way C{fallback.on} lists (counted
+        against it in the cooldown) and another target is now in the context.
+        Nothing has been written to the client at these points (no response
+        head relayed yet), so falling back is still possible.
+        """
+        context = self._context
+        target, gateway = context.target, self._gateway
+        if target is None or not gateway.fallbackPolicy.shouldFallBack(status, kind, 0):
+            return False
+        gateway.cooldown.failed(target)
+        if self.resend is None or context.fallbacks is None:
+            return False
+        failed = target
+        if not context.fallbacks.advance(context):
+            return False
+        gateway.rateLog.info(
+            "fallbacks",
+            "{provider}: {model} failed ({why}); trying {next}",
+            provider=failed.provider,
+            model=failed.model,
+            why=kind or status,
+            next=f"{context.target.provider}/{context.target.model}",
+        )
+        return True
+
+    def _tryNextTarget(self) -> None:
+        """Send the call to the target now in its context: the same body, its model rewritten, fresh credentials."""
+        self._timedOut = False
+        resend = self.resend
+        assert resend is not None
+        try:
+            result = resend()
+        except Exception:
+            self._bug(Failure())
+            return
+        self.answer(result)
 
     def _logUpstreamFailure(self, what: str, kind: str, reason: Failure) -> None:
         """One rate-limited log line for an upstream that failed this call."""
@@ -233,6 +308,13 @@ class ProxiedCall:
     def _relay(self, response: IResponse) -> Deferred[None] | None:
         self._pending = None  # cancelling now would cancel the tee; a leaving client stops it instead
         self._stopResponseTimer()
+        if self._context.target is not None and not self._clientGone and not self._recorded:
+            if self._failedBeforeAnyByte(response.code, None):
+                response.deliverBody(_Discard())  # not a byte of it reaches the client
+                self._tryNextTarget()
+                return None
+            if response.code < 400:
+                self._gateway.cooldown.succeeded(self._context.target)
         provider = self._context.provider
         assert provider is not None
         relaying = self._relaying = Relay(self._request, self._gateway, provider, self._context.rest)

@@ -30,6 +30,16 @@ from lmgate.gate.call import ProxiedCall
 from lmgate.gate.channel import GatewayChannel, GatewayRequest, Limits
 from lmgate.gate.routing import isHealth
 from lmgate.gate.steps import SHUTTING_DOWN, defaultPipeline
+from lmgate.config import ProviderSettings
+from lmgate.governance.aliases import (
+    Alias,
+    Cooldown,
+    FallbackPolicy,
+    FallbackSettings,
+    Selector,
+    modelsList,
+    usableOnUnified,
+)
 from lmgate.governance.interfaces import CredentialUnavailable, OutgoingRequest
 from lmgate.relay.twistedprivate import accessLogEscape
 from lmgate.relay.headers import upstreamRequestHeaders
@@ -87,7 +97,26 @@ class Gateway:
         self.admitting: set[CallContext] = set()
         #: Shutting down: calls that arrive now are refused (503, recorded as C{shutdown}).
         self.draining = False
+        #: The C{models:} aliases by name (empty: the alias step only tests this).
+        self.aliases: Mapping[str, Alias] = {}
+        #: Each route's name and format, for the aliases' targets.
+        self.formats: Mapping[str, str] = {p.name: p.format for p in providers.values()}
+        #: The order of an alias's targets; its cooldown is shared by every call.
+        self.cooldown = Cooldown(clock)
+        self.selector = Selector(self.cooldown)
+        #: When a call falls back to its alias's next target (C{fallback.on}).
+        self.fallbackPolicy = FallbackPolicy()
+        #: The unified endpoint C{/v1} (OpenAI format) until the alias step picks the target's route.
+        self.unified = Provider(ProviderSettings("v1", "http://unified.invalid", "openai"))
         self.pipeline = defaultPipeline(self)
+
+    def setAliases(self, aliases: Mapping[str, Alias], fallback: FallbackSettings) -> None:
+        """Put the configured aliases (and the cooldown values) into effect, at start-up and on reload."""
+        self.formats = {p.name: p.format for p in self.providers.values()}
+        self.cooldown = fallback.cooldown(self.clock)
+        self.selector = Selector(self.cooldown)
+        self.fallbackPolicy = fallback.policy()
+        self.aliases = aliases
 
     def drain(self, timeout: float) -> Deferred[None]:
         """
@@ -195,27 +224,43 @@ class GatewayResource(Resource):
             self._receivedBody(request, context)
             return self._refuse(request, call, verdict)
         producer = self._body(request, context)
+        kept = context.body
         steps = gateway.pipeline.atBody
         bodyVerdict: Verdict = runSteps(steps, context) if steps else None
         if bodyVerdict is None:
+            if context.body is not kept:  # a step rewrote it (an alias's model): send what it is now
+                producer = BytesProducer(context.body) if context.body else None
             return self._send(request, call, context, producer)
         if isinstance(bodyVerdict, Refusal):
             return self._refuse(request, call, bodyVerdict)
-        bodyVerdict.addCallback(self._afterBody, request, call, context, producer)
+        bodyVerdict.addCallback(self._afterBody, request, call, context, producer, kept)
         return call.wait(bodyVerdict.addCallback(call.answer))
 
     def _afterBody(
-        self, verdict: Refusal | None, request: Request, call: ProxiedCall, context: CallContext, producer: IBodyProducer | None
+        self,
+        verdict: Refusal | None,
+        request: Request,
+        call: ProxiedCall,
+        context: CallContext,
+        producer: IBodyProducer | None,
+        kept: bytes | None,
     ) -> Any:
-        """A body step that waited has answered: refuse, or relay."""
+        """A body step that waited has answered: refuse, or relay (the body as the steps left it)."""
         if verdict is not None:
             return self._refuse(request, call, verdict)
+        if context.body is not kept:
+            producer = BytesProducer(context.body) if context.body else None
         return self._send(request, call, context, producer)
 
     def _send(self, request: Request, call: ProxiedCall, context: CallContext, producer: IBodyProducer | None) -> Any:
         """Relay the admitted call."""
         provider = context.provider
         assert provider is not None
+        if context.fallbacks is not None and call.resend is None:
+            # The body is in memory (aliases apply to no other): each attempt sends it afresh.
+            call.resend = lambda: self._send(request, call, context, BytesProducer(context.body or b""))
+        if provider is self._gateway.unified:  # GET /v1/models: the alias step let only that through
+            return self._models(call)
         if provider.managed:
             return self._sendManaged(request, call, context, producer, provider)
         pending = self._gateway.upstream.send(
@@ -225,6 +270,16 @@ class GatewayResource(Resource):
             producer,
         )
         return call.start(pending)
+
+    def _models(self, call: ProxiedCall) -> bytes:
+        """
+        C{GET /v1/models}: the aliases the unified endpoint can send somewhere
+        (those with an C{openai}-format target), in configuration order, in
+        OpenAI's list shape. Every admitted key may use every alias.
+        """
+        gateway = self._gateway
+        names = [name for name, alias in gateway.aliases.items() if usableOnUnified(alias, gateway.formats)]
+        return call.serve(200, [(b"content-type", b"application/json")], modelsList(names))
 
     def _sendManaged(
         self, request: Request, call: ProxiedCall, context: CallContext, producer: IBodyProducer | None, provider: Provider

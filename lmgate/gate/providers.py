@@ -46,6 +46,7 @@ class Provider:
     @ivar managed: whether the client's credentials are removed before the
         request is sent (C{managed} and C{stub} routes).
     @ivar credential: the L{IUpstreamCredential} a managed route adds, else None.
+    @ivar openaiPath: the route's C{openai_path}, as bytes.
     """
 
     def __init__(self, settings: ProviderSettings, auth: Any = None) -> None:
@@ -62,6 +63,8 @@ class Provider:
         self.auth: str = "client" if auth is None else auth.mode
         self.managed = auth is not None
         self.credential: IUpstreamCredential | None = None if auth is None else auth.credential
+        #: Where the route's OpenAI-format API lives under its upstream (the unified endpoint's target path).
+        self.openaiPath = settings.openaiPath.encode("ascii")
 
     def __repr__(self) -> str:
         return f"<Provider {self.name} {self.format} {self.baseURL.decode()} auth={self.auth}>"

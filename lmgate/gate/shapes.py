@@ -15,8 +15,10 @@ import json
 #: Error kinds LMGate itself answers with, and the HTTP status of each.
 STATUS = {
     "bad_request": 400,
+    "body_too_large": 413,
     "forbidden": 403,
     "not_found": 404,
+    "model_not_found": 404,
     "internal_error": 500,
     "upstream_unreachable": 502,
     "credentials_unavailable": 502,
@@ -28,8 +30,10 @@ STATUS = {
 # turns into the matching exception class.
 _OPENAI_TYPES = {
     "bad_request": ("invalid_request_error", None),
+    "body_too_large": ("invalid_request_error", "request_too_large"),
     "forbidden": ("invalid_request_error", "invalid_api_key"),
     "not_found": ("invalid_request_error", "unknown_url"),
+    "model_not_found": ("invalid_request_error", "model_not_found"),
     "internal_error": ("api_error", "internal_error"),
     "upstream_unreachable": ("api_error", "upstream_unreachable"),
     "credentials_unavailable": ("api_error", "credentials_unavailable"),
@@ -38,8 +42,10 @@ _OPENAI_TYPES = {
 }
 _ANTHROPIC_TYPES = {
     "bad_request": "invalid_request_error",
+    "body_too_large": "request_too_large",
     "forbidden": "permission_error",
     "not_found": "not_found_error",
+    "model_not_found": "not_found_error",
     "internal_error": "api_error",
     "upstream_unreachable": "api_error",
     "credentials_unavailable": "api_error",
@@ -48,8 +54,10 @@ _ANTHROPIC_TYPES = {
 }
 _GOOGLE_STATUS = {
     "bad_request": "INVALID_ARGUMENT",
+    "body_too_large": "INVALID_ARGUMENT",
     "forbidden": "PERMISSION_DENIED",
     "not_found": "NOT_FOUND",
+    "model_not_found": "NOT_FOUND",
     "internal_error": "INTERNAL",
     "upstream_unreachable": "UNAVAILABLE",
     "credentials_unavailable": "UNAVAILABLE",
@@ -58,8 +66,10 @@ _GOOGLE_STATUS = {
 }
 _BEDROCK_TYPES = {
     "bad_request": "ValidationException",
+    "body_too_large": "ValidationException",
     "forbidden": "AccessDeniedException",
     "not_found": "ResourceNotFoundException",
+    "model_not_found": "ResourceNotFoundException",
     "internal_error": "InternalServerException",
     "upstream_unreachable": "ServiceUnavailableException",
     "credentials_unavailable": "ServiceUnavailableException",

@@ -8,6 +8,7 @@ reload replaces them on the L{lmgate.gate.gateway.Gateway}).
 
 from __future__ import annotations
 
+from random import Random
 from typing import TYPE_CHECKING
 
 from zope.interface import implementer
@@ -16,6 +17,16 @@ from lmgate.access.credentials import CredentialError, extractCredential, maskKe
 
 from lmgate.gate.admission import CallContext, IAdmissionStep, Pipeline, Refusal
 from lmgate.gate.routing import RouteError, splitTarget
+from lmgate.governance.aliases import (
+    FoundModel,
+    Target,
+    UNIFIED_OPERATIONS,
+    Choice,
+    ModelNotFound,
+    findModel,
+    resolveModel,
+    unifiedPath,
+)
 
 if TYPE_CHECKING:
     from lmgate.gate.gateway import Gateway
@@ -36,6 +47,19 @@ _NO_KEY = Refusal("forbidden", NO_KEY_MESSAGE)
 _SIGV4 = Refusal("forbidden", SIGV4_MESSAGE)
 _UNKNOWN_KEY = Refusal("forbidden", UNKNOWN_KEY_MESSAGE)
 _CONNECT = Refusal("bad_request", "CONNECT is not relayed.")
+
+#: The unified endpoint's prefix (OpenAI wire format, any route of format openai behind it); no route may take the name.
+UNIFIED_PREFIX = b"v1"
+#: The unified endpoint's own listing of the aliases (answered by LMGate, never relayed).
+MODELS_PATH = b"/models"
+_UNIFIED_NO_OPERATION = Refusal(
+    "not_found",
+    "The unified endpoint serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and GET /v1/models.",
+)
+_UNIFIED_SPOOLED = Refusal(
+    "body_too_large",
+    "On the unified endpoint LMGate reads the body's model to pick the route: the body must be at most 1 MiB.",
+)
 
 
 @implementer(IAdmissionStep)
@@ -58,7 +82,9 @@ class Route:
             return Refusal(e.kind, e.message)
         provider = self._gateway.providers.get(name)
         if provider is None:
-            return _NO_PROVIDER
+            if name != UNIFIED_PREFIX:
+                return _NO_PROVIDER
+            provider = self._gateway.unified  # the target's route replaces it in the body stage
         context.provider, context.rest, context.query = provider, rest, query
         return None
 
@@ -110,6 +136,114 @@ class NoConnect:
         return _CONNECT if context.method == b"CONNECT" else None
 
 
+@implementer(IAdmissionStep)
+class ResolveAlias:
+    """
+    A body whose top-level C{model} names an alias goes to one of the alias's
+    targets of the route's own format: the step puts the target's route in
+    C{provider} (its upstream, and its managed credential or the client's key,
+    as that route says), the alias in C{alias}, the target in C{target}, and
+    the body with only the C{model} value rewritten in C{body} (the call sends
+    that body). An alias with no target of this format is refused 404
+    C{model_not_found}, never relayed.
+
+    Without C{models:} configured the step costs one truth test. A body LMGate
+    spooled to a file (over L{lmgate.gate.gateway.KEEP_BODY_LIMIT}) is not read
+    for an alias: it is relayed as it came, as on a route without aliases.
+
+    The first target in the L{lmgate.governance.aliases.Selector}'s order
+    (healthy targets first) is used; the rest wait in C{fallbacks} (L{Targets})
+    for the call to fall back on.
+    """
+
+    def __init__(self, gateway: Gateway, random: Random | None = None) -> None:
+        self._gateway = gateway
+        self._random = random or Random()
+
+    def admit(self, context: CallContext) -> Refusal | None:
+        gateway = self._gateway
+        provider = context.provider
+        if provider is gateway.unified:
+            return self._unified(context)
+        aliases = gateway.aliases
+        body = context.body
+        if not aliases or not body or provider is None:
+            return None
+        found = findModel(body)
+        if found is None or found.model not in aliases:
+            return None  # not an alias: relayed unchanged
+        return self._toTarget(context, found.model, found, False, provider.format)
+
+    def _unified(self, context: CallContext) -> Refusal | None:
+        """
+        The unified endpoint: C{GET /v1/models} goes on (the gateway answers
+        it); an operation's body must name an alias with an C{openai}-format
+        target, or C{<route>/<model>} naming an C{openai} route.
+        """
+        rest = context.rest
+        if context.method in (b"GET", b"HEAD") and rest == MODELS_PATH:
+            return None
+        if context.method != b"POST" or rest not in UNIFIED_OPERATIONS:
+            return _UNIFIED_NO_OPERATION
+        body = context.body
+        if body is None and context.bodySize:
+            return _UNIFIED_SPOOLED
+        found = findModel(body) if body else None
+        return self._toTarget(context, found.model if found is not None else None, found, True, "openai")
+
+    def _toTarget(
+        self, context: CallContext, requested: str | None, found: FoundModel | None, unified: bool, format: str
+    ) -> Refusal | None:
+        """Send the call to the first target the request's model allows, its body's model rewritten."""
+        gateway = self._gateway
+        choice = resolveModel(requested, unified, format, gateway.aliases, gateway.formats)
+        if choice is None:
+            return None
+        if isinstance(choice, ModelNotFound):
+            return Refusal("model_not_found", choice.message)
+        assert isinstance(choice, Choice)
+        assert found is not None and context.body is not None  # a model was found: there is a body
+        order = gateway.selector.order(choice.alias, self._random)
+        targets = Targets(gateway, order, context.body, found, context.rest if unified else None)
+        if not targets.advance(context):  # the routes and aliases are replaced together on reload; kept as a guard
+            return Refusal("model_not_found", f"The model `{requested}` has no target on this gateway.")
+        context.alias = choice.named
+        context.fallbacks = targets
+        return None
+
+
+class Targets:
+    """
+    The targets one call may still try, in the order the selector gave, and
+    how each is put into the call's context: the target's route, the path on
+    it (unified endpoint: its C{openai_path}), the body as the client sent it
+    with only the top-level C{model} rewritten. The call asks for the next one
+    when a target fails before any byte reached the client
+    (L{lmgate.gate.call.ProxiedCall}).
+    """
+
+    def __init__(
+        self, gateway: Gateway, order: list[Target], body: bytes, found: FoundModel, unifiedRest: bytes | None
+    ) -> None:
+        self._gateway, self._order = gateway, order
+        self._body, self._found, self._unifiedRest = body, found, unifiedRest
+
+    def advance(self, context: CallContext) -> bool:
+        """Put the next target whose route exists into C{context}; False when none is left."""
+        while self._order:
+            target = self._order.pop(0)
+            provider = self._gateway.providers.get(target.provider.encode("ascii"))
+            if provider is None:
+                continue
+            if self._unifiedRest is not None:
+                context.rest = unifiedPath(self._unifiedRest, provider.openaiPath)
+            context.target, context.provider, context.requestedModel = target, provider, target.model
+            context.body = self._found.rewrite(self._body, target.model)
+            context.bodySize = len(context.body)
+            return True
+        return False
+
+
 def defaultPipeline(gateway: Gateway) -> Pipeline:
     """
     The steps every call passes, in order. A new step is added here: to the
@@ -118,5 +252,5 @@ def defaultPipeline(gateway: Gateway) -> Pipeline:
     """
     return Pipeline(
         atHeaders=[Route(gateway), Draining(gateway), Authenticate(gateway), NoConnect()],
-        atBody=[],
+        atBody=[ResolveAlias(gateway)],
     )

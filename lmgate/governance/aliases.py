@@ -19,9 +19,10 @@ import json
 import re
 from dataclasses import dataclass
 from random import Random
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence
 
-from twisted.internet.interfaces import IReactorTime
+if TYPE_CHECKING:  # only annotations: the configuration imports this module without loading Twisted's runtime
+    from twisted.internet.interfaces import IReactorTime
 
 # --- the model in a request body ---------------------------------------------
 
