@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from abc import ABC, abstractmethod
 from typing import Mapping
 
 from twisted.internet.defer import Deferred
@@ -24,12 +25,13 @@ from lmgate.governance.interfaces import CredentialUnavailable, IUpstreamCredent
 _KEY = re.compile(rb"[\x21-\x7e]+")
 
 
-class KeySource:
+class KeySource(ABC):
     """Where a key is read from: names it (for messages), reads it."""
 
     #: How messages name the source: C{OPENAI_API_KEY}, C{/etc/lmgate/secrets/openai}.
     what: str = ""
 
+    @abstractmethod
     def read(self) -> bytes:
         """
         The key, stripped.
@@ -38,7 +40,6 @@ class KeySource:
             is absent, unreadable or empty, or the key has characters a header
             cannot carry (the message names the source, never the value).
         """
-        raise NotImplementedError()
 
 
 class EnvironmentKey(KeySource):
