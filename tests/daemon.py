@@ -236,6 +236,30 @@ class Daemon:
             await pause(0.1)
         raise AssertionError(f"lmgate did not become healthy:\n{self.watch.output.decode(errors='replace')}")
 
+    async def waitUntilHealthyTLS(self, port: int, attempts: int = 150) -> None:
+        """Until the TLS listener on C{port} answers C{/healthz} (bounded; a lost bind race starts it again)."""
+        import ssl
+
+        def probe(current: int) -> bool:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            try:
+                with socket.create_connection(("127.0.0.1", current), timeout=2) as raw:
+                    with context.wrap_socket(raw) as tls:
+                        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        return b" 200 " in tls.recv(100)
+            except OSError:
+                return False
+
+        for _ in range(attempts):
+            if self.watch.ended.called and not self.restartIfRaced():
+                raise AssertionError(f"lmgate exited early:\n{self.watch.output.decode(errors='replace')}")
+            if await inThread(probe, self.port(port)):
+                return
+            await pause(0.1)
+        raise AssertionError("the TLS listener did not come up")
+
     async def stop(self) -> int:
         """SIGTERM, and the exit code."""
         self.signal("TERM")

@@ -321,7 +321,7 @@ class MoreSDKTests(DaemonTestCase):
         )
         daemon = Daemon(self, config, self.directory)
         daemon.start()
-        await self._waitTLS(daemon)
+        await daemon.waitUntilHealthyTLS(self.port)
 
         def genaiCalls() -> list[Any]:
             from google import genai
@@ -379,30 +379,6 @@ class MoreSDKTests(DaemonTestCase):
         self.assertEqual(records[3]["output_tokens"], metadata["usage"]["outputTokens"])
         self.assertEqual(records[2]["model"], "anthropic.claude-3-haiku-20240307-v1:0")
         self.assertEqual([r["lmgate_id"] for r in records], ["plain", "plain", "hashed", "hashed"])
-
-    async def _waitTLS(self, daemon: Daemon) -> None:
-        import ssl
-        import socket as socketModule
-
-        def probe() -> bool:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            try:
-                with socketModule.create_connection(("127.0.0.1", self.port), timeout=2) as raw:
-                    with context.wrap_socket(raw) as tls:
-                        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                        return b" 200 " in tls.recv(100)
-            except OSError:
-                return False
-
-        for _ in range(150):
-            if daemon.watch.ended.called and not daemon.restartIfRaced():
-                raise AssertionError(f"lmgate exited early:\n{daemon.watch.output.decode(errors='replace')}")
-            if await inThread(probe):
-                return
-            await pause(0.1)
-        raise AssertionError("the TLS listener did not come up")
 
 
 class ShutdownTests(DaemonTestCase):

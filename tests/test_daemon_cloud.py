@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import ssl
 from typing import Any
 
 import treq
@@ -21,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import Request, Site
 
 from lmgate.stub.server import makeStubResource
-from tests.daemon import Daemon, freePort, inThread, pause, readRecords
+from tests.daemon import Daemon, freePort, inThread, readRecords
 from tests.helpers import FakeUpstream, listenLocal
 from tests.sigv4check import checkSignature
 from tests.test_daemon import makeCertificate
@@ -92,29 +90,6 @@ class CloudDaemonTests(TestCase):
                     self.assertNotIn(CLIENT_KEY.encode(), value)
             self.assertNotIn(CLIENT_KEY.encode(), seen.uri)
 
-    async def waitTLS(self, daemon: Daemon) -> None:
-        """Until the TLS listener answers /healthz (bounded)."""
-
-        def probe() -> bool:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as raw:
-                    with context.wrap_socket(raw) as tls:
-                        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                        return b" 200 " in tls.recv(100)
-            except OSError:
-                return False
-
-        for _ in range(150):
-            if daemon.watch.ended.called and not daemon.restartIfRaced():
-                raise AssertionError(daemon.watch.output.decode(errors="replace"))
-            if await inThread(probe):
-                return
-            await pause(0.1)
-        raise AssertionError("the TLS listener did not answer")
-
     def bedrockUpstream(self, request: Request) -> Any:
         """A fake Bedrock: 403 unless the SigV4 signature matches the wire bytes and the test's secret, else the stub's answer."""
         content: Any = request.content
@@ -139,7 +114,7 @@ class CloudDaemonTests(TestCase):
         route = f"  bedrock: {{upstream: 'http://127.0.0.1:{self.upstreamPort}', credentials: {{aws: {{region: us-east-1}}}}}}"
         daemon = self.daemon(self.config(listen, route), AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
         daemon.start(logfile=self.logPath)
-        await self.waitTLS(daemon)
+        await daemon.waitUntilHealthyTLS(self.port)
 
         def calls() -> list[Any]:
             import boto3
