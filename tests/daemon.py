@@ -266,6 +266,17 @@ class Daemon:
         return await self.watch.ended
 
 
+def daemonDirectory(case: TestCase, key: str) -> tuple[str, str]:
+    """A fresh directory for a daemon test, with an allow-list admitting C{key} (id C{app},
+    owner C{team-a}): the directory and the allow-list's path."""
+    directory = os.path.abspath(case.mktemp())
+    os.makedirs(directory)
+    allowlistPath = os.path.join(directory, "allowlist.csv")
+    with open(allowlistPath, "w") as f:
+        f.write(f"id,api_key,owner,added\napp,{key},team-a,2026-12-01\n")
+    return directory, allowlistPath
+
+
 def readRecords(path: str) -> list[dict[str, Any]]:
     """Every record in a stats file and its rotated siblings."""
     directory, name = os.path.split(path)

@@ -15,7 +15,7 @@ import treq
 from twisted.trial.unittest import TestCase
 from twisted.web.server import Request, Site
 
-from tests.daemon import Daemon, freePort, inThread, readRecords, waitFor
+from tests.daemon import Daemon, daemonDirectory, freePort, inThread, readRecords, waitFor
 from tests.helpers import FakeUpstream, jsonAnswer, listenLocal
 
 CLIENT_KEY = "lmgate-app-key-0000000000000000Qq"
@@ -40,11 +40,7 @@ class AliasDaemonTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        self.allowlistPath = os.path.join(self.directory, "allowlist.csv")
-        with open(self.allowlistPath, "w") as f:
-            f.write(f"id,api_key,owner,added\napp,{CLIENT_KEY},team-a,2026-12-01\n")
+        self.directory, self.allowlistPath = daemonDirectory(self, CLIENT_KEY)
         self.plain, self.managed = FakeUpstream(), FakeUpstream()
         self.plain.handler = self.managed.handler = echoModel
         self.plainPort = listenLocal(self, Site(self.plain))
@@ -150,11 +146,7 @@ class UnifiedDaemonTests(TestCase):
 
         from lmgate.stub.server import makeStubResource
 
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        self.allowlistPath = os.path.join(self.directory, "allowlist.csv")
-        with open(self.allowlistPath, "w") as f:
-            f.write(f"id,api_key,owner,added\napp,{CLIENT_KEY},team-a,2026-12-01\n")
+        self.directory, self.allowlistPath = daemonDirectory(self, CLIENT_KEY)
         self.stubPort = listenLocal(self, Site(makeStubResource(reactor)))
         self.compat = FakeUpstream()
         self.compat.handler = jsonAnswer(EMBEDDING)

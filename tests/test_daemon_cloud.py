@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import Request, Site
 
 from lmgate.stub.server import makeStubResource
-from tests.daemon import Daemon, freePort, inThread, readRecords
+from tests.daemon import Daemon, daemonDirectory, freePort, inThread, readRecords
 from tests.helpers import FakeUpstream, listenLocal
 from tests.sigv4check import checkSignature
 from tests.test_daemon import makeCertificate
@@ -42,11 +42,8 @@ class CloudDaemonTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        self.directory = os.path.abspath(self.mktemp())
+        self.directory, self.allowlistPath = daemonDirectory(self, CLIENT_KEY)
         os.makedirs(os.path.join(self.directory, "var"))
-        self.allowlistPath = os.path.join(self.directory, "allowlist.csv")
-        with open(self.allowlistPath, "w") as f:
-            f.write(f"id,api_key,owner,added\napp,{CLIENT_KEY},team-a,2026-12-01\n")
         self.upstream = FakeUpstream()
         self.upstreamPort = listenLocal(self, Site(self.upstream))
         self.stub = makeStubResource(reactor)

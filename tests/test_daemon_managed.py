@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from tests.daemon import Daemon, freePort, readRecords, waitFor
+from tests.daemon import Daemon, daemonDirectory, freePort, readRecords, waitFor
 from tests.helpers import FakeUpstream, jsonAnswer, listenLocal
 
 CLIENT_KEY = "lmgate-app-key-0000000000000000Qq"
@@ -31,11 +31,7 @@ class ManagedDaemonTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        self.allowlistPath = os.path.join(self.directory, "allowlist.csv")
-        with open(self.allowlistPath, "w") as f:
-            f.write(f"id,api_key,owner,added\napp,{CLIENT_KEY},team-a,2026-12-01\n")
+        self.directory, self.allowlistPath = daemonDirectory(self, CLIENT_KEY)
         self.keyPath = os.path.join(self.directory, "secrets", "openai")
         os.makedirs(os.path.dirname(self.keyPath))
         self.writeKey(PROVIDER_KEYS[0])
