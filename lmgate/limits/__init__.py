@@ -1,0 +1,1 @@
+"""Usage limits: rules, reservations, the stores that count them, and the admission step."""
