@@ -27,6 +27,7 @@ from lmgate.governance.aliases import (
     parseModels,
     parseOpenAIPath,
 )
+from lmgate.limits.settings import LimitsConfigError, LimitsSettings, parseUsageLimits
 
 #: The response formats LMGate reads usage from.
 FORMATS = ("openai", "anthropic", "google", "bedrock")
@@ -193,6 +194,8 @@ class Settings:
     models: Mapping[str, Alias] = field(default_factory=dict)
     #: The C{fallback:} section.
     fallback: FallbackSettings = field(default_factory=FallbackSettings)
+    #: The C{usage_limits:} section.
+    usageLimits: LimitsSettings = field(default_factory=LimitsSettings)
 
 
 def accessLogPath(settings: Settings) -> str | None:
@@ -487,7 +490,8 @@ def _environmentKey(name: str) -> list[str] | None:
     """
     The configuration key an C{LMGATE_*} variable names (C{LMGATE_STATS__PATH}:
     C{["stats", "path"]}), or None when it names none: a section and key of the
-    schema, a whole section, or C{providers.<name>[.<provider key>]}.
+    schema, a whole section, C{providers.<name>[.<provider key>]}, or one of
+    C{usage_limits}' plain keys (C{LMGATE_USAGE_LIMITS__STORE}).
     """
     path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
     if not all(path):
@@ -495,6 +499,8 @@ def _environmentKey(name: str) -> list[str] | None:
     spec = SCHEMA.get(path[0])
     if path[0] == "providers":
         known = len(path) <= 2 or (len(path) == 3 and path[2] in PROVIDER_KEYS)
+    elif path[0] == "usage_limits":  # the store's URL (it may carry a password) and the plain values
+        known = len(path) == 2 and path[1] in ("store", "on_store_error", "lease_seconds", "key_prefix")
     elif isinstance(spec, tuple):
         known = len(path) == 1
     elif spec is not None:
@@ -636,7 +642,7 @@ def settingsFrom(
 def _check(raw: dict[str, Any], source: str) -> Settings:
     values: dict[str, Any] = {"source": source}
     for key, value in raw.items():
-        if key in ("providers", "models", "fallback"):
+        if key in ("providers", "models", "fallback", "usage_limits"):
             continue
         spec = SCHEMA.get(key) if isinstance(key, str) else None
         if spec is None:
@@ -666,6 +672,10 @@ def _check(raw: dict[str, Any], source: str) -> Settings:
         values["models"] = parseModels(raw.get("models"), {name: p.format for name, p in providers.items()})
         values["fallback"] = parseFallback(raw.get("fallback"))
     except AliasConfigError as e:
+        raise ConfigError(source, e.where, e.problem) from None
+    try:
+        values["usageLimits"] = parseUsageLimits(raw.get("usage_limits"))
+    except LimitsConfigError as e:
         raise ConfigError(source, e.where, e.problem) from None
     return Settings(**values)
 

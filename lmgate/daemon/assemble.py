@@ -37,6 +37,9 @@ from lmgate.daemon.workers import (
 )
 from lmgate.errors import ConfigError
 from lmgate.gate.gateway import Gateway, GatewayResource, GatewaySite
+from lmgate.limits.limiter import Limiter
+from lmgate.limits.memory import MemoryStore
+from lmgate.limits.service import LimitsService
 from lmgate.governance.managed import ProviderCredentials
 from lmgate.ops.metrics import AdminSite, Fanout, Metrics
 from lmgate.records.jsonl import UsageLog, checkStatsPath
@@ -119,6 +122,12 @@ def supervisorService(
     """
     if settings.adminListen is not None:
         raise ConfigError(settings.source, "admin.listen", "not available with --workers yet (each worker would need its own port)")
+    if settings.usageLimits.rules and not settings.usageLimits.shared:
+        raise ConfigError(
+            settings.source,
+            "usage_limits.store",
+            f"memory counts in one process only; with --workers {workers} use a redis:// store shared by every worker",
+        )
     AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
     credentialsFor(settings, reactor, None, announce=False)  # each worker reads them again, the first says so
     accessPath = accessLogPath(settings)
@@ -188,6 +197,24 @@ def metricsFor(settings: Settings, usageLog: UsageLog, allowList: AllowList) -> 
         keyCount=lambda: allowList.size,
         reloadErrors=lambda: allowList.reloadErrors,
     )
+
+
+def limiterFor(settings: Settings, reactor: Any, gateway: Gateway) -> LimitsService:
+    """
+    The usage limits (C{usage_limits:}): their store (this process's memory,
+    or Redis) and the service that keeps it; the limiter goes on the gateway.
+    Rules may be empty (none yet): a reload can add them.
+    """
+    limits = settings.usageLimits
+    store: Any
+    if limits.shared:
+        from lmgate.limits.redis import RedisStore
+
+        store = RedisStore.fromSettings(limits, reactor)
+    else:
+        store = MemoryStore(reactor)
+    gateway.limiter = Limiter(limits, store, reactor, gateway.prices)
+    return LimitsService(gateway.limiter, reactor)
 
 
 def cooperatorFor(reactor: Any) -> Cooperator:
@@ -306,6 +333,7 @@ def buildService(
     upstream = Upstream.fromSettings(reactor, settings)
     metrics = metricsFor(settings, usageLog, allowList)
     gateway = gatewayFor(settings, reactor, allowList, upstream, usageLog, metrics)
+    limits = limiterFor(settings, reactor, gateway)
     site = siteFor(settings, reactor, gateway, accessLog, metrics, credentials)
     listener = gatewayListener(settings, reactor, site, workerFd)
 
@@ -319,6 +347,7 @@ def buildService(
     credentialThreads.setServiceParent(top)  # before the credentials start refreshing in it, stopped after
     credentials.setServiceParent(top)
     upstream.setServiceParent(top)
+    limits.setServiceParent(top)  # stopped after the calls drained: their settlements go out first
     if settings.stubListen is not None:
         stubService(reactor, settings).setServiceParent(top)
     embeddedStub.setServiceParent(top)  # stopped before the upstream pool, after the calls drained

@@ -102,6 +102,10 @@ def applySettings(settings: Settings, gateway: Any, site: Any, credentials: Any 
     gateway.idleTimeout = settings.idleTimeout
     gateway.clientTimeout = settings.clientTimeout
     site.setLimits(limitsFor(settings))
+    limiter = gateway.limiter
+    if limiter is not None:
+        limiter.prices = gateway.prices
+        limiter.setRules(settings.usageLimits)
     site.accessLog = site.accessLogWriter if accessLogPath(settings) is not None else None
 
 
@@ -144,6 +148,11 @@ class Reloader:
 
         old = self.settings
         pending = [key for key, attr in RESTART_ONLY if getattr(new, attr) != getattr(old, attr)]
+        oldLimits, newLimits = old.usageLimits, new.usageLimits
+        if (oldLimits.store, oldLimits.redisTimeout, oldLimits.keyPrefix) != (newLimits.store, newLimits.redisTimeout, newLimits.keyPrefix):
+            # The store is connected at start-up; the rules and estimates change live.
+            pending.append("usage_limits.store")
+            new = replace(new, usageLimits=replace(newLimits, store=oldLimits.store, redisTimeout=oldLimits.redisTimeout, keyPrefix=oldLimits.keyPrefix))
         newAccessLog = accessLogPath(new)
         if newAccessLog is not None and newAccessLog != self.accessLogBase:
             # Off and on again live; a new file (or a first one) needs a writer made at start-up.

@@ -111,8 +111,12 @@ class CallContext:
     @ivar fallbacks: the targets still to try when the current one fails
         before any byte reached the client (model aliases).
     @ivar attempts: upstream attempts made so far.
+    @ivar requestId: the call's id (its record's C{request_id}), once it is a call.
     @ivar reservation: what a usage limit holds for the call until it ends.
+    @ivar reservedTokens: the tokens the call reserves under usage limits (the record's C{reserved_tokens}).
+    @ivar limits: where the call's usage limits were counted: C{shared}, C{local}, or None (no rule matched).
     @ivar tags: labels steps attach to the call.
+    @ivar limitedBy: the name of the rule that refused the call, if one did (the record's C{limited_by}).
     @ivar policy: the policy that applied.
     @ivar verdict: the headers stage's answer (the pipeline's bookkeeping, not
         for steps): a L{Refusal}, None, or the L{Deferred} still deciding.
@@ -132,7 +136,11 @@ class CallContext:
     target: Any = None
     fallbacks: Any = None
     attempts: int = 0
+    requestId: str = ""
     reservation: Any = None
+    reservedTokens: int | None = None
+    limits: str | None = None
+    limitedBy: str | None = None
     tags: dict[str, str] | None = None
     policy: Any = None
     verdict: Verdict = None

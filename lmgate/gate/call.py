@@ -89,7 +89,7 @@ class ProxiedCall:
         self._request, self._gateway, self._context = request, gateway, context
         self._clock = gateway.clock
         self._startedAt = self._clock.seconds()
-        self.requestId = newRequestId()
+        self.requestId = context.requestId = newRequestId()
         self._clientGone = False
         self._recorded = False
         self._admitting: Deferred[Any] | None = None
@@ -407,6 +407,11 @@ class ProxiedCall:
                 auth=_authOf(context),
                 alias=context.alias,
                 attempts=context.attempts,
+                limitedBy=context.limitedBy,
+                reservedTokens=context.reservedTokens,
+                limits=context.limits,
             )
         )
         gateway.sink.write(record)
+        if context.reservation is not None and gateway.limiter is not None:
+            gateway.limiter.settle(context, record.total_tokens, record.cost_usd, relaying is not None)

@@ -45,6 +45,7 @@ from lmgate.relay.twistedprivate import accessLogEscape
 from lmgate.relay.headers import upstreamRequestHeaders
 from lmgate.interfaces import IKeyCheck, IUsageSink
 from lmgate.gate.providers import Provider
+from lmgate.limits.limiter import Limiter
 from lmgate.ops.ratelog import RateLimitedLog
 from lmgate.relay.upstream import BytesProducer, Upstream
 
@@ -108,6 +109,8 @@ class Gateway:
         self.fallbackPolicy = FallbackPolicy()
         #: The unified endpoint C{/v1} (OpenAI format) until the alias step picks the target's route.
         self.unified = Provider(ProviderSettings("v1", "http://unified.invalid", "openai"))
+        #: Usage limits (C{usage_limits:}), or None: none configured.
+        self.limiter: Limiter | None = None
         self.pipeline = defaultPipeline(self)
 
     def setAliases(self, aliases: Mapping[str, Alias], fallback: FallbackSettings) -> None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 from random import Random
 from typing import TYPE_CHECKING
 
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lmgate.access.credentials import CredentialError, extractCredential, maskKey
 
-from lmgate.gate.admission import CallContext, IAdmissionStep, Pipeline, Refusal
+from lmgate.gate.admission import CallContext, IAdmissionStep, Pipeline, Refusal, Verdict
 from lmgate.gate.routing import RouteError, splitTarget
 from lmgate.governance.aliases import (
     FoundModel,
@@ -244,6 +246,36 @@ class Targets:
         return False
 
 
+@implementer(IAdmissionStep)
+class Limit:
+    """
+    Usage limits (C{usage_limits:}): the call is admitted against every rule
+    it matches, reserving its estimate until its record is written, or refused
+    429 in the provider's shape (503 when the store fails and a rule is
+    C{closed}). Last of the steps: it counts only calls every other step let
+    on. Without rules the step costs one truth test.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def admit(self, context: CallContext) -> Verdict:
+        limiter = self._gateway.limiter
+        if limiter is None or not limiter.active or context.provider is self._gateway.unified:
+            return None  # no rules; or GET /v1/models, answered by the gateway itself
+        verdict = limiter.admit(context)
+        if isinstance(verdict, Deferred):
+            verdict.addErrback(self._abandoned, context)
+        return verdict
+
+    def _abandoned(self, reason: Failure, context: CallContext) -> Failure:
+        """The client left (or the drain ended) while the store decided: release whatever the store may still admit."""
+        limiter = self._gateway.limiter
+        if reason.check(CancelledError) and limiter is not None:
+            limiter.forget(context)
+        return reason
+
+
 def defaultPipeline(gateway: Gateway) -> Pipeline:
     """
     The steps every call passes, in order. A new step is added here: to the
@@ -252,5 +284,5 @@ def defaultPipeline(gateway: Gateway) -> Pipeline:
     """
     return Pipeline(
         atHeaders=[Route(gateway), Draining(gateway), Authenticate(gateway), NoConnect()],
-        atBody=[ResolveAlias(gateway)],
+        atBody=[ResolveAlias(gateway), Limit(gateway)],
     )

@@ -52,6 +52,10 @@ class CallFacts:
         C{stub}), or None for a call refused before routing and authentication.
     @ivar alias: the model alias the request named, or None.
     @ivar attempts: upstream attempts made (0: never sent upstream).
+    @ivar limitedBy: the usage-limit rule that refused the call, or None.
+    @ivar reservedTokens: the tokens the call reserved under usage limits, or None.
+    @ivar limits: C{shared}, C{local} (counted in-process while the shared store
+        failed), or None when no usage-limit rule matched.
     """
 
     requestId: str
@@ -78,6 +82,9 @@ class CallFacts:
     auth: str | None = None
     alias: str | None = None
     attempts: int = 0
+    limitedBy: str | None = None
+    reservedTokens: int | None = None
+    limits: str | None = None
 
 
 def recordFor(facts: CallFacts) -> UsageRecord:
@@ -132,4 +139,7 @@ def recordFor(facts: CallFacts) -> UsageRecord:
         alias=facts.alias,
         attempts=facts.attempts,
         auth=facts.auth,
+        limited_by=facts.limitedBy,
+        reserved_tokens=facts.reservedTokens,
+        limits=facts.limits,
     )

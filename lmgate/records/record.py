@@ -113,6 +113,9 @@ RECORD_FIELDS = (
     "alias",
     "attempts",
     "auth",
+    "limited_by",
+    "reserved_tokens",
+    "limits",
 )
 
 
@@ -151,6 +154,9 @@ class UsageRecord:
     alias: str | None = None
     attempts: int = 0
     auth: str | None = None
+    limited_by: str | None = None
+    reserved_tokens: int | None = None
+    limits: str | None = None
 
     def asDict(self) -> dict[str, Any]:
         """The record as a plain dict, fields in contract order."""

@@ -1,0 +1,256 @@
+"""
+The in-process store: exact for one process (one worker), on the clock it is
+given. It is also where a shared store's calls are counted while Redis fails
+and C{on_store_error} is C{open} (the record's C{limits: "local"}).
+
+Semantics: L{lmgate.limits.store}. Windows are UTC calendar days and months of
+the clock's time.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from lmgate.limits.store import Decision, Figure, FigureState, ILimitStore, Settlement
+
+
+def windowOf(kind: str, now: float) -> tuple[str, float]:
+    """
+    The UTC calendar window a C{*_per_day} or C{*_per_month} figure counts in
+    at C{now}: its id (C{2026-12-01}, C{2026-12}) and when it ends (epoch seconds).
+    """
+    moment = datetime.fromtimestamp(now, timezone.utc)
+    if kind.endswith("_day"):
+        start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start.strftime("%Y-%m-%d"), start.timestamp() + 86400.0
+    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+    end = datetime(year, month, 1, tzinfo=timezone.utc)
+    return moment.strftime("%Y-%m"), end.timestamp()
+
+
+class _Bucket:
+    __slots__ = ("figure", "level", "at")
+
+    def __init__(self, figure: Figure, now: float) -> None:
+        self.figure, self.level, self.at = figure, float(figure.limit), now
+
+    def refill(self, now: float) -> float:
+        limit = self.figure.limit
+        if now > self.at:
+            self.level = min(float(limit), self.level + (now - self.at) * limit / 60.0)
+            self.at = now
+        return self.level
+
+    def state(self) -> FigureState:
+        limit, level = self.figure.limit, self.level
+        missing = max(0.0, limit - level)
+        return FigureState(self.figure, math.ceil(missing), 0, max(0, math.floor(level)), missing * 60.0 / limit)
+
+
+class _Window:
+    __slots__ = ("figure", "used", "reserved", "ends")
+
+    def __init__(self, figure: Figure, ends: float) -> None:
+        self.figure, self.used, self.reserved, self.ends = figure, 0, 0, ends
+
+    def state(self, now: float) -> FigureState:
+        remaining = max(0, self.figure.limit - self.used - self.reserved)
+        return FigureState(self.figure, self.used, self.reserved, remaining, max(0.0, self.ends - now))
+
+
+class _Leases:
+    __slots__ = ("figure", "held")
+
+    def __init__(self, figure: Figure) -> None:
+        self.figure = figure
+        self.held: dict[str, float] = {}  # request id -> expiry
+
+    def expire(self, now: float) -> int:
+        held = self.held
+        for requestId in [r for r, expiry in held.items() if expiry <= now]:
+            del held[requestId]
+        return len(held)
+
+    def state(self, now: float) -> FigureState:
+        count, limit = len(self.held), self.figure.limit
+        reset = max(0.0, min(self.held.values()) - now) if count >= limit and self.held else 0.0
+        return FigureState(self.figure, count, 0, max(0, limit - count), reset)
+
+
+#: A reservation's part in one state: (state key, amount); a lease has amount 0.
+_Part = tuple[tuple[str, ...], int]
+
+
+@implementer(ILimitStore)
+class MemoryStore:
+    """
+    Counters in this process's memory.
+
+    @param clock: where the time comes from (the reactor; a fake clock in tests).
+    """
+
+    shared = False
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._buckets: dict[tuple[str, ...], _Bucket] = {}
+        self._windows: dict[tuple[str, ...], _Window] = {}
+        self._leases: dict[tuple[str, ...], _Leases] = {}
+        self._reservations: dict[str, list[_Part]] = {}
+
+    def _now(self) -> float:
+        return self._clock.seconds()
+
+    def admit(
+        self, requestId: str, figures: Sequence[Figure], tokens: int, nanoUsd: int, leaseSeconds: float
+    ) -> Decision:
+        now = self._now()
+        states: list[FigureState] = []
+        plan: list[tuple[Figure, tuple[str, ...], int]] = []
+        refused: Figure | None = None
+        retryAfter: float | None = None
+        for figure in figures:  # check every figure first: all or nothing
+            amount = figure.amount(tokens, nanoUsd)
+            kind = figure.kind
+            if kind == "concurrent":
+                key: tuple[str, ...] = (figure.counter, kind)
+                leases = self._leases.get(key)
+                if leases is None:
+                    leases = self._leases[key] = _Leases(figure)
+                leases.figure = figure
+                fits = leases.expire(now) + 1 <= figure.limit
+                wait = None
+            elif kind.endswith("_minute"):
+                key = (figure.counter, kind)
+                bucket = self._buckets.get(key)
+                if bucket is None:
+                    bucket = self._buckets[key] = _Bucket(figure, now)
+                bucket.figure = figure
+                level = bucket.refill(now)
+                fits = amount <= level
+                wait = (amount - level) * 60.0 / figure.limit
+            else:
+                windowId, ends = windowOf(kind, now)
+                key = (figure.counter, kind, windowId)
+                window = self._windows.get(key)
+                if window is None:
+                    window = self._windows[key] = _Window(figure, ends)
+                window.figure = figure
+                fits = window.used + window.reserved + amount <= figure.limit
+                wait = ends - now
+            if not fits and refused is None:
+                refused, retryAfter = figure, wait
+            plan.append((figure, key, amount))
+        if refused is not None:
+            return Decision(False, refused, retryAfter, tuple(self._stateOf(key, now) for _, key, _ in plan))
+        parts: list[_Part] = []
+        for figure, key, amount in plan:
+            kind = figure.kind
+            if kind == "concurrent":
+                self._leases[key].held[requestId] = now + leaseSeconds
+                parts.append((key, 0))
+            elif kind.endswith("_minute"):
+                self._buckets[key].level -= amount
+                parts.append((key, amount))
+            else:
+                self._windows[key].reserved += amount
+                parts.append((key, amount))
+            states.append(self._stateOf(key, now))
+        self._reservations[requestId] = parts
+        return Decision(True, None, None, tuple(states))
+
+    def _stateOf(self, key: tuple[str, ...], now: float) -> FigureState:
+        if key in self._leases:
+            return self._leases[key].state(now)
+        if key in self._buckets:
+            return self._buckets[key].state()
+        return self._windows[key].state(now)
+
+    def settle(self, settlement: Settlement) -> None:
+        parts = self._reservations.pop(settlement.requestId, None)
+        if parts is None:
+            return  # settled already, or never admitted here
+        now = self._now()
+        for key, reserved in parts:
+            kind = key[1]
+            if kind == "concurrent":
+                leases = self._leases.get(key)
+                if leases is not None:
+                    leases.held.pop(settlement.requestId, None)
+                continue
+            actual = _actual(kind, reserved, settlement)
+            if kind.endswith("_minute"):
+                bucket = self._buckets.get(key)
+                if bucket is not None and kind == "tokens_per_minute":
+                    bucket.refill(now)
+                    bucket.level = min(float(bucket.figure.limit), bucket.level + reserved - actual)
+            else:
+                window = self._windows.get(key)
+                if window is not None:
+                    window.reserved -= reserved
+                    window.used += actual
+
+    def renew(self, requestIds: Sequence[str], leaseSeconds: float) -> None:
+        expiry = self._now() + leaseSeconds
+        for requestId in requestIds:
+            for key, _ in self._reservations.get(requestId, ()):
+                leases = self._leases.get(key) if key[1] == "concurrent" else None
+                if leases is not None and requestId in leases.held:
+                    leases.held[requestId] = expiry
+
+    def prune(self) -> int:
+        """
+        Forget idle states: full buckets, ended windows with nothing reserved,
+        lease sets with no live lease (each would be created afresh, the same).
+        Called now and then by the owner; the number of states forgotten.
+        """
+        now = self._now()
+        before = len(self._buckets) + len(self._windows) + len(self._leases)
+        self._buckets = {k: b for k, b in self._buckets.items() if b.refill(now) < b.figure.limit}
+        self._windows = {k: w for k, w in self._windows.items() if w.ends > now or w.reserved}
+        self._leases = {k: leases for k, leases in self._leases.items() if leases.expire(now)}
+        return before - len(self._buckets) - len(self._windows) - len(self._leases)
+
+    def _keys(self, counters: Sequence[str] | None) -> list[tuple[str, ...]]:
+        keys = [*self._buckets, *self._leases, *self._windows]
+        if counters is None:
+            return keys
+        wanted = set(counters)
+        return [key for key in keys if key[0] in wanted]
+
+    def show(self, counters: Sequence[str] | None = None) -> "Deferred[list[FigureState]]":
+        now = self._now()
+        states = []
+        for key in self._keys(counters):
+            if key in self._buckets:
+                self._buckets[key].refill(now)
+            elif key in self._leases:
+                self._leases[key].expire(now)
+            elif self._windows[key].ends <= now:
+                continue  # an ended window: nothing counts against it any more
+            states.append(self._stateOf(key, now))
+        return succeed(states)
+
+    def reset(self, counters: Sequence[str]) -> "Deferred[int]":
+        removed = 0
+        for key in self._keys(counters):
+            found = self._buckets.pop(key, None) or self._windows.pop(key, None) or self._leases.pop(key, None)
+            removed += found is not None
+        return succeed(removed)
+
+
+def _actual(kind: str, reserved: int, settlement: Settlement) -> int:
+    """What a call used of a figure: its real usage, or its reservation kept (reached the upstream) or released."""
+    if kind == "requests_per_minute":
+        return reserved  # requests are never given back
+    real = settlement.nanoUsd if kind.startswith("usd_") else settlement.tokens
+    if real is not None:
+        return real
+    return reserved if settlement.reachedUpstream else 0
+
