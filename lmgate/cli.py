@@ -17,6 +17,7 @@ commands:
   stub     serve the providers' main endpoints from a deterministic fake upstream
   keys     manage the allow-list (hash, add, list, remove, check)
   report   summarise the usage records (tables, CSV, JSON, HTML)
+  limits   show or reset the usage-limit counters
 
 The gateway itself runs under twistd:  twistd -n lmgate --config etc/lmgate.yaml
 """
@@ -43,7 +44,14 @@ def _report(argv: list[str]) -> int:
     return code
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"stub": _stub, "keys": _keys, "report": _report}
+def _limits(argv: list[str]) -> int:
+    from lmgate.limits.cli import main
+
+    code: int = main(argv)
+    return code
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"stub": _stub, "keys": _keys, "report": _report, "limits": _limits}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,3 +193,48 @@ class LimitsDaemonTests(TestCase):
         code = await daemon.watch.ended
         self.assertNotEqual(code, 0)
         self.assertIn(b"usage_limits.store: memory counts in one process only", daemon.watch.output)
+
+    async def test_showResetAndMetrics(self) -> None:
+        """With the memory store: `lmgate limits show` reads the running daemon's counters from the admin port,
+        `lmgate limits reset --key` forgets them (the next burst is admitted again), and /metrics counts the
+        refusals by rule and reason."""
+        import subprocess
+        import sys
+
+        adminPort = freePort()
+        daemon = self.start(
+            f'admin: {{listen: "tcp:{adminPort}:interface=127.0.0.1"}}\n'
+            "usage_limits:\n  rules:\n    - {name: two, requests_per_minute: 2, tokens_per_day: 100000}\n"
+        )
+        await daemon.waitUntilHealthy(self.port)
+        codes = []
+        for _ in range(3):
+            response = await self.post({"model": "gpt-4o-mini", "max_tokens": 10})
+            await response.content()
+            codes.append(response.code)
+        self.assertEqual(codes, [200, 200, 429])
+        await self.records(3)
+
+        def lmgate(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "lmgate.cli", "limits", *args, "--config", daemon.configPath],
+                capture_output=True, text=True, timeout=60, cwd=self.directory,
+            )
+
+        shown = await inThread(lmgate, "show", "--key", "app", "--json")
+        self.assertEqual(shown.returncode, 0, shown.stderr)
+        states = {s["kind"]: s for s in json.loads(shown.stdout)}
+        self.assertEqual(states["requests_per_minute"]["counter"], "two|key=app")
+        self.assertEqual((states["requests_per_minute"]["limit"], states["requests_per_minute"]["remaining"]), (2, 0))
+        self.assertEqual((states["tokens_per_day"]["used"], states["tokens_per_day"]["reserved"]), (100, 0))
+        table = await inThread(lmgate, "show")
+        self.assertIn("two|key=app", table.stdout)
+        self.assertIn("resets_at", table.stdout)
+        reset = await inThread(lmgate, "reset", "--key", "app")
+        self.assertEqual((reset.returncode, reset.stdout), (0, "Reset 2 counter state(s).\n"))
+        response = await self.post({"model": "gpt-4o-mini"})
+        await response.content()
+        self.assertEqual(response.code, 200)
+        page = await (await treq.get(f"http://127.0.0.1:{adminPort}/metrics", persistent=False)).text()
+        self.assertIn('lmgate_limit_refusals_total{reason="rate_limited",rule="two"} 1.0', page)
+        self.assertEqual(await daemon.stop(), 0)

@@ -390,3 +390,26 @@ class LimiterTests(SynchronousTestCase):
     def test_noRulesCostsNothing(self) -> None:
         limiter = Limiter(LimitsSettings(), MemoryStore(Clock()), Clock())
         self.assertFalse(limiter.active)
+
+
+class CountersForTests(SynchronousTestCase):
+    """`lmgate limits --key/--owner/--rule` name counters by each rule's per."""
+
+    def test_selections(self) -> None:
+        from lmgate.limits.cli import countersFor
+
+        limits = parseUsageLimits(
+            {
+                "rules": [
+                    {"name": "k", "per": "key", "requests_per_minute": 1},
+                    {"name": "o", "per": "owner", "requests_per_minute": 1},
+                    {"name": "all", "per": "rule", "requests_per_minute": 1, "match": {"owner": "team-b"}},
+                ]
+            }
+        )
+        owners = {"a1": "team-a", "a2": "team-a", "b1": "team-b"}
+        self.assertIsNone(countersFor(limits, owners, None, None, None))
+        self.assertEqual(countersFor(limits, owners, "a1", None, None), ["k|key=a1", "o|owner=team-a"])
+        self.assertEqual(countersFor(limits, owners, "b1", None, None), ["k|key=b1", "o|owner=team-b", "all|rule"])
+        self.assertEqual(countersFor(limits, owners, None, "team-a", None), ["k|key=a1", "k|key=a2", "o|owner=team-a"])
+        self.assertEqual(countersFor(limits, owners, None, None, "o"), ["o|owner=team-a", "o|owner=team-b"])

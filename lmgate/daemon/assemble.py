@@ -199,7 +199,7 @@ def metricsFor(settings: Settings, usageLog: UsageLog, allowList: AllowList) -> 
     )
 
 
-def limiterFor(settings: Settings, reactor: Any, gateway: Gateway) -> LimitsService:
+def limiterFor(settings: Settings, reactor: Any, gateway: Gateway, metrics: Metrics | None) -> LimitsService:
     """
     The usage limits (C{usage_limits:}): their store (this process's memory,
     or Redis) and the service that keeps it; the limiter goes on the gateway.
@@ -213,8 +213,14 @@ def limiterFor(settings: Settings, reactor: Any, gateway: Gateway) -> LimitsServ
         store = RedisStore.fromSettings(limits, reactor)
     else:
         store = MemoryStore(reactor)
-    gateway.limiter = Limiter(limits, store, reactor, gateway.prices)
-    return LimitsService(gateway.limiter, reactor)
+    limiter = gateway.limiter = Limiter(limits, store, reactor, gateway.prices)
+    if metrics is not None:
+        limiter.observeRefusal = metrics.limitRefused
+        metrics.limitsStore = store
+        if limits.shared:  # the shared store's round trips and failures
+            store.observeLatency = metrics.observeStoreLatency
+            store.observeError = metrics.storeError
+    return LimitsService(limiter, reactor)
 
 
 def cooperatorFor(reactor: Any) -> Cooperator:
@@ -269,10 +275,10 @@ def gatewayListener(settings: Settings, reactor: Any, site: GatewaySite, workerF
     return listenerFor(reactor, settings.listen, site, settings, "listen")
 
 
-def adminService(settings: Settings, reactor: Any, metrics: Metrics) -> Service:
-    """The admin listener (C{admin.listen}) serving the metrics."""
+def adminService(settings: Settings, reactor: Any, metrics: Metrics, limiter: Limiter | None = None) -> Service:
+    """The admin listener (C{admin.listen}) serving the metrics (and the usage limits' counters)."""
     assert settings.adminListen is not None
-    return listenerFor(reactor, settings.adminListen, AdminSite(metrics, reactor), settings, "admin.listen")
+    return listenerFor(reactor, settings.adminListen, AdminSite(metrics, reactor, limiter), settings, "admin.listen")
 
 
 def drainFor(site: GatewaySite, gateway: Gateway, timeout: float) -> DrainService:
@@ -333,7 +339,7 @@ def buildService(
     upstream = Upstream.fromSettings(reactor, settings)
     metrics = metricsFor(settings, usageLog, allowList)
     gateway = gatewayFor(settings, reactor, allowList, upstream, usageLog, metrics)
-    limits = limiterFor(settings, reactor, gateway)
+    limits = limiterFor(settings, reactor, gateway, metrics)
     site = siteFor(settings, reactor, gateway, accessLog, metrics, credentials)
     listener = gatewayListener(settings, reactor, site, workerFd)
 
@@ -352,7 +358,7 @@ def buildService(
         stubService(reactor, settings).setServiceParent(top)
     embeddedStub.setServiceParent(top)  # stopped before the upstream pool, after the calls drained
     if metrics is not None:
-        adminService(settings, reactor, metrics).setServiceParent(top)
+        adminService(settings, reactor, metrics, gateway.limiter).setServiceParent(top)
     drain = drainFor(site, gateway, settings.drainTimeout)
     drain.setServiceParent(top)
     reloader = Reloader(configured, gateway, site, allowList, drain, credentials)

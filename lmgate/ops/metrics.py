@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from lmgate.interfaces import IUsageSink
@@ -35,6 +35,9 @@ DEFAULT_MODELS = (
 TOKEN_KINDS = ("input", "output", "cached", "cache_write", "reasoning")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+#: The states of the usage-limits store's circuit breaker.
+CIRCUIT_STATES = ("closed", "open", "half-open")
 
 
 @implementer(IUsageSink)
@@ -67,6 +70,21 @@ class _Callbacks:
         yield GaugeMetricFamily("lmgate_calls_in_flight", "Calls relayed and not yet finished.", value=m.inFlight())
         yield GaugeMetricFamily("lmgate_allowlist_keys", "Keys on the allow-list.", value=m.keyCount())
         yield CounterMetricFamily("lmgate_allowlist_reload_errors", "Allow-list reloads that failed.", value=m.reloadErrors())
+        limits = m.limitsStore
+        if limits is not None:
+            state = getattr(limits, "circuitState", None)
+            if state is not None:
+                circuit = GaugeMetricFamily(
+                    "lmgate_limits_circuit_state", "The usage-limits store's circuit breaker (1: its current state).", labels=["state"]
+                )
+                for name in CIRCUIT_STATES:
+                    circuit.add_metric([name], 1 if state == name else 0)
+                yield circuit
+            queued = getattr(limits, "pendingSettlements", None)
+            if queued is not None:
+                yield GaugeMetricFamily(
+                    "lmgate_limits_settlements_pending", "Settlements waiting for the usage-limits store to answer again.", value=queued
+                )
 
 
 @implementer(IUsageSink)
@@ -106,6 +124,19 @@ class Metrics:
             ["reason"], registry=r,
         )
         self.keyCalls = Counter("lmgate_key_calls", "Calls by allow-list id (when enabled; capped).", ["lmgate_id"], registry=r) if perKey else None
+        self.limitRefusals = Counter(
+            "lmgate_limit_refusals", "Calls refused by usage limits, by rule and reason (the record's error).", ["rule", "reason"], registry=r
+        )
+        self.storeLatency = Histogram(
+            "lmgate_limits_store_seconds", "Round trips to the shared usage-limits store (admissions and settlements).",
+            buckets=STORE_BUCKETS, registry=r,
+        )
+        self.storeErrors = Counter(
+            "lmgate_limits_store_errors", "Usage-limits store commands that failed, by kind (timeout, connection, circuit_open, reply).",
+            ["kind"], registry=r,
+        )
+        #: The usage-limits store (for its circuit state and pending settlements), or None.
+        self.limitsStore: Any = None
         r.register(_Callbacks(self))
 
     def modelLabel(self, model: str | None) -> str:
@@ -149,33 +180,56 @@ class Metrics:
     def observeOverhead(self, seconds: float) -> None:
         self.overhead.observe(max(0.0, seconds))
 
+    def limitRefused(self, rule: str, reason: str) -> None:
+        """Count a call refused by a usage-limit rule (C{reason}: the record's C{error})."""
+        self.limitRefusals.labels(rule, reason).inc()
+
+    def observeStoreLatency(self, seconds: float) -> None:
+        self.storeLatency.observe(max(0.0, seconds))
+
+    def storeError(self, kind: str) -> None:
+        self.storeErrors.labels(kind).inc()
+
 
 class AdminResource(Resource):
     """
     The admin listener's only resource: exactly C{/metrics} (and exactly
     C{/healthz}, a probe for the admin port itself) answer C{GET} and C{HEAD};
-    any other path is a 404 and any other method a 405. A query string is
-    ignored. Being a leaf, no sub-path (C{/metrics/x}) ever reaches a page.
+    with usage limits, C{GET /limits} shows their counters and C{POST
+    /limits/reset} forgets some (C{?counter=...}, repeated; none: every
+    counter, for showing only). Any other path is a 404 and any other method
+    a 405. Being a leaf, no sub-path (C{/metrics/x}) ever reaches a page.
     """
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, limits: Any = None) -> None:
         Resource.__init__(self)
         self._metrics = metrics
+        self._limits = limits
 
-    def render(self, request: Request) -> bytes:
-        page = {b"/metrics": self._metricsPage, b"/healthz": self._health}.get(request.path)
+    def render(self, request: Request) -> Any:
+        pages = {b"/metrics": self._metricsPage, b"/healthz": self._health}
+        if self._limits is not None:
+            pages[b"/limits"] = self._showLimits
+            if request.path == b"/limits/reset":
+                if request.method != b"POST":
+                    return self._plain(request, 405, b"Use POST.\n", (b"allow", b"POST"))
+                return self._resetLimits(request)
+        page = pages.get(request.path)
         if page is None:
-            request.setResponseCode(404)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"Not found: this port serves /metrics and /healthz.\n"
+            where = b"/metrics, /healthz, /limits and /limits/reset" if self._limits is not None else b"/metrics and /healthz"
+            return self._plain(request, 404, b"Not found: this port serves " + where + b".\n")
         if request.method not in (b"GET", b"HEAD"):
-            request.setResponseCode(405)
-            request.setHeader(b"allow", b"GET, HEAD")
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"Use GET.\n"
+            return self._plain(request, 405, b"Use GET.\n", (b"allow", b"GET, HEAD"))
         return page(request)
+
+    def _plain(self, request: Request, status: int, body: bytes, header: tuple[bytes, bytes] | None = None) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if header is not None:
+            request.setHeader(*header)
+        return body
 
     def _metricsPage(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
@@ -185,10 +239,50 @@ class AdminResource(Resource):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"ok"
 
+    def _counters(self, request: Request) -> list[str] | None:
+        args: Any = request.args or {}
+        named = args.get(b"counter")
+        return [c.decode("utf-8", "replace") for c in named] if named else None
 
-def adminResource(metrics: Metrics) -> Resource:
-    """The admin listener's root: exactly C{/metrics} and C{/healthz}."""
-    return AdminResource(metrics)
+    def _showLimits(self, request: Request) -> Any:
+        from lmgate.limits.views import stateDict
+
+        return self._answer(request, self._limits.store.show(self._counters(request)), lambda states: {"states": [stateDict(s) for s in states]})
+
+    def _resetLimits(self, request: Request) -> Any:
+        counters = self._counters(request)
+        if not counters:
+            return self._plain(request, 400, b"Name the counters to reset: ?counter=RULE|key=ID (repeated).\n")
+        return self._answer(request, self._limits.store.reset(counters), lambda removed: {"removed": removed})
+
+    def _answer(self, request: Request, pending: Any, shape: Callable[[Any], object]) -> Any:
+        """Answer with the store's result as JSON (503 if it fails), unless the client left meanwhile."""
+        import json
+
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def done(result: Any) -> None:
+            if not gone:
+                request.setHeader(b"content-type", b"application/json")
+                request.write(json.dumps(shape(result)).encode())
+                request.finish()
+
+        def failed(reason: Any) -> None:
+            log.failure("The usage-limits store could not answer the admin port", reason)
+            if not gone:
+                request.setResponseCode(503)
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                request.write(b"The usage-limits store did not answer.\n")
+                request.finish()
+
+        pending.addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+
+def adminResource(metrics: Metrics, limits: Any = None) -> Resource:
+    """The admin listener's root: exactly C{/metrics} and C{/healthz} (and C{/limits} with usage limits)."""
+    return AdminResource(metrics, limits)
 
 
 _BODY_REFUSED = b"The admin port takes no request body.\n"
@@ -240,8 +334,8 @@ class AdminSite(Site):
     requestFactory = AdminRequest
     noisy = False
 
-    def __init__(self, metrics: Metrics, reactor: Any) -> None:
-        Site.__init__(self, AdminResource(metrics), reactor=reactor)
+    def __init__(self, metrics: Metrics, reactor: Any, limits: Any = None) -> None:
+        Site.__init__(self, AdminResource(metrics, limits), reactor=reactor)
 
     def log(self, request: Any) -> None:
         """Scrapes are not logged."""
