@@ -200,6 +200,30 @@ class ProbeTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(self.probes.failures, {"a": 2, "b": 2})
 
+    def test_credentialThatWaits(self) -> None:
+        """A credential that must wait (a token being minted) holds the probe back until it has
+        set its header; the probe then carries it."""
+
+        class Minting:
+            kind = "managed"
+            waiting: list[tuple[OutgoingRequest, Deferred[None]]] = []
+
+            def apply(self, request: OutgoingRequest) -> Deferred[None]:
+                d: Deferred[None] = Deferred()
+                self.waiting.append((request, d))
+                return d
+
+        minting = Minting()
+        self.start(ProbedRoute("vertex", URL, 10.0, 4.0, minting))  # type: ignore[arg-type]
+        self.assertEqual(self.client.sent, [])
+        request, d = minting.waiting.pop()
+        self.assertEqual((request.method, request.url, request.body, request.bodySize), (b"GET", URL.encode(), None, 0))
+        request.headers.setRawHeaders(b"authorization", [b"Bearer ya29.token"])
+        d.callback(None)
+        self.assertEqual(self.client.sent[0][2].getRawHeaders(b"authorization"), [b"Bearer ya29.token"])
+        self.client.answer(200)
+        self.assertTrue(self.probes.isHealthy("vertex"))
+
     def test_passThroughRouteIsProbedWithoutAKey(self) -> None:
         """A route without credentials is probed with no credential header at all."""
         self.start(ProbedRoute("a", URL, 10.0, 4.0, None))
