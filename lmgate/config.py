@@ -131,10 +131,20 @@ class CredentialSettings:
 
 @dataclass(frozen=True)
 class HealthSettings:
-    """C{providers.<name>.health}: an active probe of the route's upstream."""
+    """
+    C{providers.<name>.health}: an active probe of the route's upstream
+    (L{lmgate.governance.health.HealthProbes}).
+
+    @ivar path: appended to the route's upstream URL as given (its path and
+        query, plain ASCII): C{GET <upstream><path>}.
+    @ivar interval: seconds between probes (the first at start and on reload).
+    @ivar timeout: seconds a probe may take to get a response head, or None
+        for C{min(interval, timeouts.response)}.
+    """
 
     path: str
     interval: float = 10.0
+    timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -459,11 +469,14 @@ def _google(source: str, key: str, raw: Any) -> GoogleCredentialSettings:
     return GoogleCredentialSettings(path, scopes)
 
 
+HEALTH_KEYS = ("path", "interval", "timeout")
+
+
 def _health(source: str, key: str, raw: Any) -> HealthSettings:
-    """Check C{providers.<name>.health}: path (required), interval."""
+    """Check C{providers.<name>.health}: path (required), interval, timeout."""
     if not isinstance(raw, dict):
-        raise ConfigError(source, key, f"must be a mapping (path, interval), got {_typeName(raw)}")
-    for unknown in sorted(set(raw) - {"path", "interval"}, key=str):
+        raise ConfigError(source, key, f"must be a mapping ({', '.join(HEALTH_KEYS)}), got {_typeName(raw)}")
+    for unknown in sorted(set(raw) - set(HEALTH_KEYS), key=str):
         raise ConfigError(source, f"{key}.{unknown}", "unknown key")
     if "path" not in raw:
         raise ConfigError(source, f"{key}.path", "missing (the path probed, e.g. /v1/models)")
@@ -471,15 +484,18 @@ def _health(source: str, key: str, raw: Any) -> HealthSettings:
         path = _text(raw["path"])
         if not path.startswith("/"):
             raise _Invalid(f"must start with '/', got {path!r}")
+        if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in path) or "#" in path:
+            raise _Invalid(f"must be plain ASCII without spaces or fragment, got {path!r}")
     except _Invalid as e:
         raise ConfigError(source, f"{key}.path", str(e)) from None
-    interval = 10.0
-    if raw.get("interval") is not None:
-        try:
-            interval = _number()(raw["interval"])
-        except _Invalid as e:
-            raise ConfigError(source, f"{key}.interval", str(e)) from None
-    return HealthSettings(path, interval)
+    values: dict[str, float] = {}
+    for option in ("interval", "timeout"):
+        if raw.get(option) is not None:
+            try:
+                values[option] = _number()(raw[option])
+            except _Invalid as e:
+                raise ConfigError(source, f"{key}.{option}", str(e)) from None
+    return HealthSettings(path, **values)
 
 
 def _typeName(value: Any) -> str:
@@ -601,8 +617,6 @@ def _providers(source: str, raw: Any) -> dict[str, ProviderSettings]:
         health = None
         if entry.get("health") is not None:
             health = _health(source, f"{key}.health", entry["health"])
-            # Checked, but no probe runs yet: say so rather than accept a setting that does nothing.
-            raise ConfigError(source, f"{key}.health", "not available in this build yet (active health probes)")
         providers[name] = ProviderSettings(name, upstream, fmt, maxBody, credentials, openaiPath, health)
     return providers
 

@@ -17,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from lmgate.access.credentials import removeCredentials, withoutCredentialParameters
-from lmgate.config import CredentialSettings, ProviderSettings, settingsFrom
+from lmgate.config import CredentialSettings, HealthSettings, ProviderSettings, settingsFrom
 from lmgate.daemon.demo import demoSettings
 from lmgate.errors import ConfigError
 from lmgate.gate.providers import Provider
@@ -83,16 +83,19 @@ class CredentialSettingsTests(SynchronousTestCase):
             [("X-Key", None), ("Authorization", "Token"), ("Authorization", None)],
         )
 
-    def test_openaiPathAndHealthNotYet(self) -> None:
-        """C{health} is checked, then refused with one line while nothing uses it
-        (health probes are not built yet): a setting that silently did nothing
-        would mislead the operator. C{openai_path} is taken (the unified endpoint
+    def test_openaiPathAndHealth(self) -> None:
+        """C{health} is taken: path, interval (default 10 s), timeout (default None:
+        the probe's own default); absent, no probe. C{openai_path} is taken (the unified endpoint
         uses it), without its trailing slash, C{/v1} by default."""
         self.assertEqual(providersSection({"openai": {"upstream": "https://api.openai.com"}})["openai"].health, None)
-        self.assertRefused(
-            {"g": {"upstream": "https://g", "format": "openai", "health": {"path": "/v1/models", "interval": 5}}},
-            "etc/lmgate.yaml: providers.g.health: not available in this build yet (active health probes)",
+        taken = providersSection(
+            {
+                "g": {"upstream": "https://g", "format": "openai", "health": {"path": "/v1/models", "interval": 5}},
+                "h": {"upstream": "https://h", "format": "openai", "health": {"path": "/v1/models?limit=1", "timeout": 2.5}},
+            }
         )
+        self.assertEqual(taken["g"].health, HealthSettings("/v1/models", 5.0, None))
+        self.assertEqual(taken["h"].health, HealthSettings("/v1/models?limit=1", 10.0, 2.5))
         taken = providersSection({"g": {"upstream": "https://g", "format": "openai", "openai_path": "/v1beta/openai/"}})
         self.assertEqual(taken["g"].openaiPath, "/v1beta/openai")
         self.assertEqual(providersSection({"g": {"upstream": "https://g", "format": "openai"}})["g"].openaiPath, "/v1")
@@ -141,6 +144,15 @@ class CredentialSettingsTests(SynchronousTestCase):
             ({"openai": {"upstream": up, "health": {"interval": 3}}}, "providers.openai.health.path: missing (the path probed, e.g. /v1/models)"),
             ({"openai": {"upstream": up, "health": {"path": "/m", "interval": 0}}},
              "providers.openai.health.interval: must be a number > 0, got 0"),
+            ({"openai": {"upstream": up, "health": {"path": "/m", "timeout": "fast"}}},
+             "providers.openai.health.timeout: must be a number > 0, got 'fast'"),
+            ({"openai": {"upstream": up, "health": {"path": "v1/models"}}},
+             "providers.openai.health.path: must start with '/', got 'v1/models'"),
+            ({"openai": {"upstream": up, "health": {"path": "/v1/my models"}}},
+             "providers.openai.health.path: must be plain ASCII without spaces or fragment, got '/v1/my models'"),
+            ({"openai": {"upstream": up, "health": {"path": "/m", "every": 3}}}, "providers.openai.health.every: unknown key"),
+            ({"openai": {"upstream": up, "health": "/v1/models"}},
+             "providers.openai.health: must be a mapping (path, interval, timeout), got str"),
         ]
         for entries, line in cases:
             self.assertRefused(entries, "etc/lmgate.yaml: " + line)

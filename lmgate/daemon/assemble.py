@@ -40,6 +40,7 @@ from lmgate.gate.gateway import Gateway, GatewayResource, GatewaySite
 from lmgate.limits.limiter import Limiter
 from lmgate.limits.memory import MemoryStore
 from lmgate.limits.service import LimitsService
+from lmgate.governance.health import HealthProbes
 from lmgate.governance.managed import ProviderCredentials
 from lmgate.ops.metrics import AdminSite, Fanout, Metrics
 from lmgate.records.jsonl import UsageLog, checkStatsPath
@@ -249,6 +250,31 @@ def gatewayFor(
     return gateway
 
 
+def healthFor(settings: Settings, reactor: Any, gateway: Gateway) -> HealthProbes:
+    """
+    The routes' active health probes (L{lmgate.governance.health.HealthProbes}),
+    made the gateway's: a treq client of their own (not the relay's pool), whose
+    connections are not kept between probes, verifying upstream certificates as
+    the relay does (C{tls.ca_bundle}), connecting within C{timeouts.connect},
+    and keeping no cookies.
+    """
+    from http.cookiejar import DefaultCookiePolicy
+
+    from treq.client import HTTPClient
+    from treq.cookies import IndexableCookieJar
+    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+
+    from lmgate.relay.upstream import trustRootFor
+
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    policy = BrowserLikePolicyForHTTPS(trustRoot=trustRootFor(settings))
+    agent = Agent(reactor, contextFactory=policy, connectTimeout=settings.connectTimeout, pool=pool)
+    client = HTTPClient(agent, cookiejar=IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
+    probes = HealthProbes(reactor, client, gateway.rateLog, pool)
+    gateway.health = probes
+    return probes
+
+
 def siteFor(
     settings: Settings,
     reactor: Any,
@@ -340,6 +366,9 @@ def buildService(
     metrics = metricsFor(settings, usageLog, allowList)
     gateway = gatewayFor(settings, reactor, allowList, upstream, usageLog, metrics)
     limits = limiterFor(settings, reactor, gateway, metrics)
+    health = healthFor(settings, reactor, gateway)
+    if metrics is not None:
+        metrics.upstreamHealth = lambda: ({name: state.healthy for name, state in health.states().items()}, health.failures)
     site = siteFor(settings, reactor, gateway, accessLog, metrics, credentials)
     listener = gatewayListener(settings, reactor, site, workerFd)
 
@@ -357,6 +386,7 @@ def buildService(
     if settings.stubListen is not None:
         stubService(reactor, settings).setServiceParent(top)
     embeddedStub.setServiceParent(top)  # stopped before the upstream pool, after the calls drained
+    health.setServiceParent(top)  # after the credentials it applies start refreshing; stopped before them
     if metrics is not None:
         adminService(settings, reactor, metrics, gateway.limiter).setServiceParent(top)
     drain = drainFor(site, gateway, settings.drainTimeout)

@@ -88,14 +88,38 @@ def providersFor(settings: Settings, credentials: Any = None) -> dict[bytes, Any
     }
 
 
+def probedRoutes(settings: Settings, providers: Any) -> list[Any]:
+    """
+    The health probes of C{settings}' routes as C{providers} (the gateway's
+    routes) serve them: each route with C{health}, carrying its credential,
+    except those served by the embedded stub (never probed).
+    """
+    from lmgate.governance.health import healthOf
+
+    routes = []
+    for name, p in settings.providers.items():
+        provider = providers.get(name.encode("ascii"))
+        if p.health is None or provider is None or provider.auth == "stub":
+            continue
+        routes.append(healthOf(name, p.upstream, p.health, provider.credential, settings.responseTimeout))
+    return routes
+
+
+def setProviders(settings: Settings, gateway: Any, credentials: Any = None) -> None:
+    """Build the gateway's routes (with their credentials) and restart the health probes with them."""
+    gateway.providers = providersFor(settings, credentials)
+    if gateway.health is not None:
+        gateway.health.configure(probedRoutes(settings, gateway.providers))
+
+
 def applySettings(settings: Settings, gateway: Any, site: Any, credentials: Any = None) -> None:
     """
     Put the settings a running gateway can change into effect: routes (with
-    their credentials), timeouts, capture limit, client limits and the access
-    log. Each is one assignment, so a call sees the old settings or the new,
-    never a mix of one kind.
+    their credentials and health probes), timeouts, capture limit, client
+    limits and the access log. Each is one assignment, so a call sees the old
+    settings or the new, never a mix of one kind.
     """
-    gateway.providers = providersFor(settings, credentials)
+    setProviders(settings, gateway, credentials)
     gateway.setAliases(settings.models, settings.fallback)
     gateway.captureLimit = settings.statsCaptureLimit
     gateway.responseTimeout = settings.responseTimeout
@@ -140,7 +164,7 @@ class Reloader:
         if not applied and self._credentials is not None:
             # The same routes, their keys read again (a rotated secret file).
             self._credentials.reload(self.settings)
-            self._gateway.providers = providersFor(self.settings, self._credentials)
+            setProviders(self.settings, self._gateway, self._credentials)
         self._allowList.reload()
 
     def _apply(self, new: Settings) -> None:

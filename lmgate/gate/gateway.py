@@ -102,9 +102,11 @@ class Gateway:
         self.aliases: Mapping[str, Alias] = {}
         #: Each route's name and format, for the aliases' targets.
         self.formats: Mapping[str, str] = {p.name: p.format for p in providers.values()}
+        #: Each probed route's health (L{lmgate.governance.health.HealthProbes}), or None: every route is healthy.
+        self.health: Any = None
         #: The order of an alias's targets; its cooldown is shared by every call.
         self.cooldown = Cooldown(clock)
-        self.selector = Selector(self.cooldown)
+        self.selector = Selector(self.cooldown, self.routeHealthy)
         #: When a call falls back to its alias's next target (C{fallback.on}).
         self.fallbackPolicy = FallbackPolicy()
         #: The unified endpoint C{/v1} (OpenAI format) until the alias step picks the target's route.
@@ -117,9 +119,13 @@ class Gateway:
         """Put the configured aliases (and the cooldown values) into effect, at start-up and on reload."""
         self.formats = {p.name: p.format for p in self.providers.values()}
         self.cooldown = fallback.cooldown(self.clock)
-        self.selector = Selector(self.cooldown)
+        self.selector = Selector(self.cooldown, self.routeHealthy)
         self.fallbackPolicy = fallback.policy()
         self.aliases = aliases
+
+    def routeHealthy(self, name: str) -> bool:
+        """Whether the route C{name} passes its active health probe (a route without one always does)."""
+        return self.health is None or bool(self.health.isHealthy(name))
 
     def drain(self, timeout: float) -> Deferred[None]:
         """

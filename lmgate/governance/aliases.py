@@ -210,14 +210,20 @@ class Selector:
     """
     The order in which a call tries an alias's targets.
 
-    Targets cooling down (L{Cooldown}) go after the healthy ones, each group in
-    the strategy's order; when every target is cooling down, the order is the
-    strategy's own, so the first is tried anyway (a call is never refused only
-    because its targets failed lately).
+    Targets cooling down (L{Cooldown}) and targets whose route fails its
+    active health probe (C{healthy}, L{lmgate.governance.health.HealthProbes})
+    go after the others, each group in the strategy's order; when every target
+    is cooling down or unhealthy, the order is the strategy's own, so the
+    first is tried anyway (a call is never refused only because its targets
+    failed lately or their probes fail).
+
+    @param healthy: whether a route (by name) is healthy; None: all are. A
+        route without a probe is always healthy.
     """
 
-    def __init__(self, cooldown: "Cooldown | None" = None) -> None:
+    def __init__(self, cooldown: "Cooldown | None" = None, healthy: Callable[[str], bool] | None = None) -> None:
         self._cooldown = cooldown
+        self._healthy = healthy
 
     def order(self, alias: Alias, random: Random) -> list[Target]:
         """
@@ -226,16 +232,16 @@ class Selector:
         @param random: where a C{weighted} alias's pick comes from (seeded in
             tests); not used for an C{ordered} alias.
         """
-        targets = list(alias.targets)
-        if self._cooldown is None:
-            healthy, cooling = targets, []
-        else:
-            coolingDown = self._cooldown.coolingDown
-            healthy = [t for t in targets if not coolingDown(t)]
-            cooling = [t for t in targets if coolingDown(t)]
+        first: list[Target] = []
+        later: list[Target] = []
+        coolingDown = self._cooldown.coolingDown if self._cooldown is not None else None
+        healthy = self._healthy
+        for t in alias.targets:
+            behind = (coolingDown is not None and coolingDown(t)) or (healthy is not None and not healthy(t.provider))
+            (later if behind else first).append(t)
         if alias.strategy == "weighted":
-            return _byWeight(healthy, random) + _byWeight(cooling, random)
-        return healthy + cooling
+            return _byWeight(first, random) + _byWeight(later, random)
+        return first + later
 
 
 def _byWeight(targets: list[Target], random: Random) -> list[Target]:

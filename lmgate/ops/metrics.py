@@ -10,7 +10,7 @@ when enabled, capped.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -70,6 +70,20 @@ class _Callbacks:
         yield GaugeMetricFamily("lmgate_calls_in_flight", "Calls relayed and not yet finished.", value=m.inFlight())
         yield GaugeMetricFamily("lmgate_allowlist_keys", "Keys on the allow-list.", value=m.keyCount())
         yield CounterMetricFamily("lmgate_allowlist_reload_errors", "Allow-list reloads that failed.", value=m.reloadErrors())
+        healthy, failures = m.upstreamHealth()
+        gauge = GaugeMetricFamily(
+            "lmgate_upstream_healthy", "Whether a route passes its active health probe (1) or not (0); probed routes only.",
+            labels=["provider"],
+        )
+        for name in sorted(healthy):
+            gauge.add_metric([name], 1 if healthy[name] else 0)
+        yield gauge
+        counter = CounterMetricFamily(
+            "lmgate_upstream_probe_failures", "Active health probes that failed, by route.", labels=["provider"]
+        )
+        for name in sorted(failures):
+            counter.add_metric([name], failures[name])
+        yield counter
         limits = m.limitsStore
         if limits is not None:
             state = getattr(limits, "circuitState", None)
@@ -103,12 +117,15 @@ class Metrics:
         writerStats: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0),
         keyCount: Callable[[], int] = lambda: 0,
         reloadErrors: Callable[[], int] = lambda: 0,
+        upstreamHealth: Callable[[], tuple[Mapping[str, bool], Mapping[str, int]]] = lambda: ({}, {}),
     ) -> None:
         self.registry = CollectorRegistry()
         self._models = tuple(sorted(models or DEFAULT_MODELS, key=len, reverse=True))
         self._perKey, self._perKeyLimit = perKey, perKeyLimit
         self._keys: set[str] = set()
         self.inFlight, self.writerStats, self.keyCount, self.reloadErrors = inFlight, writerStats, keyCount, reloadErrors
+        #: Each probed route's health and each route's failed probes (L{lmgate.governance.health.HealthProbes}).
+        self.upstreamHealth = upstreamHealth
         r = self.registry
         self.calls = Counter("lmgate_calls", "Calls that reached routing.", ["provider", "status", "error"], registry=r)
         self.tokens = Counter("lmgate_tokens", "Tokens reported by providers.", ["provider", "model", "kind"], registry=r)
