@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -40,10 +41,15 @@ def _freePort() -> int:
         return int(s.getsockname()[1])
 
 
-def _ping(port: int) -> bool:
+def _ping(port: int, tls: bool = False) -> bool:
     """One blocking PING (loopback, short timeout): whether Redis answers PONG."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
+            s = raw
+            if tls:
+                context = ssl.create_default_context()
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only: is it up?
+                s = context.wrap_socket(raw)
             s.sendall(b"PING\r\n")
             return s.recv(64).startswith(b"+PONG")
     except OSError:
@@ -55,14 +61,22 @@ class RedisServer:
     One C{redis-server} child process.
 
     @ivar port: its loopback port (kept across L{restart}).
-    @ivar url: C{redis://127.0.0.1:PORT/0}.
     """
 
-    def __init__(self, extraArgs: tuple[str, ...] = ()) -> None:
+    @property
+    def url(self) -> str:
+        """C{redis://127.0.0.1:PORT/0}, or C{rediss://...} when it serves TLS."""
+        return f"{'rediss' if self._tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def __init__(self, extraArgs: tuple[str, ...] = (), tls: tuple[str, str] | None = None) -> None:
+        """
+        @param tls: (key, certificate) PEM paths: serve TLS only (C{rediss://}),
+            the certificate also its own CA; clients need no certificate.
+        """
         if NO_REDIS is not None:
             raise SkipTest(NO_REDIS)
+        self._tls = tls
         self.port = _freePort()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.mkdtemp(prefix="lmgate-redis-")
         self._extra = extraArgs
         self._process: subprocess.Popen[bytes] | None = None
@@ -72,21 +86,24 @@ class RedisServer:
         """Start it and wait (bounded, 10 s) until it answers PING."""
         assert REDIS_SERVER is not None
         for attempt in range(5):
+            listen = ["--port", str(self.port)]
+            if self._tls is not None:
+                key, cert = self._tls
+                listen = ["--port", "0", "--tls-port", str(self.port), "--tls-key-file", key, "--tls-cert-file", cert, "--tls-ca-cert-file", cert, "--tls-auth-clients", "no"]
             self._process = subprocess.Popen(
-                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self._dir, *self._extra],
+                [REDIS_SERVER, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self._dir, *self._extra],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                if _ping(self.port):
+                if _ping(self.port, self._tls is not None):
                     return
                 if self._process.poll() is not None:
                     break  # lost the port to another process: try a fresh one (first start only)
                 time.sleep(0.02)  # helper start-up, not a unit test: the child needs real time
             self._kill()
             self.port = _freePort()
-            self.url = f"redis://127.0.0.1:{self.port}/0"
         raise RuntimeError("redis-server did not start")
 
     def hang(self) -> None:
@@ -138,9 +155,9 @@ class RedisServer:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def startRedis(case: TestCase, extraArgs: tuple[str, ...] = ()) -> RedisServer:
+def startRedis(case: TestCase, extraArgs: tuple[str, ...] = (), tls: tuple[str, str] | None = None) -> RedisServer:
     """A running L{RedisServer}, stopped in C{case}'s cleanup (skips C{case} when redis-server is missing)."""
-    server = RedisServer(extraArgs)
+    server = RedisServer(extraArgs, tls)
     server.start()
     case.addCleanup(server.stop)
     return server

@@ -10,6 +10,7 @@ refills, lease expiry and window boundaries need no waiting.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
@@ -146,7 +147,7 @@ class SemanticsTests(RedisCase):
         self.assertEqual({d.refusedBy for d in refused}, {rpm(n)})
         for d in refused:
             assert d.retryAfter is not None
-            self.assertTrue(0 < d.retryAfter <= 60 / n, d.retryAfter)
+            self.assertTrue(0 < d.retryAfter <= 60 / n + 0.001, d.retryAfter)  # whole milliseconds, rounded up
 
     @deferred
     async def test_refill(self) -> None:
@@ -451,3 +452,38 @@ class FaultTests(RedisCase):
         self.server.resume()
         await waitFor(clock, lambda: store.queued == 0)
         self.assertEqual(await self.states(store), {"tokens_per_day": (0, 0, 5000), "concurrent": (0, 0, 1)})
+
+
+@skipUnlessRedis
+class TLSTests(TestCase):
+    """rediss:// speaks TLS and checks the server's certificate."""
+
+    timeout = 60
+
+    @deferred
+    async def test_rediss(self) -> None:
+        """Admissions work over TLS with the server's certificate trusted; an untrusted one is refused."""
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+        from tests.test_daemon import makeCertificate
+
+        directory = os.path.abspath(self.mktemp())  # redis-server changes directory before reading them
+        os.makedirs(directory)
+        keyPath, certPath = makeCertificate(directory)
+        server = startRedis(self, tls=(keyPath, certPath))
+        self.assertTrue(server.url.startswith("rediss://"))
+        with open(certPath, "rb") as f:
+            trusted = optionsForClientTLS("127.0.0.1", trustRoot=Certificate.loadPEM(f.read()))
+        store = RedisStore(parseRedisUrl(server.url), clock, timeout=2.0, tlsOptions=trusted)
+        store.startService()
+        self.addCleanup(store.stopService)
+        result = store.admit("a", [rpm(1)], 0, 0, 60)
+        assert isinstance(result, Deferred)
+        self.assertTrue((await result).admitted)
+        untrusting = RedisStore(parseRedisUrl(server.url), clock, timeout=0.5)  # the system's roots
+        self.addCleanup(untrusting.stopService)
+        untrusting.startService()
+        refused = untrusting.admit("b", [rpm(1)], 0, 0, 60)
+        assert isinstance(refused, Deferred)
+        with self.assertRaises(StoreUnavailable):
+            await refused

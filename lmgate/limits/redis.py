@@ -19,6 +19,7 @@ are idempotent per request id, so a retry is always safe).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -313,7 +314,7 @@ class RedisStore(Service):
         if self.observeLatency is not None:
             self.observeLatency(self._clock.seconds() - started)
         if self._queue and not self._flushing:
-            self._clock.callLater(0, self._flush)
+            self._flush()
         return result
 
     def _failed(self, f: Failure, script: _Script) -> Failure:
@@ -347,27 +348,21 @@ class RedisStore(Service):
 
     def admit(self, requestId: str, figures: Sequence[Figure], tokens: int, nanoUsd: int, leaseSeconds: float) -> Deferred[Decision]:
         """Admit against every figure or none, in one script (L{ILimitStore.admit})."""
-        args: list[object] = [requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000)), len(figures)]
-        for figure in figures:
-            args += [figure.counter, figure.rule, figure.kind, figure.limit]
+        packed = json.dumps([[f.counter, f.rule, f.kind, f.limit] for f in figures], separators=(",", ":"))
+        args: list[object] = [requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000)), packed]
         sent = self.circuitState == CLOSED or self._clock.seconds() >= self._openUntil
         d = self._call(ADMIT, args)
 
-        def decide(reply: Sequence[Any]) -> Decision:
+        def decide(answer: str) -> Decision:
+            reply = [int(x) for x in answer.split(",")]
             states = tuple(
-                FigureState(
-                    figure,
-                    used=int(float(reply[3 + 4 * i])),
-                    reserved=int(float(reply[4 + 4 * i])),
-                    remaining=int(float(reply[5 + 4 * i])),
-                    reset=float(reply[6 + 4 * i]),
-                )
+                FigureState(figure, used=reply[3 + 4 * i], reserved=reply[4 + 4 * i], remaining=reply[5 + 4 * i], reset=reply[6 + 4 * i] / 1000)
                 for i, figure in enumerate(figures)
             )
-            if int(reply[0]) == 1:
+            if reply[0] == 1:
                 return Decision(True, states=states)
-            retry = str(reply[2])
-            return Decision(False, refusedBy=figures[int(reply[1]) - 1], retryAfter=float(retry) if retry else None, states=states)
+            retry = reply[2]
+            return Decision(False, refusedBy=figures[reply[1] - 1], retryAfter=retry / 1000 if retry >= 0 else None, states=states)
 
         def unanswered(f: Failure) -> Failure:
             # Redis may still run an admission it did not answer in time: a
@@ -497,9 +492,8 @@ def _settlementArgs(s: Settlement) -> list[object]:
 def _figureStates(reply: Sequence[Any]) -> list[FigureState]:
     states = []
     for i in range(0, len(reply), 8):
-        counter, rule, kind, limit, used, reserved, remaining, reset = (str(x) for x in reply[i : i + 8])
-        figure = Figure(counter, rule, kind, int(float(limit)))
-        states.append(FigureState(figure, int(float(used)), int(float(reserved)), int(float(remaining)), float(reset)))
+        counter, rule, kind, limit, used, reserved, remaining, reset = reply[i : i + 8]
+        states.append(FigureState(Figure(str(counter), str(rule), str(kind), int(limit)), int(used), int(reserved), int(remaining), int(reset) / 1000))
     return states
 
 

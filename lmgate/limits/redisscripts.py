@@ -134,34 +134,39 @@ local function fits(kind, st, amount, limit)
   if s == 'bucket' then return st[5] + 1e-9 >= amount end
   return st[5] + amount <= limit
 end
+-- An admission's reply is one string of comma-separated integers
+-- (milliseconds for times), its figures one JSON argument: the client
+-- (txredisapi) spends far more on each element of a reply or argument than
+-- Redis spends on the whole script.
 local function retryAfter(kind, st, amount, limit)
   local s = shape(kind)
-  if s == 'bucket' then return fmt((amount - st[5]) * 60 / limit) end
-  if s == 'lease' then return '' end
-  return fmt(st[4])
+  if s == 'bucket' then return math.ceil((amount - st[5]) * 60000 / limit) end
+  if s == 'lease' then return -1 end
+  return math.ceil(st[4] * 1000)
 end
 local function keepLonger(key, ttl)
   if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
 end
 local function pushState(out, st)
-  table.insert(out, fmt(st[1]))
-  table.insert(out, fmt(st[2]))
-  table.insert(out, fmt(st[3]))
-  table.insert(out, fmt(st[4]))
+  table.insert(out, string.format('%d', st[1]))
+  table.insert(out, string.format('%d', st[2]))
+  table.insert(out, string.format('%d', st[3]))
+  table.insert(out, string.format('%d', math.ceil(st[4] * 1000)))
 end
 """
 
-#: ARGV: prefix, offset, request id, tokens, nano-dollars, lease ms, n, then
-#: n × (counter, rule, kind, limit). Answers {admitted, refused index (1-based,
-#: 0 if none), retry after ('' if unknown), then 4 × n state fields}.
+#: ARGV: prefix, offset, request id, tokens, nano-dollars, lease ms, the
+#: figures as JSON [[counter, rule, kind, limit], ...]. Answers integers joined
+#: by commas: admitted, refused index (1-based, 0 if none), retry after ms (-1
+#: if unknown), then for each figure: used, reserved, remaining, reset ms.
 ADMIT = COMMON + r"""
 local rid, tokens, nano, lease = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local n = tonumber(ARGV[7])
+local given = cjson.decode(ARGV[7])
+local n = #given
 local now = nowMs()
 local figures = {}
 for i = 1, n do
-  local b = 7 + (i - 1) * 4
-  local counter, rule, kind, limit = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], tonumber(ARGV[b + 4])
+  local counter, rule, kind, limit = given[i][1], given[i][2], given[i][3], tonumber(given[i][4])
   local key, ends = stateKey(counter, kind, now)
   local st = readState(kind, key, ends, limit, now, true)
   figures[i] = {counter, rule, kind, limit, key, ends, st, amountOf(kind, tokens, nano)}
@@ -169,14 +174,14 @@ end
 for i = 1, n do
   local f = figures[i]
   if not fits(f[3], f[7], f[8], f[4]) then
-    local out = {0, i, retryAfter(f[3], f[7], f[8], f[4])}
+    local out = {'0', tostring(i), string.format('%d', retryAfter(f[3], f[7], f[8], f[4]))}
     for j = 1, n do pushState(out, figures[j][7]) end
-    return out
+    return table.concat(out, ',')
   end
 end
 local entries = {}
 local reservationTtl = 0
-local out = {1, 0, ''}
+local out = {'1', '0', '-1'}
 for i = 1, n do
   local counter, rule, kind, limit, key, ends, st, amount = unpack(figures[i])
   local s = shape(kind)
@@ -209,7 +214,7 @@ if #entries > 0 then
   redis.call('HSET', r, 'e', cjson.encode(entries))
   redis.call('PEXPIRE', r, reservationTtl)
 end
-return out
+return table.concat(out, ',')
 """
 
 #: ARGV: prefix, offset, n, then n × (request id, tokens or '', nano-dollars
@@ -274,7 +279,7 @@ return renewed
 """
 
 #: ARGV: prefix, offset, then counters. Answers 8 fields per figure: counter,
-#: rule, kind, limit, used, reserved, remaining, reset seconds.
+#: rule, kind, limit, used, reserved, remaining, reset ms.
 SHOW = COMMON + r"""
 local now = nowMs()
 local out = {}
@@ -289,7 +294,7 @@ for i = 3, #ARGV do
     table.insert(out, counter)
     table.insert(out, rule)
     table.insert(out, kind)
-    table.insert(out, fmt(limit))
+    table.insert(out, limit)
     pushState(out, readState(kind, key, ends, limit, now, false))
   end
 end
