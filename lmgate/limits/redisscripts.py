@@ -101,13 +101,15 @@ local function writeBucket(key, limit, level, now)
   redis.call('PEXPIRE', key, ttl)
   return ttl
 end
+local function bucketState(lv, limit)
+  local used = math.max(0, math.ceil(limit - lv - 1e-9))
+  return {used, 0, math.max(0, math.floor(lv + 1e-9)), (limit - lv) * 60 / limit, lv}
+end
 -- {used, reserved, remaining, reset seconds, fill}; fill: bucket level, lease count, window used+reserved
 local function readState(kind, key, ends, limit, now, prune)
   local s = shape(kind)
   if s == 'bucket' then
-    local lv = bucketLevel(key, limit, now)
-    local used = math.max(0, math.ceil(limit - lv - 1e-9))
-    return {used, 0, math.max(0, math.floor(lv + 1e-9)), (limit - lv) * 60 / limit, lv}
+    return bucketState(bucketLevel(key, limit, now), limit)
   end
   if s == 'lease' then
     local count
@@ -181,33 +183,51 @@ for i = 1, n do
 end
 local entries = {}
 local reservationTtl = 0
+local metas, metaOrder = {}, {}
 local out = {'1', '0', '-1'}
 for i = 1, n do
   local counter, rule, kind, limit, key, ends, st, amount = unpack(figures[i])
   local s = shape(kind)
-  local ttl
+  local ttl, after
   if s == 'bucket' then
     ttl = writeBucket(key, limit, st[5] - amount, now)
+    after = bucketState(st[5] - amount, limit)
   elseif s == 'lease' then
     redis.call('ZADD', key, now + lease, rid)
     local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
     ttl = math.ceil(tonumber(last[2]) - now) + 1000
     redis.call('PEXPIRE', key, ttl)
     reservationTtl = math.max(reservationTtl, math.ceil(lease) + RESERVATION_MARGIN)
+    local count = st[5] + 1
+    local reset = 0
+    if count >= limit then reset = (tonumber(last[2]) - now) / 1000 end
+    after = {count, 0, math.max(0, limit - count), reset}
   else
     redis.call('HINCRBY', key, 'reserved', amount)
     ttl = ends - now + WINDOW_MARGIN
     redis.call('PEXPIRE', key, ttl)
     reservationTtl = math.max(reservationTtl, ends - now + RESERVATION_MARGIN)
+    after = {st[1], st[2] + amount, math.max(0, st[3] - amount), st[4]}
   end
   if kind ~= 'requests_per_minute' then
     table.insert(entries, {key, kind, fmt(amount), fmt(limit)})
     if s == 'bucket' then reservationTtl = math.max(reservationTtl, RESERVATION_MARGIN) end
   end
-  local meta = P .. 'f:' .. counter
-  redis.call('HSET', meta, kind, fmt(limit) .. '|' .. rule)
-  keepLonger(meta, math.max(ttl, 1000))
-  pushState(out, readState(kind, key, ends, limit, now, false))
+  local meta = metas[counter]
+  if not meta then
+    meta = {ttl = 1000, fields = {}}
+    metas[counter] = meta
+    table.insert(metaOrder, counter)
+  end
+  meta.ttl = math.max(meta.ttl, ttl)
+  table.insert(meta.fields, kind)
+  table.insert(meta.fields, fmt(limit) .. '|' .. rule)
+  pushState(out, after)
+end
+for _, counter in ipairs(metaOrder) do
+  local key, meta = P .. 'f:' .. counter, metas[counter]
+  redis.call('HSET', key, unpack(meta.fields))
+  keepLonger(key, meta.ttl)
 end
 if #entries > 0 then
   local r = P .. 'r:' .. rid
