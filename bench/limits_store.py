@@ -18,6 +18,11 @@ import os
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmgate.limits.store import Figure
+    from tests.redisserver import RedisServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -85,7 +90,7 @@ async def run(reactor: object, seconds: float, concurrency: int) -> None:
         async def one(i: int) -> float:
             started = time.perf_counter()
             d = store.admit(f"r{i}", figures, 1000, 5000, 60)
-            await d  # type: ignore[misc]
+            await d
             store.settle(Settlement(f"r{i}", 900, 4000, True))
             return time.perf_counter() - started
 
@@ -124,7 +129,7 @@ async def run(reactor: object, seconds: float, concurrency: int) -> None:
         server.command("FLUSHALL")
         before = usedMemory(server)
         for i in range(1000):
-            await store.admit(f"m{i}", figuresFor(f"bench|key=k{i}"), 1000, 5000, 60)  # type: ignore[misc]
+            await store.admit(f"m{i}", figuresFor(f"bench|key=k{i}"), 1000, 5000, 60)
         unsettled = usedMemory(server)
         for i in range(1000):
             store.settle(Settlement(f"m{i}", 900, 4000, True))
