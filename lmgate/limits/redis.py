@@ -105,6 +105,10 @@ SHOW = _Script("show", redisscripts.SHOW)
 RESET = _Script("reset", redisscripts.RESET)
 SCRIPTS = (ADMIT, SETTLE, RENEW, SHOW, RESET)
 
+class CircuitOpen(StoreUnavailable):
+    """Not even tried: the circuit is open after Redis kept failing."""
+
+
 #: Circuit states, for the metrics.
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
@@ -286,7 +290,7 @@ class RedisStore(Service):
         """
         if redis is None:
             if not self._available():
-                return fail(StoreUnavailable("Redis circuit open: not calling Redis for now"))
+                return fail(CircuitOpen("Redis circuit open: not calling Redis for now"))
             redis = self._ensureConnected()
         argv = [self._prefix, self._offsetMs, *(str(a) for a in args)]
         started = self._clock.seconds()
@@ -350,7 +354,6 @@ class RedisStore(Service):
         """Admit against every figure or none, in one script (L{ILimitStore.admit})."""
         packed = json.dumps([[f.counter, f.rule, f.kind, f.limit] for f in figures], separators=(",", ":"))
         args: list[object] = [requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000)), packed]
-        sent = self.circuitState == CLOSED or self._clock.seconds() >= self._openUntil
         d = self._call(ADMIT, args)
 
         def decide(answer: str) -> Decision:
@@ -368,7 +371,7 @@ class RedisStore(Service):
             # Redis may still run an admission it did not answer in time: a
             # release queued behind it (same connection, so after it) gives
             # its reservation back; a no-op if it never ran.
-            if sent and f.check(StoreUnavailable) and "circuit open" not in f.getErrorMessage():
+            if not f.check(CircuitOpen):
                 self._enqueue(Settlement(requestId, None, None, False))
             return f
 
