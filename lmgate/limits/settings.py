@@ -144,8 +144,12 @@ def checkStoreUrl(where: str, value: Any) -> str:
     if not parts.hostname:
         raise LimitsConfigError(where, "the Redis URL has no host")
     db = parts.path.strip("/")
-    if db and not db.isdigit():
+    if db and not (db.isascii() and db.isdigit()):
         raise LimitsConfigError(where, f"the Redis database must be a number, got {db!r}")
+    if parts.query or parts.fragment:
+        raise LimitsConfigError(where, "a Redis URL takes no ?query or #fragment")
+    if parts.port == 0:
+        raise LimitsConfigError(where, "the Redis port must be 1-65535")
     return value
 
 

@@ -94,7 +94,7 @@ class _Callbacks:
                 for name in CIRCUIT_STATES:
                     circuit.add_metric([name], 1 if state == name else 0)
                 yield circuit
-            queued = getattr(limits, "pendingSettlements", None)
+            queued = getattr(limits, "queued", None)
             if queued is not None:
                 yield GaugeMetricFamily(
                     "lmgate_limits_settlements_pending", "Settlements waiting for the usage-limits store to answer again.", value=queued

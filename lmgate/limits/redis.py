@@ -1,0 +1,511 @@
+"""
+The shared store for usage limits: counters in Redis, so every worker of every
+LMGate instance pointed at the same Redis counts against the same limits.
+
+Each admission, settlement, renewal, show and reset is one Lua script
+(L{lmgate.limits.redisscripts}) run atomically by Redis with its own clock:
+loaded once at start (C{SCRIPT LOAD}) and called by C{EVALSHA}, with C{EVAL}
+when Redis answers C{NOSCRIPT} (it restarted or its script cache was
+flushed), so a Redis restart needs no LMGate restart.
+
+Redis must never hold the gateway: every call has a deadline (C{timeout}), a
+circuit breaker stops calling a Redis that keeps failing (admissions fail at
+once with L{StoreUnavailable} meanwhile; the caller decides open or closed),
+and L{RedisStore.settle} never waits: what it cannot apply now waits in a
+bounded queue and is applied in order when Redis answers again (settlements
+are idempotent per request id, so a retry is always safe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+from urllib.parse import unquote, urlsplit
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from lmgate.limits import redisscripts
+from lmgate.limits.store import Decision, Figure, FigureState, ILimitStore, Settlement, StoreUnavailable
+
+log = Logger()
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """
+    Where the Redis is, from C{usage_limits.store} (L{parseRedisUrl}).
+
+    @ivar tls: C{rediss://}: the connection is TLS, the server's certificate
+        checked against the system's trust roots and C{host}.
+    """
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
+def parseRedisUrl(url: str) -> RedisSettings:
+    """
+    Parse C{redis://[user:password@]HOST[:PORT][/DB]} or C{rediss://...} (TLS).
+
+    @raise ValueError: with a message saying what is wrong, for the start-up
+        line that names the field.
+    """
+    shown = url.split("//", 1)[0] + "//***@" + url.rsplit("@", 1)[1] if "@" in url else url  # never a password in a message
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"{shown!r} is not a Redis URL: {e}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"{shown!r} is not a Redis URL: it must start with redis:// or rediss:// (TLS)")
+    if not parts.hostname:
+        raise ValueError(f"{shown!r} names no host: redis://HOST[:PORT][/DB]")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{shown!r}: a Redis URL takes no ?query or #fragment")
+    path = parts.path.strip("/")
+    if path and not (path.isascii() and path.isdigit()):
+        raise ValueError(f"{shown!r}: the database after the host must be a number, not {path!r}")
+    if port == 0:
+        raise ValueError(f"{shown!r}: the port must be 1-65535")
+    return RedisSettings(
+        host=parts.hostname,
+        port=port if port is not None else 6379,
+        db=int(path) if path else 0,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        tls=parts.scheme == "rediss",
+    )
+
+
+class _Script:
+    """One Lua script: its source and the SHA1 that C{EVALSHA} names it by."""
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+
+ADMIT = _Script("admit", redisscripts.ADMIT)
+SETTLE = _Script("settle", redisscripts.SETTLE)
+RENEW = _Script("renew", redisscripts.RENEW)
+SHOW = _Script("show", redisscripts.SHOW)
+RESET = _Script("reset", redisscripts.RESET)
+SCRIPTS = (ADMIT, SETTLE, RENEW, SHOW, RESET)
+
+class CircuitOpen(StoreUnavailable):
+    """Not even tried: the circuit is open after Redis kept failing."""
+
+
+#: Circuit states, for the metrics.
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+
+
+def _connect(settings: RedisSettings, replyTimeout: float, tlsOptions: Any) -> Any:
+    """
+    A lazy, reconnecting txredisapi connection (one TCP connection; commands
+    are pipelined on it). txredisapi uses the global reactor for its own
+    connecting and reconnecting: our deadlines run on the clock we are given.
+    """
+    import txredisapi
+
+    creator: Any = False
+    if settings.tls:
+        if tlsOptions is None:
+            from twisted.internet.ssl import optionsForClientTLS
+
+            tlsOptions = optionsForClientTLS(settings.host)
+        creator = tlsOptions
+    connection = txredisapi.lazyConnection(
+        host=settings.host,
+        port=settings.port,
+        dbid=settings.db or None,  # 0 is the default: no SELECT round trip on each (re)connect
+        reconnect=True,
+        charset="utf-8",
+        password=settings.password,
+        username=settings.username,
+        ssl_context_factory=creator,
+        connectTimeout=max(1.0, replyTimeout),
+        replyTimeout=replyTimeout,
+        convertNumbers=False,
+    )
+    # Reconnect soon after Redis comes back (txredisapi waits up to 10 s by default).
+    connection._factory.initialDelay = 0.1
+    connection._factory.maxDelay = 1.0
+    return connection
+
+
+@implementer(ILimitStore)
+class RedisStore(Service):
+    """
+    Usage-limit counters in Redis, shared by every process that uses the same
+    Redis and prefix. A service: C{startService} connects (lazily: Redis need
+    not be up) and loads the scripts, C{stopService} tries the queued
+    settlements once more and disconnects.
+
+    @ivar circuitState: C{"closed"}, C{"open"} or C{"half-open"}, for the metrics.
+    @ivar failures: store calls that failed (timeouts, lost connections, error replies).
+    @ivar droppedSettlements: settlements dropped because the queue was full.
+    @ivar observeLatency: called with the seconds each answered call took (the owner sets it).
+    @ivar observeError: called with C{"timeout"}, C{"connection"} or C{"error"} for each failed call.
+    """
+
+    shared = True
+
+    @classmethod
+    def fromSettings(cls, limits: Any, clock: IReactorTime) -> "RedisStore":
+        """The store a C{usage_limits:} section (L{lmgate.limits.settings.LimitsSettings}) names."""
+        return cls(parseRedisUrl(limits.store), clock, timeout=limits.redisTimeout, prefix=limits.keyPrefix)
+
+    def __init__(
+        self,
+        settings: RedisSettings,
+        clock: IReactorTime,
+        timeout: float = 0.1,
+        prefix: str = "lmgate:",
+        failuresToOpen: int = 5,
+        coolOff: float = 1.0,
+        maxCoolOff: float = 30.0,
+        queueLimit: int = 10_000,
+        retryInterval: float = 1.0,
+        timeOffset: float = 0.0,
+        tlsOptions: Any = None,
+        connect: Callable[[], Any] | None = None,
+    ) -> None:
+        """
+        @param timeout: seconds each call may take (C{usage_limits.redis.timeout}).
+        @param prefix: put before every key, so several gateways can share one Redis database.
+        @param failuresToOpen: consecutive failures that open the circuit.
+        @param coolOff: seconds the circuit first stays open; doubled after each
+            failed probe, up to C{maxCoolOff}.
+        @param queueLimit: settlements kept while Redis is failing; the oldest is dropped beyond.
+        @param retryInterval: seconds between attempts to apply queued settlements.
+        @param timeOffset: seconds added to Redis's clock (tests only).
+        @param tlsOptions: an C{IOpenSSLClientConnectionCreator} for C{rediss://}
+            (default: the system's trust roots, checked against the host).
+        @param connect: makes the txredisapi connection (default: from C{settings}).
+        """
+        self.settings = settings
+        self._clock = clock
+        self._timeout = timeout
+        self._prefix = prefix
+        self._offsetMs = str(int(round(timeOffset * 1000)))
+        self._failuresToOpen = failuresToOpen
+        self._initialCoolOff = coolOff
+        self._maxCoolOff = maxCoolOff
+        self._coolOff = coolOff
+        self._queueLimit = queueLimit
+        # txredisapi's own deadline, far past ours: it drops a connection that
+        # stopped answering altogether, so the next call reconnects.
+        replyTimeout = max(1.0, 10 * timeout)
+        self._connect = connect or (lambda: _connect(settings, replyTimeout, tlsOptions))
+        self._redis: Any = None
+        self._loading: list[Deferred[Any]] = []
+        self.circuitState = CLOSED
+        self._consecutiveFailures = 0
+        self._openUntil = 0.0
+        self._probing = False
+        self.failures = 0
+        self.droppedSettlements = 0
+        self._lastDropLog: float | None = None
+        self._queue: deque[Settlement] = deque()
+        self._flushing = False
+        self._retry = LoopingCall(self._flush)
+        self._retry.clock = clock
+        self._retryInterval = retryInterval
+        self.observeLatency: Callable[[float], None] | None = None
+        self.observeError: Callable[[str], None] | None = None
+
+    # -- service ---------------------------------------------------------
+
+    def startService(self) -> None:
+        """Connect (lazily) and load the scripts; start retrying queued settlements."""
+        super().startService()
+        self._ensureConnected()
+        for script in SCRIPTS:
+            self._loadScript(script)
+        self._retry.start(self._retryInterval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        """Try the queued settlements once more (within the timeout), then disconnect."""
+        super().stopService()
+        if self._retry.running:
+            self._retry.stop()
+        for loading in list(self._loading):
+            loading.cancel()
+        redis, self._redis = self._redis, None
+        if redis is None:
+            return succeed(None)
+        flushed = self._sendQueued(redis) if self._queue else succeed(None)
+
+        def disconnect(_: object) -> Deferred[None]:
+            d: Deferred[None] = redis.disconnect()
+            d.addErrback(lambda f: None)
+            return d
+
+        return flushed.addBoth(disconnect)
+
+    def _ensureConnected(self) -> Any:
+        if self._redis is None:
+            self._redis = self._connect()
+        return self._redis
+
+    def _loadScript(self, script: _Script) -> None:
+        d = self._redis.script_load(script.source)
+        d.addTimeout(max(1.0, 10 * self._timeout), self._clock)
+        self._loading.append(d)
+
+        def loaded(result: object) -> object:
+            self._loading.remove(d)
+            return result
+
+        d.addBoth(loaded)
+        d.addErrback(lambda f: log.info("Redis script {name} not loaded now ({why}); it loads on first use", name=script.name, why=f.getErrorMessage()))
+
+    # -- calls -----------------------------------------------------------
+
+    def _available(self) -> bool:
+        """Whether a call may go to Redis now (the breaker closed, or this is the half-open probe)."""
+        if self.circuitState == CLOSED:
+            return True
+        if self.circuitState == OPEN and self._clock.seconds() >= self._openUntil:
+            self.circuitState = HALF_OPEN
+            self._probing = False
+        if self.circuitState == HALF_OPEN and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def _call(self, script: _Script, args: Sequence[object], redis: Any = None) -> Deferred[Any]:
+        """
+        Run C{script} (EVALSHA; EVAL on NOSCRIPT) with a deadline, through the breaker.
+        Fails with L{StoreUnavailable}.
+        """
+        if redis is None:
+            if not self._available():
+                return fail(CircuitOpen("Redis circuit open: not calling Redis for now"))
+            redis = self._ensureConnected()
+        argv = [self._prefix, self._offsetMs, *(str(a) for a in args)]
+        started = self._clock.seconds()
+        d: Deferred[Any] = redis.evalsha(script.sha, [], argv)
+
+        def noScript(f: Failure) -> Any:
+            # ScriptDoesNotExist: Redis restarted or flushed its scripts; EVAL loads it again.
+            if "NOSCRIPT" in f.getErrorMessage() or type(f.value).__name__ == "ScriptDoesNotExist":
+                return redis.eval(script.source, [], argv)
+            return f
+
+        d.addErrback(noScript)
+        d.addTimeout(self._timeout, self._clock)
+        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(started,), errbackArgs=(script,))
+        return d
+
+    def _succeeded(self, result: Any, started: float) -> Any:
+        wasOpen = self.circuitState != CLOSED
+        self._consecutiveFailures = 0
+        self._coolOff = self._initialCoolOff
+        self._probing = False
+        if wasOpen:
+            self.circuitState = CLOSED
+            log.info("Redis answers again: circuit closed")
+        if self.observeLatency is not None:
+            self.observeLatency(self._clock.seconds() - started)
+        if self._queue and not self._flushing:
+            self._flush()
+        return result
+
+    def _failed(self, f: Failure, script: _Script) -> Failure:
+        import txredisapi
+
+        if f.check(DeferredTimeout):
+            kind, why = "timeout", f"Redis did not answer within {self._timeout} s"
+        elif f.check(txredisapi.ConnectionError, ConnectionError) or not f.check(txredisapi.RedisError, StoreUnavailable):
+            kind, why = "connection", f"Redis connection failed: {f.getErrorMessage()}"
+        else:
+            kind, why = "error", f"Redis answered {script.name} with an error: {f.getErrorMessage()}"
+        self.failures += 1
+        if self.observeError is not None:
+            self.observeError(kind)
+        if self.circuitState == HALF_OPEN:
+            self._coolOff = min(self._maxCoolOff, self._coolOff * 2)
+            self._open(why)
+        elif self.circuitState == CLOSED:
+            self._consecutiveFailures += 1
+            if self._consecutiveFailures >= self._failuresToOpen:
+                self._open(why)
+        return Failure(StoreUnavailable(why))
+
+    def _open(self, why: str) -> None:
+        self.circuitState = OPEN
+        self._probing = False
+        self._openUntil = self._clock.seconds() + self._coolOff
+        log.warn("Redis failing ({why}): circuit open, not calling it for {seconds} s", why=why, seconds=self._coolOff)
+
+    # -- ILimitStore -----------------------------------------------------
+
+    def admit(self, requestId: str, figures: Sequence[Figure], tokens: int, nanoUsd: int, leaseSeconds: float) -> Deferred[Decision]:
+        """Admit against every figure or none, in one script (L{ILimitStore.admit})."""
+        packed = json.dumps([[f.counter, f.rule, f.kind, f.limit] for f in figures], separators=(",", ":"))
+        args: list[object] = [requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000)), packed]
+        d = self._call(ADMIT, args)
+
+        def decide(answer: str) -> Decision:
+            reply = [int(x) for x in answer.split(",")]
+            states = tuple(
+                FigureState(figure, used=reply[3 + 4 * i], reserved=reply[4 + 4 * i], remaining=reply[5 + 4 * i], reset=reply[6 + 4 * i] / 1000)
+                for i, figure in enumerate(figures)
+            )
+            if reply[0] == 1:
+                return Decision(True, states=states)
+            retry = reply[2]
+            return Decision(False, refusedBy=figures[reply[1] - 1], retryAfter=retry / 1000 if retry >= 0 else None, states=states)
+
+        def unanswered(f: Failure) -> Failure:
+            # Redis may still run an admission it did not answer in time: a
+            # release queued behind it (same connection, so after it) gives
+            # its reservation back; a no-op if it never ran.
+            if not f.check(CircuitOpen):
+                self._enqueue(Settlement(requestId, None, None, False))
+            return f
+
+        return d.addCallbacks(decide, unanswered)
+
+    def settle(self, settlement: Settlement) -> None:
+        """Apply now if Redis is answering and nothing waits before it; else queue it (never raises, never waits)."""
+        if self._queue or self._flushing or self.circuitState != CLOSED or self._redis is None:
+            self._enqueue(settlement)
+            return
+        d = self._call(SETTLE, [1, *_settlementArgs(settlement)])
+        d.addErrback(lambda f: self._enqueue(settlement))
+
+    def renew(self, requestIds: Sequence[str], leaseSeconds: float) -> None:
+        """Extend the live leases of these calls, in one script; best effort (a failure is only counted)."""
+        if not requestIds or self.circuitState != CLOSED or self._redis is None:
+            return
+        d = self._call(RENEW, [int(round(leaseSeconds * 1000)), *requestIds])
+        d.addErrback(lambda f: None)
+
+    def show(self, counters: Sequence[str] | None = None) -> Deferred[list[FigureState]]:
+        """Each figure's state of these counters (all of them, found by SCAN, when None)."""
+        d = self.counters() if counters is None else succeed(list(counters))
+
+        def showThese(names: list[str]) -> Deferred[list[FigureState]]:
+            if not names:
+                return succeed([])
+            return self._call(SHOW, names).addCallback(_figureStates)
+
+        return d.addCallback(showThese)
+
+    def reset(self, counters: Sequence[str]) -> Deferred[int]:
+        """Forget every state of these counters, in one script; the number of figures removed."""
+        if not counters:
+            return succeed(0)
+        return self._call(RESET, list(counters)).addCallback(int)
+
+    def counters(self) -> Deferred[list[str]]:
+        """Every counter this prefix holds (SCAN over the figure keys; bounded)."""
+        redis = self._ensureConnected()
+        marker = self._prefix + "f:"
+        pattern = _globEscape(marker) + "*"
+        found: set[str] = set()
+        result: Deferred[list[str]] = Deferred()
+
+        def step(cursor: int, rounds: int) -> None:
+            d = redis.scan(cursor, pattern, 1000)
+            d.addTimeout(max(1.0, 10 * self._timeout), self._clock)
+
+            def got(reply: Sequence[Any]) -> None:
+                found.update(str(k)[len(marker):] for k in reply[1])
+                nextCursor = int(reply[0])
+                if nextCursor == 0 or rounds >= 100_000:
+                    result.callback(sorted(found))
+                else:
+                    step(nextCursor, rounds + 1)
+
+            d.addCallbacks(got, lambda f: result.errback(StoreUnavailable(f"Redis SCAN failed: {f.getErrorMessage()}")))
+
+        step(0, 0)
+        return result
+
+    # -- the settlement queue --------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Settlements waiting for Redis."""
+        return len(self._queue)
+
+    def _enqueue(self, settlement: Settlement) -> None:
+        if len(self._queue) >= self._queueLimit:
+            self._queue.popleft()
+            self.droppedSettlements += 1
+            now = self._clock.seconds()
+            if self._lastDropLog is None or now - self._lastDropLog >= 10:
+                self._lastDropLog = now
+                log.warn(
+                    "Redis settlement queue full ({limit}): dropped the oldest ({dropped} so far); their reservations expire on their own",
+                    limit=self._queueLimit,
+                    dropped=self.droppedSettlements,
+                )
+        self._queue.append(settlement)
+
+    def _flush(self) -> None:
+        """Apply queued settlements in order, a batch per script, while Redis answers."""
+        if self._flushing or not self._queue or self._redis is None:
+            return
+        if not self._available():
+            return
+        self._flushing = True
+        d = self._sendQueued(self._redis)
+
+        def done(_: object) -> None:
+            self._flushing = False
+
+        d.addBoth(done)
+
+    def _sendQueued(self, redis: Any) -> Deferred[None]:
+        """Send the queue's head in batches of 100, each after the previous one answered; stop at a failure."""
+        batch = [self._queue[i] for i in range(min(100, len(self._queue)))]
+        args: list[object] = [len(batch)]
+        for s in batch:
+            args += _settlementArgs(s)
+        d = self._call(SETTLE, args, redis)
+
+        def applied(_: object) -> Deferred[None] | None:
+            for _s in batch:
+                if self._queue and self._queue[0] is _s:
+                    self._queue.popleft()
+            if self._queue:
+                return self._sendQueued(redis)
+            return None
+
+        return d.addCallbacks(applied, lambda f: None)
+
+
+def _settlementArgs(s: Settlement) -> list[object]:
+    return [s.requestId, "" if s.tokens is None else s.tokens, "" if s.nanoUsd is None else s.nanoUsd, "1" if s.reachedUpstream else "0"]
+
+
+def _figureStates(reply: Sequence[Any]) -> list[FigureState]:
+    states = []
+    for i in range(0, len(reply), 8):
+        counter, rule, kind, limit, used, reserved, remaining, reset = reply[i : i + 8]
+        states.append(FigureState(Figure(str(counter), str(rule), str(kind), int(limit)), int(used), int(reserved), int(remaining), int(reset) / 1000))
+    return states
+
+
+def _globEscape(text: str) -> str:
+    """C{text} matched literally by a SCAN pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
