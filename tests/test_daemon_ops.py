@@ -257,6 +257,37 @@ class PortInUseTests(OpsTestCase):
         await self.assertStopsWithOneLine("admin.listen", admin, config=f'admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}\n')
 
 
+class WorkersCheckFirstTests(OpsTestCase):
+    """With --workers, what a worker would fail on stops the start in the foreground, with one line:
+    a worker that cannot start would be restarted for ever while the shared socket accepted calls."""
+
+    async def assertStopsWithLine(self, line: str, config: str) -> None:
+        daemon = Daemon(self, self.config(config), self.directory)
+        daemon.start("--workers", "2")
+        code = await daemon.watch.ended
+        output = daemon.watch.output.decode()
+        self.assertNotEqual(code, 0, output)
+        self.assertEqual(output.strip().splitlines(), [line])
+
+    async def test_badPriceTable(self) -> None:
+        prices = os.path.join(self.directory, "prices.yaml")
+        with open(prices, "w") as f:
+            f.write("gpt-4o-mini: {input: 0.15, output: 0.60}\n")
+        await self.assertStopsWithLine(f"lmgate: {prices}: models: must be a mapping of model id to prices", f"prices: {{path: {prices}}}\n")
+
+    async def test_badCABundle(self) -> None:
+        bundle = os.path.join(self.directory, "ca.pem")
+        with open(bundle, "w") as f:
+            f.write("not a certificate\n")
+        daemon = Daemon(self, self.config(f"tls: {{ca_bundle: {bundle}}}\n"), self.directory)
+        daemon.start("--workers", "2")
+        code = await daemon.watch.ended
+        output = daemon.watch.output.decode().strip().splitlines()
+        self.assertNotEqual(code, 0)
+        self.assertEqual(len(output), 1, output)
+        self.assertIn("tls.ca_bundle: cannot load", output[0])
+
+
 class BindRaceTests(OpsTestCase):
     """A port chosen by freePort and taken by another process before the daemon binds it
     (tests run in parallel) is a lost race, not a failure: the start is repeated on a fresh port."""

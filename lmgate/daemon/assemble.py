@@ -44,7 +44,7 @@ from lmgate.governance.health import HealthProbes
 from lmgate.governance.managed import ProviderCredentials
 from lmgate.ops.metrics import AdminSite, Fanout, Metrics
 from lmgate.records.jsonl import UsageLog, checkStatsPath
-from lmgate.relay.upstream import Upstream
+from lmgate.relay.upstream import Upstream, trustRootFor
 from lmgate.stub.server import makeStubResource
 
 log = Logger()
@@ -130,6 +130,10 @@ def supervisorService(
             f"memory counts in one process only; with --workers {workers} use a redis:// store shared by every worker",
         )
     AllowList(FilePath(settings.allowlistPath), settings.allowlistReloadInterval, reactor)
+    # What a worker would fail on at start, checked here, in the foreground: a worker that
+    # cannot start is restarted for ever while the shared socket accepts and nobody answers.
+    pricesFor(settings)
+    trustRootFor(settings)
     credentialsFor(settings, reactor, None, announce=False)  # each worker reads them again, the first says so
     accessPath = accessLogPath(settings)
     for index in range(1, workers + 1):
