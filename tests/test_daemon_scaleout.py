@@ -31,6 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from tests.daemon import PROJECT, Daemon, freePort, inThread, waitFor
 from tests.helpers import FakeUpstream, listenLocal
+from twisted.protocols.policies import WrappingFactory
 from tests.redisserver import NO_REDIS, startRedis
 
 KEY = "lmgate-app-key-scaleout-00000000Ss"
@@ -38,7 +39,7 @@ OTHER = "lmgate-app-key-scaleout-00000001Tt"
 HAPROXY = shutil.which("haproxy")
 #: The upstream's usage for every call: 50 tokens, $0.0000165 at gpt-4o-mini's prices.
 USAGE = {"prompt_tokens": 30, "completion_tokens": 20, "total_tokens": 50}
-PRICES = "gpt-4o-mini: {input: 0.15, output: 0.60}\n"
+PRICES = "models:\n  gpt-4o-mini: {input: 0.15, output: 0.60}\n"
 
 
 def chatAnswer(request: Request) -> bytes:
@@ -61,8 +62,14 @@ class HAProxy:
         path = os.path.join(os.path.abspath(case.mktemp()) + ".cfg")
         with open(path, "w") as f:
             f.write(config)
-        self.process = subprocess.Popen([HAPROXY, "-db", "-f", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log = path + ".log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen([HAPROXY, "-db", "-f", path], stdout=log, stderr=log)
         case.addCleanup(self.stop)
+
+    def output(self) -> str:
+        with open(self.log, errors="replace") as f:
+            return f.read()
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -72,8 +79,6 @@ class HAProxy:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
 
 
 def workerRecords(directory: str) -> list[dict[str, Any]]:
@@ -98,9 +103,23 @@ class ScaleOutTests(TestCase):
         self.redis = startRedis(self)
         self.upstream = FakeUpstream()
         self.upstream.handler = chatAnswer
-        self.upstreamPort = listenLocal(self, Site(self.upstream))
+        #: Tracks the upstream's connections: the workers' pooled ones must be gone before the test ends.
+        self.upstreamSite = WrappingFactory(Site(self.upstream))
+        listening = reactor.listenTCP(0, self.upstreamSite, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(listening.stopListening)
+        self.upstreamPort = listening.getHost().port
         self.root = os.path.abspath(self.mktemp())
         os.makedirs(self.root)
+        self.daemons: list[Daemon] = []
+        self.addCleanup(self.stopFleet)
+
+    async def stopFleet(self) -> None:
+        """Stop every instance (SIGTERM: each drains and exits 0), then wait for their upstream connections to close."""
+        daemons, self.daemons = self.daemons, []
+        for daemon in daemons:
+            if not daemon.watch.ended.called:
+                self.assertEqual(await daemon.stop(), 0)
+        await waitFor(lambda: not self.upstreamSite.protocols, "the workers' upstream connections closed")
 
     async def fleet(self, rules: str, workers: int = 2) -> int:
         """Two instances behind HAProxy with C{rules}; HAProxy's port once every instance is in."""
@@ -128,11 +147,15 @@ class ScaleOutTests(TestCase):
                 ]
             ) + "\n"
             daemon = Daemon(self, config, directory)
+            self.daemons.append(daemon)
             daemon.start("--workers", str(workers))
             await daemon.waitUntilHealthy(port)
             ports.append(daemon.port(port))
         proxy = HAProxy(self, ports)
-        await waitFor(lambda: self._through(proxy.port), "HAProxy admitting calls to both instances")
+        try:
+            await waitFor(lambda: self._through(proxy.port), "HAProxy admitting calls")
+        except AssertionError:
+            raise AssertionError(f"HAProxy did not admit calls:\n{proxy.output()}") from None
         return proxy.port
 
     def _through(self, port: int) -> bool:
@@ -181,12 +204,12 @@ class ScaleOutTests(TestCase):
         four workers' records: waves of concurrent calls until refused, never over."""
         quota, budget = 1000, 0.0005  # 1000 tokens: at most 20 calls of 50; $0.0005: at most 30 calls of $0.0000165
         port = await self.fleet(
-            "  estimate: {bytes_per_token: 4, output_tokens: 20}\n"
+            "  estimate: {bytes_per_token: 4, output_tokens: 40}\n"
             "  rules:\n"
             f"    - {{name: daily-tokens, match: {{key: app}}, tokens_per_day: {quota}}}\n"
             f"    - {{name: daily-dollars, match: {{key: other}}, usd_per_day: {budget}}}\n"
         )
-        body = {"model": "gpt-4o-mini", "max_tokens": 20}
+        body = {"model": "gpt-4o-mini", "max_tokens": 40}  # reserves 11 + 40 tokens; each call uses 50: the estimate holds
         sent = 0
         for _ in range(8):
             results = await gatherResults(
@@ -199,7 +222,7 @@ class ScaleOutTests(TestCase):
         used = sum(r["total_tokens"] or 0 for r in mine)
         spent = sum(r["cost_usd"] or 0 for r in theirs)
         self.assertLessEqual(used, quota)
-        self.assertGreater(used, quota - 200)  # refused only once the quota was (nearly) used: reservations of ~40 tokens each
+        self.assertGreater(used, quota - 100)  # refused only once the quota was (nearly) used: reservations of 51 tokens
         self.assertLessEqual(spent, budget + 1e-12)
         self.assertGreater(spent, budget / 2)
         self.assertEqual({r["error"] for r in mine if r["status"] == 429}, {"quota_exceeded"})
@@ -309,7 +332,7 @@ class RedisFaultTests(TestCase):
         limits = [r["limits"] for r in self.records()]
         self.assertEqual(limits[0], "shared")
         self.assertIn("local", limits)
-        self.assertIn(b"rule", self.redis.command("KEYS", "*roomy*"))
+        self.assertIn(b"lmgate:b:roomy|key=app:requests_per_minute", self.redis.command("KEYS", "*roomy*"))
         self.assertEqual(await daemon.stop(), 0)
 
     async def test_killedClosed(self) -> None:
