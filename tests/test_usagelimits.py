@@ -413,3 +413,23 @@ class CountersForTests(SynchronousTestCase):
         self.assertEqual(countersFor(limits, owners, "b1", None, None), ["k|key=b1", "o|owner=team-b", "all|rule"])
         self.assertEqual(countersFor(limits, owners, None, "team-a", None), ["k|key=a1", "k|key=a2", "o|owner=team-a"])
         self.assertEqual(countersFor(limits, owners, None, None, "o"), ["o|owner=team-a", "o|owner=team-b"])
+
+
+class ReservationShapeTests(SynchronousTestCase):
+    """Requests with no body, and embeddings, reserve no output."""
+
+    def test_noBodyNoOutput(self) -> None:
+        limiter = limiterWith([{"name": "all", "tokens_per_day": 10**6}])
+        ctx = context(b"")
+        ctx.rest = b"/v1/models"
+        self.assertIsNone(limiter.admit(ctx))
+        self.assertEqual(ctx.reservedTokens, 0)
+
+    def test_embeddings(self) -> None:
+        limiter = limiterWith([{"name": "all", "tokens_per_day": 10**6}])
+        for rest in (b"/v1/embeddings", b"/v1beta/models/text-embedding-004:embedContent", b"/v1beta/models/m:batchEmbedContents",
+                     b"/model/amazon.titan-embed-text-v2:0/invoke"):
+            ctx = context(b'{"input": "hello world!"}')
+            ctx.rest = rest
+            self.assertIsNone(limiter.admit(ctx))
+            self.assertEqual(ctx.reservedTokens, 7, rest)  # 25 bytes / 4, no output

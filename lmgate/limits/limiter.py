@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -56,6 +57,8 @@ _UNITS = {
     "usd_per_day": "US dollars per UTC day",
     "usd_per_month": "US dollars per UTC month",
 }
+#: Operations that produce no output tokens (OpenAI-format embeddings, Gemini's embedContent, Titan embeddings on Bedrock).
+_EMBEDDINGS = re.compile(rb"/embeddings$|:(?:batchE|e)mbedContents?$|/model/[^/]*embed[^/]*/invoke$")
 #: The output-cap members a request body may carry, top level.
 _OUTPUT_CAPS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 UNAVAILABLE_MESSAGE = "Usage limits cannot be checked right now (the limits store is unavailable); the request was not relayed."
@@ -222,7 +225,9 @@ class Limiter:
         if not rules:
             return None
         settings = self.settings
-        tokens = math.ceil(context.bodySize / settings.bytesPerToken) + outputCap(document, settings.outputTokens)
+        tokens = math.ceil(context.bodySize / settings.bytesPerToken)
+        if context.bodySize and not _EMBEDDINGS.search(context.rest):
+            tokens += outputCap(document, settings.outputTokens)  # no body (a GET), or embeddings: no output
         nanoUsd = self._nanoUsd(model, context.bodySize, tokens)
         context.reservedTokens = tokens
         figures = [
