@@ -28,6 +28,15 @@ from lmgate.governance.aliases import (
     parseOpenAIPath,
 )
 from lmgate.limits.settings import LimitsConfigError, LimitsSettings, parseUsageLimits
+from lmgate.policy.settings import (
+    AuditSettings,
+    PolicyConfigError,
+    PolicySettings,
+    TelemetrySettings,
+    parseAudit,
+    parsePolicy,
+    parseTelemetry,
+)
 
 #: The response formats LMGate reads usage from.
 FORMATS = ("openai", "anthropic", "google", "bedrock")
@@ -206,6 +215,12 @@ class Settings:
     fallback: FallbackSettings = field(default_factory=FallbackSettings)
     #: The C{usage_limits:} section.
     usageLimits: LimitsSettings = field(default_factory=LimitsSettings)
+    #: The C{policy:} section.
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    #: The C{audit:} section.
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    #: The C{telemetry:} section.
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
 
 def accessLogPath(settings: Settings) -> str | None:
@@ -517,6 +532,12 @@ def _environmentKey(name: str) -> list[str] | None:
         known = len(path) <= 2 or (len(path) == 3 and path[2] in PROVIDER_KEYS)
     elif path[0] == "usage_limits":  # the store's URL (it may carry a password) and the plain values
         known = len(path) == 2 and path[1] in ("store", "on_store_error", "lease_seconds", "key_prefix")
+    elif path[0] == "policy":
+        known = path[1:] in (["stream_usage"], ["plugin_timeout"])
+    elif path[0] == "audit":
+        known = path[1:] in (["path"], ["max_body"])
+    elif path[0] == "telemetry":
+        known = path[1:] in (["otlp", "endpoint"], ["otlp", "service_name"])
     elif isinstance(spec, tuple):
         known = len(path) == 1
     elif spec is not None:
@@ -656,7 +677,7 @@ def settingsFrom(
 def _check(raw: dict[str, Any], source: str) -> Settings:
     values: dict[str, Any] = {"source": source}
     for key, value in raw.items():
-        if key in ("providers", "models", "fallback", "usage_limits"):
+        if key in ("providers", "models", "fallback", "usage_limits", "policy", "audit", "telemetry"):
             continue
         spec = SCHEMA.get(key) if isinstance(key, str) else None
         if spec is None:
@@ -690,6 +711,12 @@ def _check(raw: dict[str, Any], source: str) -> Settings:
     try:
         values["usageLimits"] = parseUsageLimits(raw.get("usage_limits"))
     except LimitsConfigError as e:
+        raise ConfigError(source, e.where, e.problem) from None
+    try:
+        values["policy"] = parsePolicy(raw.get("policy"))
+        values["audit"] = parseAudit(raw.get("audit"))
+        values["telemetry"] = parseTelemetry(raw.get("telemetry"))
+    except PolicyConfigError as e:
         raise ConfigError(source, e.where, e.problem) from None
     return Settings(**values)
 

@@ -609,5 +609,6 @@ class ProviderCredentialsTests(SynchronousTestCase):
 class RecordFieldTests(SynchronousTestCase):
     def test_fieldsExtended(self) -> None:
         """C{alias}, C{attempts} and C{auth} are appended (then the usage limits' fields): no field renamed or moved."""
-        self.assertEqual(RECORD_FIELDS[-7:-3], ("cost_usd", "alias", "attempts", "auth"))
-        self.assertEqual(RECORD_FIELDS[-3:], ("limited_by", "reserved_tokens", "limits"))
+        self.assertEqual(RECORD_FIELDS[-10:-6], ("cost_usd", "alias", "attempts", "auth"))
+        self.assertEqual(RECORD_FIELDS[-6:-3], ("limited_by", "reserved_tokens", "limits"))
+        self.assertEqual(RECORD_FIELDS[-3:], ("policy", "tags", "audited"))

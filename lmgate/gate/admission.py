@@ -141,8 +141,9 @@ class CallContext:
     reservedTokens: int | None = None
     limits: str | None = None
     limitedBy: str | None = None
-    tags: dict[str, str] | None = None
-    policy: Any = None
+    tags: tuple[str, ...] = ()
+    policy: tuple[str, ...] = ()
+    audit: bool = False
     verdict: Verdict = None
 
     def __init__(self, method: bytes, uri: bytes, headers: Headers) -> None:

@@ -410,6 +410,9 @@ class ProxiedCall:
                 limitedBy=context.limitedBy,
                 reservedTokens=context.reservedTokens,
                 limits=context.limits,
+                policy=context.policy,
+                tags=context.tags,
+                audited=context.audit,
             )
         )
         gateway.sink.write(record)

@@ -56,6 +56,9 @@ class CallFacts:
     @ivar reservedTokens: the tokens the call reserved under usage limits, or None.
     @ivar limits: C{shared}, C{local} (counted in-process while the shared store
         failed), or None when no usage-limit rule matched.
+    @ivar policy: the names of the policy rules that matched, in order.
+    @ivar tags: the tags those rules gave the call.
+    @ivar audited: whether the call's bodies went to the audit log.
     """
 
     requestId: str
@@ -85,6 +88,9 @@ class CallFacts:
     limitedBy: str | None = None
     reservedTokens: int | None = None
     limits: str | None = None
+    policy: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    audited: bool = False
 
 
 def recordFor(facts: CallFacts) -> UsageRecord:
@@ -142,4 +148,7 @@ def recordFor(facts: CallFacts) -> UsageRecord:
         limited_by=facts.limitedBy,
         reserved_tokens=facts.reservedTokens,
         limits=facts.limits,
+        policy=list(facts.policy),
+        tags=list(facts.tags),
+        audited=facts.audited,
     )

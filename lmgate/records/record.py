@@ -116,6 +116,9 @@ RECORD_FIELDS = (
     "limited_by",
     "reserved_tokens",
     "limits",
+    "policy",
+    "tags",
+    "audited",
 )
 
 
@@ -157,6 +160,9 @@ class UsageRecord:
     limited_by: str | None = None
     reserved_tokens: int | None = None
     limits: str | None = None
+    policy: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    audited: bool = False
 
     def asDict(self) -> dict[str, Any]:
         """The record as a plain dict, fields in contract order."""
