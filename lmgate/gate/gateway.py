@@ -47,6 +47,7 @@ from lmgate.interfaces import IKeyCheck, IUsageSink
 from lmgate.gate.providers import Provider
 from lmgate.limits.limiter import Limiter
 from lmgate.ops.ratelog import RateLimitedLog
+from lmgate.records.audit import AuditTrail
 from lmgate.relay.upstream import BytesProducer, Upstream
 
 log = Logger()
@@ -113,6 +114,8 @@ class Gateway:
         self.unified = Provider(ProviderSettings("v1", "http://unified.invalid", "openai"))
         #: Usage limits (C{usage_limits:}), or None: none configured.
         self.limiter: Limiter | None = None
+        #: The audit trail (L{lmgate.records.audit.AuditTrail}) audited calls are written to, or None: no audit log.
+        self.audit: AuditTrail | None = None
         self.pipeline = defaultPipeline(self)
 
     def setAliases(self, aliases: Mapping[str, Alias], fallback: FallbackSettings) -> None:
