@@ -43,6 +43,7 @@ from lmgate.limits.service import LimitsService
 from lmgate.governance.health import HealthProbes
 from lmgate.governance.managed import ProviderCredentials
 from lmgate.ops.metrics import AdminSite, Fanout, Metrics
+from lmgate.records.audit import AuditTrail
 from lmgate.records.jsonl import UsageLog, checkStatsPath
 from lmgate.relay.upstream import Upstream, trustRootFor
 from lmgate.stub.server import makeStubResource
@@ -140,6 +141,8 @@ def supervisorService(
         checkStatsPath(workerStatsPath(settings.statsPath, index), settings.source, owner=owner)
         if accessPath is not None:
             checkStatsPath(workerStatsPath(accessPath, index), settings.source, "access_log", owner)
+        if auditWanted(settings):
+            checkStatsPath(workerStatsPath(settings.audit.path, index), settings.source, "audit.path", owner, AUDIT_MODE)
     listeningSocket(reactor, settings).close()  # fail now, in the foreground, if it cannot be bound
     top = OrderedMultiService()
     if settings.stubListen is not None:
@@ -188,6 +191,47 @@ def writersFor(
         fsync=False,
     )
     return usageLog, accessLog
+
+
+#: The audit log's permissions: it holds request and response bodies.
+AUDIT_MODE = 0o600
+
+
+def auditWanted(settings: Settings) -> bool:
+    """
+    Whether this configuration needs an audit log: some policy rule has
+    C{audit: true}, or plugins are loaded (a plugin may ask for any call).
+    """
+    policy = settings.policy
+    return bool(policy.plugins) or any(rule.audit for rule in policy.rules)
+
+
+def auditFor(settings: Settings, reactor: Any, workerIndex: int | None, owner: tuple[int, int] | None) -> UsageLog | None:
+    """
+    The audit log's writer (C{audit.path}, a worker's own file with
+    C{--workers}), its directory checked and the file made C{0600} now; None
+    when no rule or plugin can ask for an audit (then no file is created).
+    Same rotation and flush interval as the records, fsynced, in a thread of
+    its own (its lines are large: they never hold the records back), with its
+    own backlog (C{audit.backlog}).
+
+    @raise ConfigError: naming C{audit.path}, when it cannot be written (by C{owner}, if given).
+    """
+    if not auditWanted(settings):
+        return None
+    path = settings.audit.path
+    if workerIndex is not None:
+        path = workerStatsPath(path, workerIndex)
+    checkStatsPath(path, settings.source, "audit.path", owner, AUDIT_MODE)
+    return UsageLog(
+        path,
+        reactor,
+        flushInterval=settings.statsFlushInterval,
+        maxBytes=settings.statsMaxBytes,
+        backlog=settings.audit.backlog,
+        what="audit lines",
+        mode=AUDIT_MODE,
+    )
 
 
 def metricsFor(settings: Settings, usageLog: UsageLog, allowList: AllowList) -> Metrics | None:
@@ -326,13 +370,17 @@ def drainFor(site: GatewaySite, gateway: Gateway, timeout: float) -> DrainServic
     return DrainService(drainCalls, timeout)
 
 
-def signalsFor(reactor: Any, reloader: Reloader, usageLog: UsageLog, accessLog: UsageLog | None) -> SignalService:
-    """SIGHUP reloads; SIGUSR1 reopens the record files and twistd's log."""
+def signalsFor(
+    reactor: Any, reloader: Reloader, usageLog: UsageLog, accessLog: UsageLog | None, auditLog: UsageLog | None = None
+) -> SignalService:
+    """SIGHUP reloads; SIGUSR1 reopens the record files (the audit log too) and twistd's log."""
 
     def reopenFiles() -> None:
         usageLog.reopen()
         if accessLog is not None:
             accessLog.reopen()
+        if auditLog is not None:
+            auditLog.reopen()
         reopenTwistdLog()
 
     return SignalService(reactor, {signal.SIGHUP: reloader.reload, signal.SIGUSR1: reopenFiles})
@@ -366,9 +414,12 @@ def buildService(
     credentialThreads = ThreadPoolService("lmgate-credentials", maxThreads=4)
     credentials = credentialsFor(settings, reactor, embeddedStub, workerIndex in (None, 1), credentialThreads.pool)
     usageLog, accessLog = writersFor(settings, reactor, workerIndex, owner)
+    auditLog = auditFor(settings, reactor, workerIndex, owner)
     upstream = Upstream.fromSettings(reactor, settings)
     metrics = metricsFor(settings, usageLog, allowList)
     gateway = gatewayFor(settings, reactor, allowList, upstream, usageLog, metrics)
+    if auditLog is not None:
+        gateway.audit = AuditTrail(auditLog, settings.audit.maxBody)
     limits = limiterFor(settings, reactor, gateway, metrics)
     health = healthFor(settings, reactor, gateway)
     if metrics is not None:
@@ -382,6 +433,8 @@ def buildService(
     usageLog.setServiceParent(top)
     if accessLog is not None:
         accessLog.setServiceParent(top)  # after the records' writer: it borrows its thread
+    if auditLog is not None:
+        auditLog.setServiceParent(top)  # stopped after the calls drained, like the records' writer
     allowList.setServiceParent(top)
     credentialThreads.setServiceParent(top)  # before the credentials start refreshing in it, stopped after
     credentials.setServiceParent(top)
@@ -397,7 +450,7 @@ def buildService(
     drain.setServiceParent(top)
     reloader = Reloader(configured, gateway, site, allowList, drain, credentials)
     reloader.listen = listen  # a --listen override holds across reloads
-    signalsFor(reactor, reloader, usageLog, accessLog).setServiceParent(top)
+    signalsFor(reactor, reloader, usageLog, accessLog, auditLog).setServiceParent(top)
     StopSignalGuard(reactor).setServiceParent(top)
     if workerFd is not None:
         SupervisorWatch(reactor).setServiceParent(top)
