@@ -65,6 +65,23 @@ class DaemonAuditTests(TestCase):
         self.assertFalse(os.path.exists(os.path.dirname(self.auditPath)))
         self.assertEqual(await daemon.stop(), 0)
 
+    async def test_firstAuditRuleOnReloadWaitsForARestart(self) -> None:
+        """
+        A reload that adds the first C{audit: true} rule says, in its warning,
+        that the audit log comes with the next restart; no file appears meanwhile.
+        """
+        daemon = Daemon(self, self.config(""), self.directory)
+        daemon.start()
+        await daemon.waitUntilHealthy(self.port)
+        with open(daemon.configPath, "w") as f:
+            f.write(self.config(self.AUDIT_RULE))
+        daemon.signal("HUP")
+        await waitFor(lambda: b"Reloaded the configuration" in daemon.watch.output, "the reload")
+        self.assertIn(b"audit: true needs the audit log, opened at start-up", daemon.watch.output)
+        self.assertEqual(await self.chat(), 200)
+        self.assertFalse(os.path.exists(self.auditPath))
+        self.assertEqual(await daemon.stop(), 0)
+
     async def test_unwritablePathStopsWithOneLine(self) -> None:
         """An audit path the daemon cannot write: it does not start, and says which key and why."""
         blocker = os.path.join(self.directory, "not-a-directory")
