@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -48,6 +48,9 @@ from lmgate.gate.providers import Provider
 from lmgate.limits.limiter import Limiter
 from lmgate.ops.ratelog import RateLimitedLog
 from lmgate.relay.upstream import BytesProducer, Upstream
+
+if TYPE_CHECKING:
+    from lmgate.ops.telemetry import Tracer
 
 log = Logger()
 
@@ -113,6 +116,8 @@ class Gateway:
         self.unified = Provider(ProviderSettings("v1", "http://unified.invalid", "openai"))
         #: Usage limits (C{usage_limits:}), or None: none configured.
         self.limiter: Limiter | None = None
+        #: The traces (C{telemetry.otlp.endpoint}), or None: off, and the client's C{traceparent} relayed as it came.
+        self.tracer: Tracer | None = None
         self.pipeline = defaultPipeline(self)
 
     def setAliases(self, aliases: Mapping[str, Alias], fallback: FallbackSettings) -> None:
@@ -272,10 +277,13 @@ class GatewayResource(Resource):
             return self._models(call)
         if provider.managed:
             return self._sendManaged(request, call, context, producer, provider)
+        headers = upstreamRequestHeaders(request.requestHeaders)
+        if self._gateway.tracer is not None:
+            call.traceUpstream(headers)
         pending = self._gateway.upstream.send(
             request.method,
             provider.upstreamURL(context.rest, context.query),
-            upstreamRequestHeaders(request.requestHeaders),
+            headers,
             producer,
         )
         return call.start(pending)
@@ -304,6 +312,8 @@ class GatewayResource(Resource):
         """
         headers = upstreamRequestHeaders(request.requestHeaders)
         removeCredentials(headers)
+        if self._gateway.tracer is not None:  # before a signer sees the headers
+            call.traceUpstream(headers)
         query = context.query
         if query:
             query = withoutCredentialParameters(query)
