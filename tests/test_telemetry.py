@@ -57,11 +57,13 @@ class NamesTests(SynchronousTestCase):
                 genAISystem("anthropic", "anthropic"),
                 genAISystem("gemini", "google"),
                 genAISystem("vertex", "google"),
+                genAISystem("google", "google"),
+                genAISystem("ai-studio", "google"),
                 genAISystem("bedrock", "bedrock"),
                 genAISystem("mylocal", "openai"),
                 genAISystem(None, None),
             ],
-            ["openai", "azure.ai.openai", "anthropic", "gcp.gemini", "gcp.vertex_ai", "aws.bedrock", "openai", None],
+            ["openai", "azure.ai.openai", "anthropic", "gcp.gemini", "gcp.vertex_ai", "gcp.vertex_ai", "gcp.gemini", "aws.bedrock", "openai", None],
         )
 
     def test_operation(self) -> None:
@@ -173,6 +175,24 @@ class GatewayTracesTests(TestCase):
             self.assertNotEqual(span.traceId, CLIENT_TRACE)
             self.assertEqual((span.name, span.attributes["gen_ai.system"]), ("chat claude-3-5-haiku", "anthropic"))
         self.assertNotEqual(spans[0].traceId, spans[1].traceId)
+
+    async def test_clientSampledOut(self) -> None:
+        """
+        A client whose C{traceparent} says not sampled (flags C{00}): no span is
+        exported (the SDK's default sampler follows the parent), yet the upstream
+        still gets a C{traceparent} in the client's trace, not sampled either.
+        """
+        headers = dict(AUTH, traceparent=[f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00".encode()])
+        response, _, _ = await call(self, self.running.url + "/openai/v1/chat/completions", headers=headers)
+        self.assertEqual(response.code, 200)
+        [seen] = self.running.upstream.seen
+        [upstreamParent] = seen.headers.getRawHeaders(b"traceparent")
+        version, traceId, spanId, flags = upstreamParent.decode().split("-")
+        self.assertEqual((traceId, flags), (CLIENT_TRACE, "00"))
+        self.assertNotEqual(spanId, CLIENT_SPAN)
+        await self.tracer.stopService()
+        self.assertEqual(self.collector.spans, [])
+        self.assertEqual(len(self.running.sink.records), 1)
 
     async def test_refusedAndFailedCalls(self) -> None:
         """

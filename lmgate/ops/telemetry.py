@@ -59,6 +59,7 @@ EXPORT_TIMEOUT = 5.0
 _SYSTEM_BY_NAME = {
     "azure": "azure.ai.openai",
     "vertex": "gcp.vertex_ai",
+    "google": "gcp.vertex_ai",  # the built-in route to Vertex AI
     "gemini": "gcp.gemini",
     "deepseek": "deepseek",
     "groq": "groq",
@@ -260,6 +261,9 @@ class Tracer(Service):
             span = self.startSpan(clientHeaders, startedAt)
             if span is None:
                 return
+        if not span.is_recording():  # sampled out (OTEL_TRACES_SAMPLER): nothing to fill in
+            span.end(end_time=_nanoseconds(endedAt))
+            return
         from opentelemetry.trace import Status, StatusCode
 
         requestModel = context.requestedModel
