@@ -135,6 +135,10 @@ def supervisorService(
     # cannot start is restarted for ever while the shared socket accepts and nobody answers.
     pricesFor(settings)
     trustRootFor(settings)
+    if settings.telemetry.otlpEndpoint is not None:
+        from lmgate.ops.telemetry import checkAvailable
+
+        checkAvailable(settings.source, settings.telemetry.otlpEndpoint)
     credentialsFor(settings, reactor, None, announce=False)  # each worker reads them again, the first says so
     accessPath = accessLogPath(settings)
     for index in range(1, workers + 1):
@@ -298,6 +302,23 @@ def gatewayFor(
     return gateway
 
 
+def tracerFor(settings: Settings, reactor: Any, gateway: Gateway) -> Service | None:
+    """
+    The traces (C{telemetry.otlp.endpoint}), made the gateway's; None when no
+    endpoint is set, and then OpenTelemetry is not even imported.
+
+    @raise ConfigError: an endpoint is set and the SDK is not installed.
+    """
+    telemetry = settings.telemetry
+    if telemetry.otlpEndpoint is None:
+        return None
+    from lmgate.ops.telemetry import Tracer, checkAvailable
+
+    checkAvailable(settings.source, telemetry.otlpEndpoint)
+    tracer = gateway.tracer = Tracer(telemetry, reactor)
+    return tracer
+
+
 def healthFor(settings: Settings, reactor: Any, gateway: Gateway) -> HealthProbes:
     """
     The routes' active health probes (L{lmgate.governance.health.HealthProbes}),
@@ -421,6 +442,7 @@ def buildService(
     if auditLog is not None:
         gateway.audit = AuditTrail(auditLog, settings.audit.maxBody)
     limits = limiterFor(settings, reactor, gateway, metrics)
+    tracer = tracerFor(settings, reactor, gateway)
     health = healthFor(settings, reactor, gateway)
     if metrics is not None:
         metrics.upstreamHealth = lambda: ({name: state.healthy for name, state in health.states().items()}, health.failures)
@@ -435,6 +457,8 @@ def buildService(
         accessLog.setServiceParent(top)  # after the records' writer: it borrows its thread
     if auditLog is not None:
         auditLog.setServiceParent(top)  # stopped after the calls drained, like the records' writer
+    if tracer is not None:
+        tracer.setServiceParent(top)  # stopped (its last spans flushed) after the calls drained
     allowList.setServiceParent(top)
     credentialThreads.setServiceParent(top)  # before the credentials start refreshing in it, stopped after
     credentials.setServiceParent(top)

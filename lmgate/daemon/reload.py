@@ -33,6 +33,7 @@ RESTART_ONLY = (
     ("pool.max_per_host", "poolMaxPerHost"),
     ("tls.ca_bundle", "tlsCABundle"),
     ("stub.listen", "stubListen"),
+    ("telemetry", "telemetry"),
     ("admin.listen", "adminListen"),
     ("metrics.models", "metricsModels"),
     ("metrics.per_key", "metricsPerKey"),

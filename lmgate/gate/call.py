@@ -104,8 +104,23 @@ class ProxiedCall:
         self._auditedBody: bytes | None = None  # the request body as sent, kept for an audited call only
         #: Sends the call again to the target now in its context (set by the gateway for an alias with targets left).
         self.resend: Callable[[], Any] | None = None
+        self._span: Any = None  # the call's trace span, once opened (telemetry on)
         request.notifyFinish().addErrback(self._lostClient)  # first: called late, it never fires
         request.responseHeaders.setRawHeaders(REQUEST_ID_HEADER, [self.requestId.encode()])
+
+    # -- traces ----------------------------------------------------------------
+
+    def traceUpstream(self, headers: Any) -> None:
+        """
+        Telemetry on: open the call's span (once: an alias's next target is the
+        same call) and name it as parent in the C{traceparent} of the request
+        about to go upstream (C{headers}).
+        """
+        tracer = self._gateway.tracer
+        assert tracer is not None
+        if self._span is None:
+            self._span = tracer.startSpan(self._request.requestHeaders, self._startedAt)
+        tracer.inject(self._span, headers)
 
     # -- answers of LMGate's own ---------------------------------------------
 
@@ -441,5 +456,10 @@ class ProxiedCall:
         if context.audit:
             record.audited = self._audit(record)
         gateway.sink.write(record)
+        if gateway.tracer is not None:
+            try:
+                gateway.tracer.callEnded(self._span, record, context, usage.model, self._request.requestHeaders, self._startedAt, now)
+            except Exception:  # a span is never worth a record or a settlement
+                log.failure("Ending the call's span failed")
         if context.reservation is not None and gateway.limiter is not None:
             gateway.limiter.settle(context, record.total_tokens, record.cost_usd, relaying is not None)
