@@ -32,6 +32,8 @@ _skipWhitespace: Callable[[str, int], re.Match[str]] = _WHITESPACE.match  # type
 _DECODER = json.JSONDecoder()
 #: The string scanner json.loads itself uses (C-accelerated; the type stubs leave it out).
 _scanString: Callable[[str, int, bool], tuple[str, int]] = getattr(json.decoder, "scanstring")
+#: What C{json.dumps} makes of a string (C{ensure_ascii}: C{\\u} escapes), without its two Python calls per use.
+_encodeString: Callable[[str], str] = getattr(json.encoder, "encode_basestring_ascii")
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class FoundModel:
 
         @param body: the very body this was found in.
         """
-        value = json.dumps(newModel).encode("ascii")  # \\u escapes: ASCII whatever the name
+        value = _encodeString(newModel).encode("ascii")  # as json.dumps: \\u escapes, ASCII whatever the name
         parts, at = [], 0
         for start, end in self.spans:
             parts += [body[at:start], value]
@@ -203,6 +205,11 @@ class Alias:
 
     def narrowed(self, format: str, formats: Mapping[str, str]) -> "Alias":
         """This alias with only the targets whose route speaks C{format} (configuration order kept)."""
+        for target in self.targets:
+            if formats.get(target.provider) != format:
+                break
+        else:
+            return self  # every target speaks it (the usual case, asked per call): nothing to narrow
         return Alias(self.name, tuple(t for t in self.targets if formats.get(t.provider) == format), self.strategy)
 
 
@@ -227,7 +234,7 @@ class Selector:
             tests); not used for an C{ordered} alias.
         """
         targets = list(alias.targets)
-        if self._cooldown is None:
+        if self._cooldown is None or not self._cooldown.anyCoolingDown:  # the usual case: checked per call
             healthy, cooling = targets, []
         else:
             coolingDown = self._cooldown.coolingDown
@@ -289,8 +296,19 @@ class Cooldown:
 
     def succeeded(self, target: Target) -> None:
         """C{target} answered: forget its failures and any cooldown."""
-        self._recent.pop(target.key, None)
-        self._until.pop(target.key, None)
+        if self._recent or self._until:  # nothing remembered (the usual case): nothing to forget
+            key = target.key
+            self._recent.pop(key, None)
+            self._until.pop(key, None)
+
+    @property
+    def anyCoolingDown(self) -> bool:
+        """
+        Whether any target may be cooling down (one did lately; an ended
+        cooldown counts until it is swept or its target succeeds): when not,
+        L{Selector.order} need not ask about each target.
+        """
+        return bool(self._until)
 
     def coolingDown(self, target: Target) -> bool:
         """Whether C{target} is to be tried only after the healthy targets."""
