@@ -403,6 +403,9 @@ class ProxiedCall:
             return
         self._recorded = True
         self._gateway.active.discard(self)
+        # Recorded: no target is tried any more. The resend closure refers to this call (a
+        # reference cycle): dropped, the call is freed at once, not by the cycle collector.
+        self.resend = None
         now = self._clock.seconds()
         usage = Usage()
         relaying = self._relaying
