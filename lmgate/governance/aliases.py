@@ -241,10 +241,11 @@ class Selector:
         """
         coolingDown = self._cooldown.coolingDown if self._cooldown is not None and self._cooldown.anyCoolingDown else None
         healthy = self._healthy
+        later: list[Target] = []
         if coolingDown is None and healthy is None:  # the usual case, checked per call: nothing to put behind
-            first, later = list(alias.targets), []
+            first = list(alias.targets)
         else:
-            first, later = [], []
+            first = []
             for t in alias.targets:
                 behind = (coolingDown is not None and coolingDown(t)) or (healthy is not None and not healthy(t.provider))
                 (later if behind else first).append(t)
