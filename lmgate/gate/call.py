@@ -317,7 +317,9 @@ class ProxiedCall:
                 self._gateway.cooldown.succeeded(self._context.target)
         provider = self._context.provider
         assert provider is not None
-        relaying = self._relaying = Relay(self._request, self._gateway, provider, self._context.rest)
+        relaying = self._relaying = Relay(
+            self._request, self._gateway, provider, self._context.rest, self._context.streamUsage
+        )
         self._status = response.code
         return relaying.relay(response).addBoth(self._bodyEnded)
 

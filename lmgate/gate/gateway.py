@@ -47,6 +47,7 @@ from lmgate.interfaces import IKeyCheck, IUsageSink
 from lmgate.gate.providers import Provider
 from lmgate.limits.limiter import Limiter
 from lmgate.ops.ratelog import RateLimitedLog
+from lmgate.policy.streamusage import identityStream
 from lmgate.relay.upstream import BytesProducer, Upstream
 
 log = Logger()
@@ -113,6 +114,8 @@ class Gateway:
         self.unified = Provider(ProviderSettings("v1", "http://unified.invalid", "openai"))
         #: Usage limits (C{usage_limits:}), or None: none configured.
         self.limiter: Limiter | None = None
+        #: C{policy.stream_usage}: OpenAI-format streams are asked for their usage chunk, kept from the client.
+        self.streamUsage = False
         self.pipeline = defaultPipeline(self)
 
     def setAliases(self, aliases: Mapping[str, Alias], fallback: FallbackSettings) -> None:
@@ -272,12 +275,10 @@ class GatewayResource(Resource):
             return self._models(call)
         if provider.managed:
             return self._sendManaged(request, call, context, producer, provider)
-        pending = self._gateway.upstream.send(
-            request.method,
-            provider.upstreamURL(context.rest, context.query),
-            upstreamRequestHeaders(request.requestHeaders),
-            producer,
-        )
+        headers = upstreamRequestHeaders(request.requestHeaders)
+        if context.streamUsage:
+            identityStream(headers)
+        pending = self._gateway.upstream.send(request.method, provider.upstreamURL(context.rest, context.query), headers, producer)
         return call.start(pending)
 
     def _models(self, call: ProxiedCall) -> bytes:
@@ -304,6 +305,8 @@ class GatewayResource(Resource):
         """
         headers = upstreamRequestHeaders(request.requestHeaders)
         removeCredentials(headers)
+        if context.streamUsage:
+            identityStream(headers)
         query = context.query
         if query:
             query = withoutCredentialParameters(query)

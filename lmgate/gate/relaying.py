@@ -19,6 +19,7 @@ from twisted.web.http import NO_BODY_CODES
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
+from lmgate.policy.streamusage import usageChunkFilter
 from lmgate.relay.headers import copyEndToEndHeaders
 from lmgate.relay.tee import Tee, UpstreamIdle
 from lmgate.relay.upstream import UpstreamHeadInvalid
@@ -79,10 +80,17 @@ class Relay:
     @ivar upstreamRequestId: the provider's own id for the call, if its head had one.
     """
 
-    __slots__ = ("_request", "_gateway", "_provider", "_upstreamPath", "responseAt", "reader", "tee", "upstreamRequestId")
+    __slots__ = ("_request", "_gateway", "_provider", "_upstreamPath", "_stripUsage", "responseAt", "reader", "tee", "upstreamRequestId")
 
-    def __init__(self, request: Request, gateway: "Gateway", provider: "Provider", upstreamPath: bytes) -> None:
+    def __init__(
+        self, request: Request, gateway: "Gateway", provider: "Provider", upstreamPath: bytes, stripUsage: bool = False
+    ) -> None:
+        """
+        @param stripUsage: LMGate asked for the stream's usage chunk
+            (C{policy.stream_usage}): keep it from the client.
+        """
         self._request, self._gateway, self._provider, self._upstreamPath = request, gateway, provider, upstreamPath
+        self._stripUsage = stripUsage
         self.responseAt = gateway.clock.seconds()
         self.reader: IUsageReader | None = None
         self.tee: Tee | None = None
@@ -101,8 +109,10 @@ class Relay:
         request.setResponseCode(response.code, response.phrase)
         copyEndToEndHeaders(response.headers, request.responseHeaders)
         length = response.length
+        clientFilter = usageChunkFilter(response) if self._stripUsage else None
         if (
-            length is not UNKNOWN_LENGTH
+            clientFilter is None
+            and length is not UNKNOWN_LENGTH
             and response.code not in NO_BODY_CODES
             and request.method != b"HEAD"
         ):
@@ -123,7 +133,7 @@ class Relay:
         reader = readerFor(provider.format, response.code, header, self._upstreamPath, self._gateway.captureLimit)
         self.reader = reader
         gateway = self._gateway
-        tee = Tee(request, reader.feed, gateway.clock, gateway.idleTimeout, gateway.clientTimeout)
+        tee = Tee(request, reader.feed, gateway.clock, gateway.idleTimeout, gateway.clientTimeout, clientFilter)
         self.tee = tee
         response.deliverBody(tee)
         return tee.done
