@@ -114,6 +114,7 @@ class StreamUsageGatewayTests(TestCase):
             (record.usage_source, record.input_tokens, record.output_tokens, record.model, record.response_bytes),
             ("response", 7, 3, "gpt-4o-mini-2024", len(PLAIN)),
         )
+        self.assertEqual(record.request_bytes, len(BODY))
 
     async def test_clientAskedForUsage(self) -> None:
         """A client that asked for usage itself gets its stream as it comes, the usage chunk included."""

@@ -300,7 +300,7 @@ class StreamUsage:
             return None
         rewritten = addIncludeUsage(body)
         if rewritten is not None:
-            context.body, context.bodySize, context.streamUsage = rewritten, len(rewritten), True
+            context.body, context.streamUsage = rewritten, True  # bodySize: what the client sent (request_bytes)
         return None
 
 
