@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any
 
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import TestCase
 
 from lmgate.policy.streamusage import (
@@ -169,6 +170,28 @@ class UsageChunkFilterTests(TestCase):
         for eol in (b"\n", b"\r\n", b"\r"):
             whole, kept = stream(self.EVENTS, eol)
             self.assertEqual(filtered([whole[i : i + 1] for i in range(len(whole))]), kept, eol)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.sampled_from([b"\n", b"\r\n", b"\r"]), st.lists(st.integers(min_value=0, max_value=2000), max_size=12))
+    def test_anySplits(self, eol: bytes, cuts: list[int]) -> None:
+        """Any number of reads cut anywhere: the client's bytes are the stream without its usage chunks."""
+        whole, kept = stream(self.EVENTS, eol)
+        points = sorted({min(c, len(whole)) for c in cuts} | {0, len(whole)})
+        self.assertEqual(filtered([whole[a:b] for a, b in zip(points, points[1:])]), kept)
+
+    def test_wholeEventsNeverWait(self) -> None:
+        """
+        The recorded OpenAI stream written an event per read, as providers
+        write: each read's bytes reach the client in the same call, all but
+        the usage chunk's; nothing is held from one read to the next.
+        """
+        with open(FIXTURE, "rb") as f:
+            recorded = f.read()
+        f = UsageChunkFilter()
+        blocks = [block + b"\n\n" for block in recorded.split(b"\n\n") if block]
+        passed = [f.feed(block) for block in blocks]
+        self.assertEqual([p for p, b in zip(passed, blocks) if p != b], [b""])
+        self.assertEqual((f.removed, f.flush()), (1, b""))
 
     def test_heldOnlyWhileItMayBeTheUsageChunk(self) -> None:
         """
