@@ -241,6 +241,15 @@ class UsageChunkFilter:
                     self._held.append(b"\n")
                     self._heldSize += 1
                 at = 1
+        if b"\r" not in data:  # LF endings, the usual: a memchr per line instead of the pattern
+            while at < size:
+                lf = data.find(b"\n", at)
+                if lf < 0:
+                    self._partLine(data[at:], out)
+                    break
+                self._line(data[at:lf], b"\n", out)
+                at = lf + 1
+            return b"".join(out)
         while at < size:
             match = _LINE_END.search(data, at)
             if match is None:
