@@ -206,6 +206,37 @@ class StreamUsageGatewayTests(TestCase):
         self.assertEqual(body, PLAIN)
         self.assertEqual(gate.upstream.seen[0].body, REWRITTEN.replace(b'"gpt-4o-mini"', b'"second"'))
 
+    async def test_slowClientStillPausesUpstream(self) -> None:
+        """Filtering keeps backpressure: a client that stops reading pauses the upstream's stream of chunks."""
+        from tests.helpers import ALLOWED_KEY
+        from tests.test_relay import _Firehose, _rawClient, _turn
+
+        producers: list[_Firehose] = []
+
+        def firehose(request: Request) -> Any:
+            request.setHeader(b"content-type", b"text/event-stream")
+            producer = _Firehose(request, 256 * 1024 * 1024)
+            event = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 4000 + b'"}}]}\n\n'
+            producer._chunk = event * (65536 // len(event))
+            producers.append(producer)
+            request.registerProducer(producer, True)
+            producer.resumeProducing()
+            return NOT_DONE_YET
+
+        gate = streamingGateway(self)
+        gate.upstream.handler = firehose
+        head = f"POST {CHAT} HTTP/1.1\r\nHost: gate\r\nAuthorization: Bearer {ALLOWED_KEY.decode()}\r\n"
+        head += f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n"
+        client = await _rawClient(gate.port, head.encode() + BODY, paused=True)
+        while not producers:
+            await _turn()
+        await producers[0].paused
+        self.assertLess(producers[0].sent, 64 * 1024 * 1024)  # loopback buffers hold some megabytes; the rest waited
+        self.assertEqual(gate.upstream.seen[0].body, REWRITTEN)
+        client.transport.abortConnection()
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual(record.error, "client_disconnected")
+
     def test_reload(self) -> None:
         """C{applySettings} (start-up and SIGHUP) turns it on and off."""
 
