@@ -252,3 +252,27 @@ class StreamUsageGatewayTests(TestCase):
         self.assertTrue(gateway.streamUsage)
         applySettings(Settings(), gateway, Site())
         self.assertFalse(gateway.streamUsage)
+
+
+class AuditedStreamUsageTests(TestCase):
+    """With the audit trail: the audited response is what the client received."""
+
+    maxBody = 1024 * 1024
+    from tests.test_audit import AuditedCallTests  # here, not at the top: trial would run its tests in this module too
+
+    gateway = AuditedCallTests.gateway
+    lines = AuditedCallTests.lines
+    del AuditedCallTests
+
+    async def test_auditKeepsWhatTheClientReceived(self) -> None:
+        """The audit line's response is the stream without the usage chunk; its request, the body sent upstream."""
+        gate = self.gateway()
+        gate.upstream.handler = openaiLike
+        gate.gateway.streamUsage = True
+        response, body, _ = await call(self, gate.url + CHAT, body=BODY)
+        self.assertEqual(body, PLAIN)
+        [record] = await gate.sink.waitFor(1)
+        [line] = self.lines()
+        self.assertEqual((line["response_body"], line["response_bytes"]), (PLAIN.decode(), record.response_bytes))
+        self.assertEqual(line["request_body"], REWRITTEN.decode())
+        self.assertEqual(record.usage_source, "response")

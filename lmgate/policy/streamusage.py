@@ -227,9 +227,17 @@ class UsageChunkFilter:
         self._crTo = "out"  # where that LF goes: "out", "held", or "drop" (with its event)
         #: Usage chunks removed.
         self.removed = 0
+        #: Also given what the client gets (the audit trail's capture), if set.
+        self.copy: Callable[[bytes], None] | None = None
 
     def feed(self, data: bytes) -> bytes:
         """Take the next bytes of the stream; return those the client gets now."""
+        passed = self._feed(data)
+        if passed and self.copy is not None:
+            self.copy(passed)
+        return passed
+
+    def _feed(self, data: bytes) -> bytes:
         out: list[bytes] = []
         at, size = 0, len(data)
         if self._pendingCR and size:
@@ -269,6 +277,8 @@ class UsageChunkFilter:
         if held and isUsageChunk(held):
             self.removed += 1
             return b""
+        if held and self.copy is not None:
+            self.copy(held)
         return held
 
     def _partLine(self, part: bytes, out: list[bytes]) -> None:
