@@ -118,7 +118,7 @@ def applySettings(settings: Settings, gateway: Any, site: Any, credentials: Any 
     """
     Put the settings a running gateway can change into effect: routes (with
     their credentials and health probes), timeouts, capture limit, client
-    limits and the access log. Each is one assignment, so a call sees the old
+    limits, C{policy.stream_usage} and the access log. Each is one assignment, so a call sees the old
     settings or the new, never a mix of one kind.
     """
     setProviders(settings, gateway, credentials)
@@ -127,6 +127,7 @@ def applySettings(settings: Settings, gateway: Any, site: Any, credentials: Any 
     gateway.responseTimeout = settings.responseTimeout
     gateway.idleTimeout = settings.idleTimeout
     gateway.clientTimeout = settings.clientTimeout
+    gateway.streamUsage = settings.policy.streamUsage
     site.setLimits(limitsFor(settings))
     limiter = gateway.limiter
     if limiter is not None:

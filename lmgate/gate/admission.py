@@ -118,6 +118,8 @@ class CallContext:
     @ivar tags: labels steps attach to the call.
     @ivar limitedBy: the name of the rule that refused the call, if one did (the record's C{limited_by}).
     @ivar policy: the policy that applied.
+    @ivar streamUsage: LMGate added C{stream_options.include_usage} to the
+        body (C{policy.stream_usage}): the usage chunk is kept from the client.
     @ivar verdict: the headers stage's answer (the pipeline's bookkeeping, not
         for steps): a L{Refusal}, None, or the L{Deferred} still deciding.
     """
@@ -144,6 +146,7 @@ class CallContext:
     tags: tuple[str, ...] = ()
     policy: tuple[str, ...] = ()
     audit: bool = False
+    streamUsage: bool = False
     verdict: Verdict = None
 
     def __init__(self, method: bytes, uri: bytes, headers: Headers) -> None:

@@ -342,7 +342,12 @@ class ProxiedCall:
         assert provider is not None
         audit = self._gateway.audit if self._context.audit else None
         relaying = self._relaying = Relay(
-            self._request, self._gateway, provider, self._context.rest, audit.capture() if audit is not None else None
+            self._request,
+            self._gateway,
+            provider,
+            self._context.rest,
+            audit.capture() if audit is not None else None,
+            self._context.streamUsage,
         )
         self._status = response.code
         return relaying.relay(response).addBoth(self._bodyEnded)

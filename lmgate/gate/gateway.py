@@ -47,6 +47,7 @@ from lmgate.interfaces import IKeyCheck, IUsageSink
 from lmgate.gate.providers import Provider
 from lmgate.limits.limiter import Limiter
 from lmgate.ops.ratelog import RateLimitedLog
+from lmgate.policy.streamusage import identityStream
 from lmgate.records.audit import AuditTrail
 from lmgate.relay.upstream import BytesProducer, Upstream
 
@@ -117,6 +118,8 @@ class Gateway:
         self.unified = Provider(ProviderSettings("v1", "http://unified.invalid", "openai"))
         #: Usage limits (C{usage_limits:}), or None: none configured.
         self.limiter: Limiter | None = None
+        #: C{policy.stream_usage}: OpenAI-format streams are asked for their usage chunk, kept from the client.
+        self.streamUsage = False
         #: The audit trail (L{lmgate.records.audit.AuditTrail}) audited calls are written to, or None: no audit log.
         self.audit: AuditTrail | None = None
         #: The traces (C{telemetry.otlp.endpoint}), or None: off, and the client's C{traceparent} relayed as it came.
@@ -281,6 +284,8 @@ class GatewayResource(Resource):
         if provider.managed:
             return self._sendManaged(request, call, context, producer, provider)
         headers = upstreamRequestHeaders(request.requestHeaders)
+        if context.streamUsage:
+            identityStream(headers)
         if self._gateway.tracer is not None:
             call.traceUpstream(headers)
         pending = self._gateway.upstream.send(
@@ -315,6 +320,8 @@ class GatewayResource(Resource):
         """
         headers = upstreamRequestHeaders(request.requestHeaders)
         removeCredentials(headers)
+        if context.streamUsage:
+            identityStream(headers)
         if self._gateway.tracer is not None:  # before a signer sees the headers
             call.traceUpstream(headers)
         query = context.query

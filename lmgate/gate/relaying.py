@@ -19,6 +19,7 @@ from twisted.web.http import NO_BODY_CODES
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 
+from lmgate.policy.streamusage import usageChunkFilter
 from lmgate.relay.headers import copyEndToEndHeaders
 from lmgate.relay.tee import Tee, UpstreamIdle
 from lmgate.relay.upstream import UpstreamHeadInvalid
@@ -82,13 +83,27 @@ class Relay:
         audited call (L{lmgate.records.audit}), fed beside the usage reader; None otherwise.
     """
 
-    __slots__ = ("_request", "_gateway", "_provider", "_upstreamPath", "responseAt", "reader", "tee", "upstreamRequestId", "capture")
+    __slots__ = (
+        "_request", "_gateway", "_provider", "_upstreamPath", "_stripUsage", "responseAt", "reader", "tee", "upstreamRequestId", "capture"
+    )
 
     def __init__(
-        self, request: Request, gateway: "Gateway", provider: "Provider", upstreamPath: bytes, capture: "BodyCapture | None" = None
+        self,
+        request: Request,
+        gateway: "Gateway",
+        provider: "Provider",
+        upstreamPath: bytes,
+        capture: "BodyCapture | None" = None,
+        stripUsage: bool = False,
     ) -> None:
+        """
+        @param stripUsage: LMGate asked for the stream's usage chunk
+            (C{policy.stream_usage}): keep it from the client (and from the
+            audit, which keeps what the client received).
+        """
         self._request, self._gateway, self._provider, self._upstreamPath = request, gateway, provider, upstreamPath
         self.capture = capture
+        self._stripUsage = stripUsage
         self.responseAt = gateway.clock.seconds()
         self.reader: IUsageReader | None = None
         self.tee: Tee | None = None
@@ -107,8 +122,10 @@ class Relay:
         request.setResponseCode(response.code, response.phrase)
         copyEndToEndHeaders(response.headers, request.responseHeaders)
         length = response.length
+        clientFilter = usageChunkFilter(response) if self._stripUsage else None
         if (
-            length is not UNKNOWN_LENGTH
+            clientFilter is None
+            and length is not UNKNOWN_LENGTH
             and response.code not in NO_BODY_CODES
             and request.method != b"HEAD"
         ):
@@ -131,10 +148,13 @@ class Relay:
         gateway = self._gateway
         observe: Callable[[bytes], None] = reader.feed
         if self.capture is not None:
-            from lmgate.records.audit import teeTo
+            if clientFilter is not None:  # the audit keeps what the client received
+                clientFilter.copy = self.capture.feed
+            else:
+                from lmgate.records.audit import teeTo
 
-            observe = teeTo(reader.feed, self.capture.feed)
-        tee = Tee(request, observe, gateway.clock, gateway.idleTimeout, gateway.clientTimeout)
+                observe = teeTo(reader.feed, self.capture.feed)
+        tee = Tee(request, observe, gateway.clock, gateway.idleTimeout, gateway.clientTimeout, clientFilter)
         self.tee = tee
         response.deliverBody(tee)
         return tee.done

@@ -19,6 +19,7 @@ from lmgate.access.credentials import CredentialError, extractCredential, maskKe
 
 from lmgate.gate.admission import CallContext, IAdmissionStep, Pipeline, Refusal, Verdict
 from lmgate.gate.routing import RouteError, splitTarget
+from lmgate.policy.streamusage import addIncludeUsage, wantsIncludeUsage
 from lmgate.governance.aliases import (
     FoundModel,
     Target,
@@ -276,6 +277,33 @@ class Limit:
         return reason
 
 
+@implementer(IAdmissionStep)
+class StreamUsage:
+    """
+    C{policy.stream_usage}: an OpenAI-format streaming completion that did not
+    ask for usage gets C{stream_options.include_usage} added to its body (only
+    that inserted, L{lmgate.policy.streamusage.addIncludeUsage}); the relay
+    then keeps the usage chunk this adds from the client. Before the alias
+    step, so that every target an alias falls back to is sent the same body
+    (the unified endpoint is OpenAI-format too). A spooled body is relayed as
+    it came. Off: one truth test.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def admit(self, context: CallContext) -> None:
+        if not self._gateway.streamUsage:
+            return None
+        provider, body = context.provider, context.body
+        if provider is None or not body or not wantsIncludeUsage(context.method, provider.format, context.rest):
+            return None
+        rewritten = addIncludeUsage(body)
+        if rewritten is not None:
+            context.body, context.streamUsage = rewritten, True  # bodySize: what the client sent (request_bytes)
+        return None
+
+
 def defaultPipeline(gateway: Gateway) -> Pipeline:
     """
     The steps every call passes, in order. A new step is added here: to the
@@ -284,5 +312,5 @@ def defaultPipeline(gateway: Gateway) -> Pipeline:
     """
     return Pipeline(
         atHeaders=[Route(gateway), Draining(gateway), Authenticate(gateway), NoConnect()],
-        atBody=[ResolveAlias(gateway), Limit(gateway)],
+        atBody=[StreamUsage(gateway), ResolveAlias(gateway), Limit(gateway)],
     )

@@ -38,6 +38,11 @@ class Tee(Protocol):
     @ivar bytesRelayed: body bytes as they crossed the wire.
     @ivar clientStalled: the client stopped reading for C{clientTimeout} and was cut.
     @ivar paused: the client's buffer is full, so the upstream is held.
+
+    @param clientFilter: what the client gets of each chunk, when not all of
+        it (L{lmgate.policy.streamusage.UsageChunkFilter}: C{feed(bytes) ->
+        bytes}, C{flush() -> bytes} at the end); the observer still sees every
+        byte, and C{bytesRelayed} counts what the client got.
     """
 
     def __init__(
@@ -47,6 +52,7 @@ class Tee(Protocol):
         clock: IReactorTime,
         idleTimeout: float,
         clientTimeout: float = 60.0,
+        clientFilter: Any = None,
     ) -> None:
         self.done: Deferred[None] = Deferred()
         self.bytesRelayed = 0
@@ -57,14 +63,21 @@ class Tee(Protocol):
         self._idle: IDelayedCall | None = None
         self._stall: IDelayedCall | None = None
         self._idleFired = False
+        self._filter = clientFilter
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
         self._idle = self._clock.callLater(self._idleTimeout, self._timedOut)
 
     def dataReceived(self, data: bytes) -> None:
-        self._request.write(data)  # the client first, bookkeeping second
-        self.bytesRelayed += len(data)
+        if self._filter is None:
+            self._request.write(data)  # the client first, bookkeeping second
+            self.bytesRelayed += len(data)
+        else:
+            toClient = self._filter.feed(data)
+            if toClient:
+                self._request.write(toClient)
+                self.bytesRelayed += len(toClient)
         if self._idle is not None:
             self._idle.reset(self._idleTimeout)
         self._observe(data)  # readers never raise
@@ -121,6 +134,11 @@ class Tee(Protocol):
                 timer.cancel()
         self._idle = self._stall = None
         if self._request.channel is not None:  # None once the client has gone
+            if self._filter is not None:
+                held = self._filter.flush()  # an unfinished event the filter still held
+                if held:
+                    self._request.write(held)
+                    self.bytesRelayed += len(held)
             self._request.unregisterProducer()
         if self._idleFired:
             self.done.errback(Failure(UpstreamIdle()))
