@@ -257,6 +257,16 @@ class SemanticsTests(RedisCase):
         self.assertEqual(s["requests_per_minute"][0], 1)
 
     @deferred
+    async def test_settlementOfAZeroReservation(self) -> None:
+        """A window figure reserved with 0 (a budget when the model has no price) settles: the script's
+        HINCRBY never gets Lua's "-0", which Redis refuses as no integer (the whole settlement failed)."""
+        store = self.store()
+        await self.admitted(store, "a", [tpd(5000), usdMonth(NANO)], tokens=100, nanoUsd=0)
+        await self.settled(store, Settlement("a", 60, None, True))
+        self.assertEqual(await self.states(store), {"tokens_per_day": (60, 0, 4940), "usd_per_month": (0, 0, NANO)})
+        self.assertEqual(store.failures, 0)
+
+    @deferred
     async def test_settleIsIdempotent(self) -> None:
         """A second settlement of the same request id changes nothing; an unknown id is a no-op."""
         store = self.store()
@@ -466,6 +476,22 @@ class FaultTests(RedisCase):
         for rid in "abc":
             store.settle(Settlement(rid, 1, None, True))  # not started: queued
         self.assertEqual(([s.requestId for s in store._queue], store.droppedSettlements), (["b", "c"], 1))
+
+    @deferred
+    async def test_cancelledAdmissionsLeaveTheConnection(self) -> None:
+        """Admissions cancelled while Redis works on them (clients that left) are no Redis failures: they
+        used to count as such, so a load generator stopping opened the circuit and calls went local."""
+        store = self.store()
+        await self.admitted(store, "warm", [rpm(1000)])
+        pending = [store.admit(f"c{i}", [rpm(1000)], 0, 0, 60) for i in range(20)]
+        survivors = [store.admit(f"s{i}", [rpm(1000)], 0, 0, 60) for i in range(5)]
+        for d in pending:
+            d.addErrback(lambda f: None)
+            d.cancel()
+        decisions = await gatherResults(survivors)
+        self.assertTrue(all(d.admitted for d in decisions))
+        self.assertEqual(store.failures, 0)
+        self.assertEqual(store.circuitState, "closed")
 
     @deferred
     async def test_unansweredAdmissionReleased(self) -> None:

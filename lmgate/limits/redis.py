@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 from urllib.parse import unquote, urlsplit
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -330,6 +330,8 @@ class RedisStore(Service):
     def _failed(self, f: Failure, script: _Script) -> Failure:
         import txredisapi
 
+        if f.check(CancelledError):
+            return f  # the caller gave up (its client left): no word on Redis's health
         if f.check(DeferredTimeout):
             kind, why = "timeout", f"Redis did not answer within {self._timeout} s"
         elif f.check(txredisapi.ConnectionError, ConnectionError) or not f.check(txredisapi.RedisError, StoreUnavailable):

@@ -266,7 +266,7 @@ for i = 1, n do
           writeBucket(key, limit, math.min(limit, bucketLevel(key, limit, now) + amount - real), now)
         end
       elseif redis.call('EXISTS', key) == 1 then
-        if redis.call('HINCRBY', key, 'reserved', -amount) < 0 then
+        if redis.call('HINCRBY', key, 'reserved', 0 - amount) < 0 then
           redis.call('HSET', key, 'reserved', 0)
         end
         redis.call('HINCRBY', key, 'used', real)
