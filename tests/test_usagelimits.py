@@ -129,7 +129,7 @@ class MemoryStoreTests(SynchronousTestCase):
         figure = Figure("t|key=k", "t", "tokens_per_minute", 1000)
         first = self.store.admit("a", [figure], 600, 0, 60)
         self.assertTrue(first.admitted)
-        self.assertEqual(first.states[0].remaining, 400)
+        self.assertEqual(self.successResultOf(self.store.show())[0].remaining, 400)
         self.assertFalse(self.store.admit("b", [figure], 600, 0, 60).admitted)
         self.store.settle(Settlement("a", 100, None, True))
         self.assertTrue(self.store.admit("b", [figure], 600, 0, 60).admitted)  # 900 left
@@ -146,7 +146,8 @@ class MemoryStoreTests(SynchronousTestCase):
         self.store.settle(Settlement("a", 200, None, True))
         decision = self.store.admit("b", [figure], 500, 0, 60)
         self.assertTrue(decision.admitted)
-        self.assertEqual((decision.states[0].used, decision.states[0].reserved, decision.states[0].remaining), (200, 500, 300))
+        state = self.successResultOf(self.store.show())[0]
+        self.assertEqual((state.used, state.reserved, state.remaining), (200, 500, 300))
 
     def test_noUsageKeepsOrReleases(self) -> None:
         """Ended with no usage: kept as use if the upstream answered, released if it never did."""

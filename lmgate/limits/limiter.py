@@ -114,14 +114,19 @@ def outputCap(document: Any, default: int) -> int:
     return default
 
 
+#: Counters whose figures a rule keeps made (cleared past it).
+_BUILT_LIMIT = 100_000
+
+
 class _Rule:
     """A rule, compiled: its match as tests, its figures' kinds and limits."""
 
-    __slots__ = ("settings", "name", "per", "figures", "closed", "_tests")
+    __slots__ = ("settings", "name", "per", "figures", "closed", "_tests", "_built")
 
     def __init__(self, settings: RuleSettings, closedByDefault: bool) -> None:
         self.settings, self.name, self.per, self.figures = settings, settings.name, settings.per, settings.figures
         self.closed = (settings.onStoreError or ("closed" if closedByDefault else "open")) == "closed"
+        self._built: dict[str, tuple[Figure, ...]] = {}
         match = settings.match
         self._tests: list[tuple[str, tuple[str, ...]]] = [
             (field, values)
@@ -150,6 +155,16 @@ class _Rule:
             elif value not in values:
                 return False
         return True
+
+    def figuresFor(self, keyId: str, owner: str) -> tuple[Figure, ...]:
+        """This rule's figures on the counter a call of this key counts against (made once per counter)."""
+        counter = self.counter(keyId, owner)
+        figures = self._built.get(counter)
+        if figures is None:
+            if len(self._built) >= _BUILT_LIMIT:
+                self._built.clear()  # bounded however many keys come and go
+            figures = self._built[counter] = tuple(Figure(counter, self.name, kind, limit) for kind, limit in self.figures)
+        return figures
 
     def counter(self, keyId: str, owner: str) -> str:
         """The identity of the counter a call of this key counts against."""
@@ -230,11 +245,12 @@ class Limiter:
             tokens += outputCap(document, settings.outputTokens)  # no body (a GET), or embeddings: no output
         nanoUsd = self._nanoUsd(model, context.bodySize, tokens)
         context.reservedTokens = tokens
-        figures = [
-            Figure(rule.counter(entry.id, entry.owner), rule.name, kind, limit) for rule in rules for kind, limit in rule.figures
-        ]
+        figures: list[Figure] = []
+        for rule in rules:
+            figures.extend(rule.figuresFor(entry.id, entry.owner))
         for figure in figures:
-            if not figure.fits(tokens, nanoUsd):
+            kind = figure.kind
+            if (nanoUsd if kind.startswith("usd_") else tokens if kind != "requests_per_minute" and kind != "concurrent" else 1) > figure.limit:
                 context.limits = "shared" if self._store.shared else "local"
                 return self._never(context, figure, tokens, nanoUsd)
         closed = any(rule.closed for rule in rules)

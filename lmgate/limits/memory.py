@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime, timezone
-from typing import Sequence
+from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -65,16 +65,27 @@ class _Window:
 
 
 class _Leases:
-    __slots__ = ("figure", "held")
+    __slots__ = ("figure", "held", "soonest")
 
     def __init__(self, figure: Figure) -> None:
         self.figure = figure
         self.held: dict[str, float] = {}  # request id -> expiry
+        self.soonest = float("inf")  # no lease expires before this
+
+    def take(self, requestId: str, expiry: float) -> None:
+        self.held[requestId] = expiry
+        if expiry < self.soonest:
+            self.soonest = expiry
+
+    def release(self, requestId: str) -> None:
+        self.held.pop(requestId, None)
 
     def expire(self, now: float) -> int:
         held = self.held
-        for requestId in [r for r, expiry in held.items() if expiry <= now]:
-            del held[requestId]
+        if now >= self.soonest:  # only then can a lease have lapsed: scan
+            for requestId in [r for r, expiry in held.items() if expiry <= now]:
+                del held[requestId]
+            self.soonest = min(held.values(), default=float("inf"))
         return len(held)
 
     def state(self, now: float) -> FigureState:
@@ -83,8 +94,19 @@ class _Leases:
         return FigureState(self.figure, count, 0, max(0, limit - count), reset)
 
 
-#: A reservation's part in one state: (state key, amount); a lease has amount 0.
-_Part = tuple[tuple[str, ...], int]
+#: How each kind of figure counts: a bucket, leases, a window of tokens or of nano-dollars.
+_BUCKET, _LEASE, _TOKENS, _USD = range(4)
+_SHAPES = {
+    "requests_per_minute": _BUCKET,
+    "tokens_per_minute": _BUCKET,
+    "concurrent": _LEASE,
+    "tokens_per_day": _TOKENS,
+    "tokens_per_month": _TOKENS,
+    "usd_per_day": _USD,
+    "usd_per_month": _USD,
+}
+#: Every admission that needs no states answers the same.
+_ADMITTED = Decision(True)
 
 
 @implementer(ILimitStore)
@@ -102,7 +124,8 @@ class MemoryStore:
         self._buckets: dict[tuple[str, ...], _Bucket] = {}
         self._windows: dict[tuple[str, ...], _Window] = {}
         self._leases: dict[tuple[str, ...], _Leases] = {}
-        self._reservations: dict[str, list[_Part]] = {}
+        self._reservations: dict[str, list[tuple[int, Any, int]]] = {}
+        self._windowCache: dict[str, tuple[float, str, float]] = {}
 
     def _now(self) -> float:
         return self._clock.seconds()
@@ -110,60 +133,77 @@ class MemoryStore:
     def admit(
         self, requestId: str, figures: Sequence[Figure], tokens: int, nanoUsd: int, leaseSeconds: float
     ) -> Decision:
+        """
+        Check every figure, then count the call against all of them (or none).
+        An admitted call's decision carries no states (only refusals need them:
+        computing them for every call would cost more than the admission).
+        """
         now = self._now()
-        states: list[FigureState] = []
-        plan: list[tuple[Figure, tuple[str, ...], int]] = []
+        plan: list[tuple[int, Any, int]] = []
         refused: Figure | None = None
         retryAfter: float | None = None
         for figure in figures:  # check every figure first: all or nothing
-            amount = figure.amount(tokens, nanoUsd)
             kind = figure.kind
-            if kind == "concurrent":
+            shape = _SHAPES[kind]
+            if shape == _LEASE:
                 key: tuple[str, ...] = (figure.counter, kind)
-                leases = self._leases.get(key)
-                if leases is None:
-                    leases = self._leases[key] = _Leases(figure)
-                leases.figure = figure
-                fits = leases.expire(now) + 1 <= figure.limit
+                state: Any = self._leases.get(key)
+                if state is None:
+                    state = self._leases[key] = _Leases(figure)
+                state.figure = figure
+                amount = 1
+                fits = state.expire(now) < figure.limit
                 wait = None
-            elif kind.endswith("_minute"):
+            elif shape == _BUCKET:
                 key = (figure.counter, kind)
-                bucket = self._buckets.get(key)
-                if bucket is None:
-                    bucket = self._buckets[key] = _Bucket(figure, now)
-                bucket.figure = figure
-                level = bucket.refill(now)
+                state = self._buckets.get(key)
+                if state is None:
+                    state = self._buckets[key] = _Bucket(figure, now)
+                state.figure = figure
+                amount = 1 if kind == "requests_per_minute" else tokens
+                level = state.refill(now)
                 fits = amount <= level
                 wait = (amount - level) * 60.0 / figure.limit
             else:
-                windowId, ends = windowOf(kind, now)
+                windowId, ends = self._windowOf(kind, now)
                 key = (figure.counter, kind, windowId)
-                window = self._windows.get(key)
-                if window is None:
-                    window = self._windows[key] = _Window(figure, ends)
-                window.figure = figure
-                fits = window.used + window.reserved + amount <= figure.limit
+                state = self._windows.get(key)
+                if state is None:
+                    state = self._windows[key] = _Window(figure, ends)
+                state.figure = figure
+                amount = nanoUsd if shape == _USD else tokens
+                fits = state.used + state.reserved + amount <= figure.limit
                 wait = ends - now
             if not fits and refused is None:
                 refused, retryAfter = figure, wait
-            plan.append((figure, key, amount))
+            plan.append((shape, state, amount))
         if refused is not None:
-            return Decision(False, refused, retryAfter, tuple(self._stateOf(key, now) for _, key, _ in plan))
-        parts: list[_Part] = []
-        for figure, key, amount in plan:
-            kind = figure.kind
-            if kind == "concurrent":
-                self._leases[key].held[requestId] = now + leaseSeconds
-                parts.append((key, 0))
-            elif kind.endswith("_minute"):
-                self._buckets[key].level -= amount
-                parts.append((key, amount))
+            return Decision(False, refused, retryAfter, tuple(self._stateNow(shape, state, now) for shape, state, _ in plan))
+        for shape, state, amount in plan:
+            if shape == _LEASE:
+                state.take(requestId, now + leaseSeconds)
+            elif shape == _BUCKET:
+                state.level -= amount
             else:
-                self._windows[key].reserved += amount
-                parts.append((key, amount))
-            states.append(self._stateOf(key, now))
-        self._reservations[requestId] = parts
-        return Decision(True, None, None, tuple(states))
+                state.reserved += amount
+        self._reservations[requestId] = plan
+        return _ADMITTED
+
+    def _windowOf(self, kind: str, now: float) -> tuple[str, float]:
+        """L{windowOf}, remembered until the window ends (one datetime per day, not per call)."""
+        period = kind[kind.rindex("_") + 1 :]
+        cached = self._windowCache.get(period)
+        if cached is None or not cached[0] <= now < cached[2]:
+            windowId, ends = windowOf(kind, now)
+            cached = self._windowCache[period] = (now, windowId, ends)  # valid from now until it ends
+        return cached[1], cached[2]
+
+    def _stateNow(self, shape: int, state: Any, now: float) -> FigureState:
+        if shape == _LEASE:
+            return state.state(now)  # type: ignore[no-any-return]
+        if shape == _BUCKET:
+            return state.state()  # type: ignore[no-any-return]
+        return state.state(now)  # type: ignore[no-any-return]
 
     def _stateOf(self, key: tuple[str, ...], now: float) -> FigureState:
         if key in self._leases:
@@ -173,36 +213,30 @@ class MemoryStore:
         return self._windows[key].state(now)
 
     def settle(self, settlement: Settlement) -> None:
-        parts = self._reservations.pop(settlement.requestId, None)
-        if parts is None:
+        plan = self._reservations.pop(settlement.requestId, None)
+        if plan is None:
             return  # settled already, or never admitted here
         now = self._now()
-        for key, reserved in parts:
-            kind = key[1]
-            if kind == "concurrent":
-                leases = self._leases.get(key)
-                if leases is not None:
-                    leases.held.pop(settlement.requestId, None)
+        for shape, state, reserved in plan:
+            if shape == _LEASE:
+                state.release(settlement.requestId)
                 continue
+            kind = state.figure.kind
             actual = _actual(kind, reserved, settlement)
-            if kind.endswith("_minute"):
-                bucket = self._buckets.get(key)
-                if bucket is not None and kind == "tokens_per_minute":
-                    bucket.refill(now)
-                    bucket.level = min(float(bucket.figure.limit), bucket.level + reserved - actual)
+            if shape == _BUCKET:
+                if kind == "tokens_per_minute" and actual != reserved:
+                    state.refill(now)
+                    state.level = min(float(state.figure.limit), state.level + reserved - actual)
             else:
-                window = self._windows.get(key)
-                if window is not None:
-                    window.reserved -= reserved
-                    window.used += actual
+                state.reserved -= reserved
+                state.used += actual
 
     def renew(self, requestIds: Sequence[str], leaseSeconds: float) -> None:
         expiry = self._now() + leaseSeconds
         for requestId in requestIds:
-            for key, _ in self._reservations.get(requestId, ()):
-                leases = self._leases.get(key) if key[1] == "concurrent" else None
-                if leases is not None and requestId in leases.held:
-                    leases.held[requestId] = expiry
+            for shape, state, _ in self._reservations.get(requestId, ()):
+                if shape == _LEASE and requestId in state.held:
+                    state.take(requestId, expiry)
 
     def prune(self) -> int:
         """

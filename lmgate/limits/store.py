@@ -128,8 +128,10 @@ class Decision:
     @ivar refusedBy: the first figure (in the order given) that refused, or None.
     @ivar retryAfter: seconds after which the refusing figure could admit this
         call, if nothing else changes (None when unknown, e.g. concurrency).
-    @ivar states: each figure's state after the admission (or, refused,
-        as it stood), in the order given.
+    @ivar states: refused: each figure's state as it stood, in the order
+        given (for the refusal's C{x-ratelimit-*} headers). Admitted: each
+        figure's state after the admission, or empty (the memory store does not
+        compute states no one reads).
     """
 
     admitted: bool
