@@ -228,6 +228,20 @@ def limiterFor(settings: Settings, reactor: Any, gateway: Gateway, metrics: Metr
     return LimitsService(limiter, reactor)
 
 
+def policyFor(settings: Settings, reactor: Any, gateway: Gateway) -> None:
+    """
+    The policy's rules and plugins (C{policy:}) on the gateway; the plugins
+    are made now.
+
+    @raise ConfigError: a plugin cannot be imported, made, or does not provide
+        L{lmgate.policy.interfaces.IPolicy}.
+    """
+    from lmgate.policy.engine import Policy, loadPlugins
+
+    plugins = loadPlugins(settings.source, settings.policy)
+    gateway.policy = Policy(settings.policy, plugins, settings.usageLimits.bytesPerToken, reactor, gateway.rateLog)
+
+
 def cooperatorFor(reactor: Any) -> Cooperator:
     """
     The cooperator that sends large request bodies upstream, scheduled on
@@ -370,6 +384,7 @@ def buildService(
     metrics = metricsFor(settings, usageLog, allowList)
     gateway = gatewayFor(settings, reactor, allowList, upstream, usageLog, metrics)
     limits = limiterFor(settings, reactor, gateway, metrics)
+    policyFor(settings, reactor, gateway)
     health = healthFor(settings, reactor, gateway)
     if metrics is not None:
         metrics.upstreamHealth = lambda: ({name: state.healthy for name, state in health.states().items()}, health.failures)

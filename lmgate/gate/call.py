@@ -416,5 +416,7 @@ class ProxiedCall:
             )
         )
         gateway.sink.write(record)
+        if gateway.policy is not None and gateway.policy.plugins:
+            gateway.policy.observe(record)
         if context.reservation is not None and gateway.limiter is not None:
             gateway.limiter.settle(context, record.total_tokens, record.cost_usd, relaying is not None)

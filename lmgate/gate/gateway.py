@@ -46,6 +46,7 @@ from lmgate.relay.headers import upstreamRequestHeaders
 from lmgate.interfaces import IKeyCheck, IUsageSink
 from lmgate.gate.providers import Provider
 from lmgate.limits.limiter import Limiter
+from lmgate.policy.engine import Policy
 from lmgate.ops.ratelog import RateLimitedLog
 from lmgate.relay.upstream import BytesProducer, Upstream
 
@@ -113,6 +114,8 @@ class Gateway:
         self.unified = Provider(ProviderSettings("v1", "http://unified.invalid", "openai"))
         #: Usage limits (C{usage_limits:}), or None: none configured.
         self.limiter: Limiter | None = None
+        #: The policy's rules and plugins (C{policy:}), or None: none configured.
+        self.policy: Policy | None = None
         self.pipeline = defaultPipeline(self)
 
     def setAliases(self, aliases: Mapping[str, Alias], fallback: FallbackSettings) -> None:

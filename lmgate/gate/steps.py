@@ -19,6 +19,7 @@ from lmgate.access.credentials import CredentialError, extractCredential, maskKe
 
 from lmgate.gate.admission import CallContext, IAdmissionStep, Pipeline, Refusal, Verdict
 from lmgate.gate.routing import RouteError, splitTarget
+from lmgate.policy.step import PolicyStep
 from lmgate.governance.aliases import (
     FoundModel,
     Target,
@@ -284,5 +285,5 @@ def defaultPipeline(gateway: Gateway) -> Pipeline:
     """
     return Pipeline(
         atHeaders=[Route(gateway), Draining(gateway), Authenticate(gateway), NoConnect()],
-        atBody=[ResolveAlias(gateway), Limit(gateway)],
+        atBody=[ResolveAlias(gateway), PolicyStep(gateway), Limit(gateway)],
     )

@@ -1,0 +1,380 @@
+"""
+The policy as the gateway applies it: the configured rules, compiled, then
+the plugins, deciding on every admitted call (L{Policy.admit}, run by the
+admission step L{lmgate.policy.step.PolicyStep}), and the plugins shown each
+record (L{Policy.observe}).
+
+Rules are tried in order; each matching rule adds its name to the call's
+C{policy} and its tags to its C{tags}, and may mark it audited; the first
+rule that refuses ends the evaluation (the refusing rule is the last name in
+C{policy}). Plugins run after the rules (only when no rule refused), in
+order; one that fails or misses C{policy.plugin_timeout} refuses the call 503.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+
+from lmgate.gate.admission import Refusal, Verdict
+from lmgate.limits.limiter import outputCap
+from lmgate.policy.interfaces import IPolicy, PolicyCall, PolicyDecision
+from lmgate.policy.settings import PolicyRule, PolicySettings
+from lmgate.usage.model import requestModel
+
+if TYPE_CHECKING:
+    from lmgate.gate.admission import CallContext
+    from lmgate.ops.ratelog import RateLimitedLog
+
+log = Logger()
+
+#: The record's C{error} for every refusal by a rule or a plugin's decision.
+POLICY_DENIED = "policy_denied"
+#: The record's C{error} for a call refused because a plugin failed or timed out.
+POLICY_ERROR = "policy_error"
+#: Methods that may name no model under an C{allow_models} rule: they send no prompt.
+MODEL_FREE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+
+
+@dataclass(frozen=True)
+class LoadedPlugin:
+    """A plugin made at start-up: its name (the factory, as configured) and the object providing L{IPolicy}."""
+
+    name: str
+    plugin: IPolicy
+
+
+class _Facts:
+    """What the rules and plugins see of one call; the body's JSON parsed once, when a rule needs it."""
+
+    __slots__ = ("key", "owner", "provider", "method", "path", "alias", "_context", "_format", "_document", "_model", "_parsed")
+
+    def __init__(self, context: CallContext, format: str, key: str, owner: str, provider: str) -> None:
+        self._context, self._format = context, format
+        self.key, self.owner, self.provider = key, owner, provider
+        self.method = context.method.decode("latin-1").upper()
+        self.path = context.rest.decode("latin-1")
+        self.alias = context.alias
+        self._parsed = False
+        self._document: Any = None
+        self._model: str | None = None
+
+    @property
+    def document(self) -> Any:
+        """The body's JSON document, or None (no body, spooled, not JSON)."""
+        if not self._parsed:
+            self._parsed = True
+            body = self._context.body
+            if body and body.lstrip()[:1] == b"{":
+                try:
+                    self._document = json.loads(body)
+                except ValueError:
+                    self._document = None
+            if self._context.alias is not None:
+                self._model = self._context.alias
+            else:
+                document = self._document
+                named = document.get("model") if isinstance(document, dict) else None
+                self._model = named if isinstance(named, str) else requestModel(self._format, self._context.rest, None)
+        return self._document
+
+    @property
+    def parsed(self) -> bool:
+        """Whether a rule needed the body (and the model) already."""
+        return self._parsed
+
+    @property
+    def model(self) -> str | None:
+        """The model the client asked for: the alias it used, else its body's (or URL's) model."""
+        self.document
+        return self._model
+
+
+class _Rule:
+    """A rule, compiled: its match as a list of tests."""
+
+    __slots__ = ("rule", "name", "_tests")
+
+    def __init__(self, rule: PolicyRule) -> None:
+        self.rule, self.name = rule, rule.name
+        tests: list[tuple[str, tuple[str, ...], bool]] = []
+        match = rule.match
+        for field in ("key", "owner", "provider", "method", "alias", "path", "model"):
+            wanted = getattr(match, field)
+            if wanted is not None:
+                tests.append((field, wanted, field in ("path", "model")))
+        self._tests = tests
+
+    def matches(self, facts: _Facts) -> bool:
+        for field, wanted, glob in self._tests:
+            value: str | None = getattr(facts, field)
+            if value is None:
+                return False
+            if glob:
+                if not any(fnmatchcase(value, pattern) for pattern in wanted):
+                    return False
+            elif value not in wanted:
+                return False
+        return True
+
+
+def _why(reason: Failure) -> str:
+    """One line saying what a plugin raised."""
+    return f"{getattr(reason.type, '__name__', 'Exception')}: {reason.getErrorMessage()}"
+
+
+def _denied(rule: str, message: str) -> Refusal:
+    return Refusal("policy_denied", f"Refused by the gateway's policy rule `{rule}`: {message}", POLICY_DENIED, rule)
+
+
+def _exceeded(rule: str, message: str) -> Refusal:
+    return Refusal("policy_exceeded", f"Refused by the gateway's policy rule `{rule}`: {message}", POLICY_DENIED, rule)
+
+
+class Policy:
+    """
+    The rules and plugins in effect (replaced whole on reload).
+
+    @ivar settings: the C{policy:} section the rules come from.
+    @ivar plugins: the loaded plugins, in order.
+    """
+
+    def __init__(
+        self,
+        settings: PolicySettings,
+        plugins: Sequence[LoadedPlugin],
+        bytesPerToken: float,
+        clock: IReactorTime,
+        rateLog: RateLimitedLog,
+    ) -> None:
+        self.settings, self.plugins = settings, tuple(plugins)
+        self._rules = tuple(_Rule(rule) for rule in settings.rules)
+        self._bytesPerToken, self._clock, self._rateLog = bytesPerToken, clock, rateLog
+        self.active = bool(self._rules or self.plugins)
+
+    # -- deciding --------------------------------------------------------------
+
+    def admit(self, context: CallContext) -> Verdict:
+        """Apply the rules, then the plugins, to an admitted call; fill its C{policy}, C{tags}, C{audit}."""
+        entry, provider = context.entry, context.provider
+        if entry is None or provider is None:
+            return None
+        facts = _Facts(context, provider.format, entry.id, entry.owner, provider.name)
+        for rule in self._rules:
+            if not rule.matches(facts):
+                continue
+            self._note(context, rule.name, rule.rule.tags, rule.rule.audit)
+            refusal = self._check(rule.rule, facts, context)
+            if refusal is not None:
+                return refusal
+        if facts.parsed and context.requestedModel is None and context.alias is None:
+            context.requestedModel = facts.model  # the record and the limits read it: parsed once
+        if not self.plugins:
+            return None
+        return self._runPlugins(self._view(context, facts), context, 0)
+
+    @staticmethod
+    def _note(context: CallContext, name: str, tags: Sequence[str], audit: bool) -> None:
+        context.policy = context.policy + (name,)
+        if tags:
+            have = context.tags
+            context.tags = have + tuple(t for i, t in enumerate(tags) if t not in have and t not in tags[:i])
+        if audit:
+            context.audit = True
+
+    def _check(self, rule: PolicyRule, facts: _Facts, context: CallContext) -> Refusal | None:
+        """The refusal a matching rule gives the call, or None."""
+        if rule.deny is not None:
+            return _denied(rule.name, rule.deny)
+        if rule.allowModels is not None:
+            model = facts.model
+            if model is None:
+                if facts.method not in MODEL_FREE_METHODS:
+                    if context.body is None and context.bodySize:
+                        why = "the request body is too large for LMGate to read the model it names, and this key may use only some models."
+                    else:
+                        why = "the request names no model, and this key may use only some models."
+                    return _denied(rule.name, why)
+            elif not any(fnmatchcase(model, pattern) for pattern in rule.allowModels):
+                return _denied(rule.name, f"the model `{model}` is not allowed for this key.")
+        if rule.maxInputTokens is not None:
+            estimate = math.ceil(context.bodySize / self._bytesPerToken)
+            if estimate > rule.maxInputTokens:
+                return _exceeded(
+                    rule.name,
+                    f"the request's input (about {estimate} tokens, its body's {context.bodySize} bytes / "
+                    f"{self._bytesPerToken:g}) is over the {rule.maxInputTokens} allowed.",
+                )
+        if rule.maxOutputTokens is not None:
+            if context.body is None and context.bodySize:
+                return _exceeded(rule.name, "the request body is too large for LMGate to read its output cap.")
+            asked = outputCap(facts.document, 0)
+            if asked > rule.maxOutputTokens:
+                return _exceeded(rule.name, f"the request asks for up to {asked} output tokens; at most {rule.maxOutputTokens} are allowed.")
+        return None
+
+    def _view(self, context: CallContext, facts: _Facts) -> PolicyCall:
+        """The read-only view plugins are shown: credentials removed from the headers."""
+        from lmgate.access.credentials import removeCredentials
+
+        headers = Headers()
+        for name, values in context.headers.getAllRawHeaders():
+            headers.setRawHeaders(name, list(values))
+        removeCredentials(headers)
+        return PolicyCall(
+            keyId=facts.key,
+            owner=facts.owner,
+            provider=facts.provider,
+            method=facts.method,
+            path=facts.path,
+            model=facts.model,
+            alias=facts.alias,
+            headers=tuple(
+                (name.decode("latin-1").lower(), value.decode("latin-1"))
+                for name, values in headers.getAllRawHeaders()
+                for value in values
+            ),
+            body=context.body,
+            bodySize=context.bodySize,
+            requestId=context.requestId,
+        )
+
+    def _runPlugins(self, call: PolicyCall, context: CallContext, start: int) -> Verdict:
+        """Ask the plugins from C{start} on, in order, until one refuses or waits."""
+        for index in range(start, len(self.plugins)):
+            loaded = self.plugins[index]
+            try:
+                answer = loaded.plugin.decide(call)
+            except Exception:
+                return self._failed(Failure(), loaded)
+            if isinstance(answer, Deferred):
+                waiting: Deferred[Any] = answer
+                waiting.addTimeout(self.settings.pluginTimeout, self._clock)
+                waiting.addCallback(self._decided, loaded, context)
+                waiting.addCallback(self._afterWait, call, context, index + 1)
+                waiting.addErrback(self._waitFailed, loaded)
+                if waiting.called:  # it had answered already (succeed(...)): no wait, as for a plain answer
+                    now: list[Any] = []
+                    waiting.addBoth(now.append)
+                    if now:
+                        return now[0]  # type: ignore[no-any-return]
+                return waiting
+            try:
+                refusal = self._decided(answer, loaded, context)
+            except Exception:
+                return self._failed(Failure(), loaded)
+            if refusal is not None:
+                return refusal
+        return None
+
+    def _afterWait(self, refusal: Refusal | None, call: PolicyCall, context: CallContext, following: int) -> Verdict:
+        if refusal is not None:
+            return refusal
+        return self._runPlugins(call, context, following)
+
+    def _decided(self, answer: Any, loaded: LoadedPlugin, context: CallContext) -> Refusal | None:
+        """Apply a plugin's decision to the call. @raise TypeError: the plugin answered something else."""
+        if answer is None:
+            return None
+        if not isinstance(answer, PolicyDecision):
+            raise TypeError(f"decide() returned {answer!r}, not a PolicyDecision or None")
+        if answer.audit or answer.tags or not answer.allow:
+            self._note(context, loaded.name, answer.tags, answer.audit)
+        if answer.allow:
+            return None
+        make = _denied if answer.status == 403 else _exceeded
+        return make(loaded.name, answer.message)
+
+    def _waitFailed(self, reason: Failure, loaded: LoadedPlugin) -> Refusal | Failure:
+        if reason.check(CancelledError):
+            return reason  # the client left (or the drain ended): the call records that
+        return self._failed(reason, loaded)
+
+    def _failed(self, reason: Failure, loaded: LoadedPlugin) -> Refusal:
+        """A plugin raised, failed or timed out: refuse the call 503 (fail closed), with a rate-limited log line."""
+        if reason.check(TimeoutError):
+            why = f"no decision within {self.settings.pluginTimeout:g}s"
+        else:
+            why = _why(reason)
+        self._rateLog.info("policy plugin failures", "Policy plugin {plugin} failed: {why}", plugin=loaded.name, why=why)
+        return Refusal(
+            "policy_unavailable",
+            f"The gateway's policy could not decide on this request (plugin `{loaded.name}` failed); it was not relayed.",
+            POLICY_ERROR,
+            loaded.name,
+        )
+
+    # -- after the record --------------------------------------------------------
+
+    def observe(self, record: Any) -> None:
+        """Show each plugin the record; what a plugin raises is logged (rate-limited) and changes nothing."""
+        for loaded in self.plugins:
+            try:
+                observe: Any = loaded.plugin.observe
+                result = observe(record)
+            except Exception as e:
+                self._observeFailed(Failure(e), loaded)
+                continue
+            if isinstance(result, Deferred):
+                result.addErrback(self._observeFailed, loaded)
+
+    def _observeFailed(self, reason: Failure, loaded: LoadedPlugin) -> None:
+        self._rateLog.info(
+            "policy plugin failures",
+            "Policy plugin {plugin} failed to observe a record: {why}",
+            plugin=loaded.name,
+            why=_why(reason),
+        )
+
+
+def loadPlugins(source: str, settings: PolicySettings, importer: Callable[[str], Any] | None = None) -> tuple[LoadedPlugin, ...]:
+    """
+    Make the configured plugins: import C{module}, find C{attribute}, call it
+    with the entry's options, check the result provides L{IPolicy}.
+
+    @param source: the configuration file, named in the error.
+    @raise ConfigError: naming the file, C{policy.plugins[i].factory} and what is wrong.
+    """
+    import importlib
+
+    from zope.interface.exceptions import Invalid
+    from zope.interface.verify import verifyObject
+
+    from lmgate.errors import ConfigError
+
+    load = importer or importlib.import_module
+    plugins = []
+    for index, entry in enumerate(settings.plugins):
+        where = f"policy.plugins[{index}].factory"
+        moduleName, _, attribute = entry.factory.partition(":")
+        try:
+            target: Any = load(moduleName)
+        except Exception as e:
+            raise ConfigError(source, where, f"cannot import {moduleName!r} ({type(e).__name__}: {e})") from None
+        for part in attribute.split("."):
+            try:
+                target = getattr(target, part)
+            except AttributeError:
+                raise ConfigError(source, where, f"{moduleName!r} has no attribute {attribute!r}") from None
+        if not callable(target):
+            raise ConfigError(source, where, f"{entry.factory!r} is not callable")
+        try:
+            plugin = target(**entry.options)
+        except Exception as e:
+            raise ConfigError(source, where, f"{entry.factory!r} failed with its options ({type(e).__name__}: {e})") from None
+        try:
+            verifyObject(IPolicy, plugin)
+        except Invalid as e:
+            problem = " ".join(str(e).split())
+            raise ConfigError(source, where, f"{entry.factory!r} made an object that does not provide IPolicy ({problem})") from None
+        plugins.append(LoadedPlugin(entry.factory, plugin))
+    return tuple(plugins)
