@@ -147,11 +147,25 @@ class PolicyDaemonTests(TestCase):
 
         await waitFor(reloaded, "the reload")
         self.assertEqual(await inThread(self.chat, "gpt-4o"), "hi")
+
+        with open(daemon.configPath, "w") as f:  # a rule that does nothing: the file is refused, the rules stay
+            f.write(self.config(policy.replace("{name: out-cap, max_output_tokens: 100}", "{name: out-cap}")))
+        daemon.signal("HUP")
+
+        def refused() -> bool:
+            with open(self.logPath, "rb") as f:
+                return b"Keeping the running configuration" in f.read()
+
+        await waitFor(refused, "the refused reload")
+        with open(self.logPath, "rb") as f:
+            self.assertIn(b"policy.rules[1]: rule 'out-cap' does nothing", f.read())
+        kept = await inThread(self.chat, "gpt-3.5-turbo")
+        self.assertIsInstance(kept, openai.PermissionDeniedError)
         self.assertEqual(await daemon.stop(), 0)
         self.assertEqual(len(self.upstream.seen), 2)
 
         records = readRecords(self.statsPath)
-        self.assertEqual(len(records), 6)
+        self.assertEqual(len(records), 7)
         got = [(r["status"], r["error"], r["policy"], r["tags"], r["audited"]) for r in records]
         allowed = (200, None, ["small-models", "out-cap", "audit-all", "mycompany.lmgate_policies:HeaderGuard"], ["everyone", "checked"], True)
         self.assertEqual(
@@ -163,6 +177,7 @@ class PolicyDaemonTests(TestCase):
                 (403, "policy_denied", ["small-models", "out-cap", "audit-all", "lmgate.policy.plugins:RegexGuard"], ["everyone", "pii"], True),
                 (403, "policy_denied", ["small-models", "out-cap", "audit-all", "mycompany.lmgate_policies:HeaderGuard"], ["everyone"], True),
                 allowed,
+                (403, "policy_denied", ["small-models"], [], False),
             ],
         )
         with open(self.logPath, "rb") as f:
@@ -172,8 +187,15 @@ class PolicyDaemonTests(TestCase):
 
     async def test_badPluginStopsTheStart(self) -> None:
         """A plugin that is not an IPolicy: the start fails with one line naming the file, the field and the problem."""
+        await self.badPlugin()
+
+    async def test_badPluginStopsTheStartWithWorkers(self) -> None:
+        """With --workers the supervisor makes the plugins in the foreground too: the same one line, no worker started."""
+        await self.badPlugin("--workers", "2")
+
+    async def badPlugin(self, *extra: str) -> None:
         daemon = self.daemon('policy:\n  plugins:\n    - {factory: "mycompany.lmgate_policies:PolicyDecision"}\n')
-        daemon.start()
+        daemon.start(*extra)
         code = await daemon.watch.ended
         self.assertNotEqual(code, 0)
         output = daemon.watch.output.decode()

@@ -228,6 +228,18 @@ class RuleTests(Harness):
         self.send(b"GET /openai/v1/files HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer %s\r\n\r\n" % ALLOWED_KEY)
         self.assertEqual(len(self.upstream.sent), 1)
 
+    def test_spooledBody(self) -> None:
+        """A body over 1 MiB is not read: under C{allow_models} or C{max_output_tokens} it is refused (fail closed)."""
+        body = b'{"model": "gpt-4o-mini", "max_tokens": 5, "pad": "%s"}' % (b"a" * (1 << 20))
+        request = b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (ALLOWED_KEY, len(body), body)
+        self.usePolicy({"rules": [{"name": "small", "allow_models": ["gpt-4o-mini"]}]})
+        self.check("openai", request, 403, SHAPES["openai"][0], "too large for LMGate to read the model", "small")
+        self.usePolicy({"rules": [{"name": "out", "max_output_tokens": 100}]})
+        self.check("openai", request, 400, SHAPES["openai"][1], "too large for LMGate to read its output cap", "out")
+        self.usePolicy({"rules": [{"name": "tag", "tags": ["big"]}]})
+        self.send(request)
+        self.assertEqual(len(self.upstream.sent), 1)
+
     def test_maxInputTokens(self) -> None:
         """C{max_input_tokens}: ⌈body bytes ÷ bytes_per_token⌉ over it is refused 400 in every format."""
         for format in FORMATS:

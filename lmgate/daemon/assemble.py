@@ -135,6 +135,10 @@ def supervisorService(
     pricesFor(settings)
     trustRootFor(settings)
     credentialsFor(settings, reactor, None, announce=False)  # each worker reads them again, the first says so
+    if settings.policy.plugins:
+        from lmgate.policy.engine import loadPlugins
+
+        loadPlugins(settings.source, settings.policy)  # each worker makes its own
     accessPath = accessLogPath(settings)
     for index in range(1, workers + 1):
         checkStatsPath(workerStatsPath(settings.statsPath, index), settings.source, owner=owner)

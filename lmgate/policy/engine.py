@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from fnmatch import translate
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 
+from lmgate.access.credentials import CLIENT_CREDENTIAL_HEADERS
 from lmgate.gate.admission import Refusal, Verdict
 from lmgate.limits.limiter import outputCap
 from lmgate.policy.interfaces import IPolicy, PolicyCall, PolicyDecision
@@ -41,6 +42,8 @@ log = Logger()
 POLICY_DENIED = "policy_denied"
 #: The record's C{error} for a call refused because a plugin failed or timed out.
 POLICY_ERROR = "policy_error"
+#: The request headers that carry a client's credential, never shown to plugins (lower-case).
+_CREDENTIAL_HEADERS = frozenset(name.decode("ascii").lower() for name in CLIENT_CREDENTIAL_HEADERS)
 #: Methods that may name no model under an C{allow_models} rule: they send no prompt.
 MODEL_FREE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
@@ -54,9 +57,13 @@ class LoadedPlugin:
 
 
 class _Facts:
-    """What the rules and plugins see of one call; the body's JSON parsed once, when a rule needs it."""
+    """
+    What the rules and plugins see of one call, each worked out once: the
+    body's JSON (parsed when a rule first needs it), the model asked for, the
+    output cap, the input estimate.
+    """
 
-    __slots__ = ("key", "owner", "provider", "method", "path", "alias", "_context", "_format", "_document", "_model", "_parsed")
+    __slots__ = ("key", "owner", "provider", "method", "path", "alias", "_context", "_format", "_document", "_model", "_parsed", "_cap")
 
     def __init__(self, context: CallContext, format: str, key: str, owner: str, provider: str) -> None:
         self._context, self._format = context, format
@@ -67,25 +74,23 @@ class _Facts:
         self._parsed = False
         self._document: Any = None
         self._model: str | None = None
+        self._cap: int | None = None
 
-    @property
-    def document(self) -> Any:
-        """The body's JSON document, or None (no body, spooled, not JSON)."""
-        if not self._parsed:
-            self._parsed = True
-            body = self._context.body
-            if body and body.lstrip()[:1] == b"{":
-                try:
-                    self._document = json.loads(body)
-                except ValueError:
-                    self._document = None
-            if self._context.alias is not None:
-                self._model = self._context.alias
-            else:
-                document = self._document
-                named = document.get("model") if isinstance(document, dict) else None
-                self._model = named if isinstance(named, str) else requestModel(self._format, self._context.rest, None)
-        return self._document
+    def _parse(self) -> None:
+        self._parsed = True
+        context = self._context
+        body = context.body
+        if body and body.lstrip()[:1] == b"{":
+            try:
+                self._document = json.loads(body)
+            except ValueError:
+                self._document = None
+        if context.alias is not None:
+            self._model = context.alias
+        else:
+            document = self._document
+            named = document.get("model") if isinstance(document, dict) else None
+            self._model = named if isinstance(named, str) else requestModel(self._format, context.rest, None)
 
     @property
     def parsed(self) -> bool:
@@ -95,34 +100,50 @@ class _Facts:
     @property
     def model(self) -> str | None:
         """The model the client asked for: the alias it used, else its body's (or URL's) model."""
-        self.document
+        if not self._parsed:
+            self._parse()
         return self._model
+
+    @property
+    def outputCap(self) -> int:
+        """The output the request asks for (0 when it names no cap)."""
+        if self._cap is None:
+            if not self._parsed:
+                self._parse()
+            self._cap = outputCap(self._document, 0)
+        return self._cap
+
+
+def _globs(patterns: Sequence[str]) -> Callable[[str], Any]:
+    """One compiled test for several globs (case-sensitive): matches when any of them matches the whole value."""
+    return re.compile("|".join(f"(?:{translate(p)})" for p in patterns)).match
 
 
 class _Rule:
-    """A rule, compiled: its match as a list of tests."""
+    """A rule, compiled: its match as exact-value sets and glob regexes, its model list as one regex."""
 
-    __slots__ = ("rule", "name", "_tests")
+    __slots__ = ("rule", "name", "_exact", "_globs", "allowed", "tags")
 
     def __init__(self, rule: PolicyRule) -> None:
-        self.rule, self.name = rule, rule.name
-        tests: list[tuple[str, tuple[str, ...], bool]] = []
+        self.rule, self.name, self.tags = rule, rule.name, rule.tags
         match = rule.match
-        for field in ("key", "owner", "provider", "method", "alias", "path", "model"):
-            wanted = getattr(match, field)
-            if wanted is not None:
-                tests.append((field, wanted, field in ("path", "model")))
-        self._tests = tests
+        self._exact = tuple(
+            (field, frozenset(wanted))
+            for field in ("key", "owner", "provider", "method", "alias")
+            if (wanted := getattr(match, field)) is not None
+        )
+        self._globs = tuple(
+            (field, _globs(wanted)) for field in ("path", "model") if (wanted := getattr(match, field)) is not None
+        )
+        self.allowed = _globs(rule.allowModels) if rule.allowModels is not None else None
 
     def matches(self, facts: _Facts) -> bool:
-        for field, wanted, glob in self._tests:
-            value: str | None = getattr(facts, field)
-            if value is None:
+        for field, values in self._exact:
+            if getattr(facts, field) not in values:  # None is never in them
                 return False
-            if glob:
-                if not any(fnmatchcase(value, pattern) for pattern in wanted):
-                    return False
-            elif value not in wanted:
+        for field, test in self._globs:
+            value = getattr(facts, field)
+            if value is None or test(value) is None:
                 return False
         return True
 
@@ -169,13 +190,25 @@ class Policy:
         if entry is None or provider is None:
             return None
         facts = _Facts(context, provider.format, entry.id, entry.owner, provider.name)
+        names: list[str] = []
+        tags: list[str] = []
+        audit = False
+        refusal = None
         for rule in self._rules:
             if not rule.matches(facts):
                 continue
-            self._note(context, rule.name, rule.rule.tags, rule.rule.audit)
-            refusal = self._check(rule.rule, facts, context)
+            names.append(rule.name)
+            for tag in rule.tags:
+                if tag not in tags:
+                    tags.append(tag)
+            audit = audit or rule.rule.audit
+            refusal = self._check(rule, facts, context)
             if refusal is not None:
-                return refusal
+                break
+        if names:
+            self._note(context, names, tags, audit)
+        if refusal is not None:
+            return refusal
         if facts.parsed and context.requestedModel is None and context.alias is None:
             context.requestedModel = facts.model  # the record and the limits read it: parsed once
         if not self.plugins:
@@ -183,19 +216,23 @@ class Policy:
         return self._runPlugins(self._view(context, facts), context, 0)
 
     @staticmethod
-    def _note(context: CallContext, name: str, tags: Sequence[str], audit: bool) -> None:
-        context.policy = context.policy + (name,)
+    def _note(context: CallContext, names: Sequence[str], tags: Sequence[str], audit: bool) -> None:
+        """Add rule (or plugin) names, tags (each once) and the audit mark to the call."""
+        context.policy = context.policy + tuple(names)
         if tags:
             have = context.tags
-            context.tags = have + tuple(t for i, t in enumerate(tags) if t not in have and t not in tags[:i])
+            added = [t for t in tags if t not in have]
+            context.tags = have + tuple(t for i, t in enumerate(added) if t not in added[:i])
         if audit:
             context.audit = True
 
-    def _check(self, rule: PolicyRule, facts: _Facts, context: CallContext) -> Refusal | None:
+    def _check(self, compiled: _Rule, facts: _Facts, context: CallContext) -> Refusal | None:
         """The refusal a matching rule gives the call, or None."""
+        rule = compiled.rule
         if rule.deny is not None:
             return _denied(rule.name, rule.deny)
-        if rule.allowModels is not None:
+        allowed = compiled.allowed
+        if allowed is not None:
             model = facts.model
             if model is None:
                 if facts.method not in MODEL_FREE_METHODS:
@@ -204,7 +241,7 @@ class Policy:
                     else:
                         why = "the request names no model, and this key may use only some models."
                     return _denied(rule.name, why)
-            elif not any(fnmatchcase(model, pattern) for pattern in rule.allowModels):
+            elif allowed(model) is None:
                 return _denied(rule.name, f"the model `{model}` is not allowed for this key.")
         if rule.maxInputTokens is not None:
             estimate = math.ceil(context.bodySize / self._bytesPerToken)
@@ -217,19 +254,13 @@ class Policy:
         if rule.maxOutputTokens is not None:
             if context.body is None and context.bodySize:
                 return _exceeded(rule.name, "the request body is too large for LMGate to read its output cap.")
-            asked = outputCap(facts.document, 0)
+            asked = facts.outputCap
             if asked > rule.maxOutputTokens:
                 return _exceeded(rule.name, f"the request asks for up to {asked} output tokens; at most {rule.maxOutputTokens} are allowed.")
         return None
 
     def _view(self, context: CallContext, facts: _Facts) -> PolicyCall:
         """The read-only view plugins are shown: credentials removed from the headers."""
-        from lmgate.access.credentials import removeCredentials
-
-        headers = Headers()
-        for name, values in context.headers.getAllRawHeaders():
-            headers.setRawHeaders(name, list(values))
-        removeCredentials(headers)
         return PolicyCall(
             keyId=facts.key,
             owner=facts.owner,
@@ -239,8 +270,9 @@ class Policy:
             model=facts.model,
             alias=facts.alias,
             headers=tuple(
-                (name.decode("latin-1").lower(), value.decode("latin-1"))
-                for name, values in headers.getAllRawHeaders()
+                (lower, value.decode("latin-1"))
+                for name, values in context.headers.getAllRawHeaders()
+                if (lower := name.decode("latin-1").lower()) not in _CREDENTIAL_HEADERS
                 for value in values
             ),
             body=context.body,
@@ -288,7 +320,7 @@ class Policy:
         if not isinstance(answer, PolicyDecision):
             raise TypeError(f"decide() returned {answer!r}, not a PolicyDecision or None")
         if answer.audit or answer.tags or not answer.allow:
-            self._note(context, loaded.name, answer.tags, answer.audit)
+            self._note(context, (loaded.name,), answer.tags, answer.audit)
         if answer.allow:
             return None
         make = _denied if answer.status == 403 else _exceeded
