@@ -423,6 +423,17 @@ class PluginTests(Harness):
         self.send(call("openai"))
         self.assertEqual(len(self.upstream.sent), 1)
 
+    def test_firedThenWaiting(self) -> None:
+        """A plugin that answered at once, then one that waits and refuses: the refusal stands."""
+        waiting: Deferred[Any] = Deferred()
+        self.usePolicy(None, [Scripted(succeed(None)), Scripted(waiting)])
+        transport = self.send(call("openai"))
+        self.assertEqual(transport.value(), b"")
+        waiting.callback(PolicyDecision.deny("Later no."))
+        self.assertEqual(refusal(transport)[0], 403)
+        self.assertEqual(self.upstream.sent, [])
+        self.assertEqual([r.error for r in self.sink.records], ["policy_denied"])
+
     def test_timeout(self) -> None:
         """No decision within C{plugin_timeout} (on the gateway's clock): 503, and the plugin's wait is cancelled."""
         cancelled: list[bool] = []

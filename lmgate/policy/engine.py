@@ -294,11 +294,11 @@ class Policy:
                 waiting.addCallback(self._decided, loaded, context)
                 waiting.addCallback(self._afterWait, call, context, index + 1)
                 waiting.addErrback(self._waitFailed, loaded)
-                if waiting.called:  # it had answered already (succeed(...)): no wait, as for a plain answer
+                if waiting.called and not waiting.paused:
+                    # It had answered already (succeed(...)), and so had any plugin after it: no wait.
                     now: list[Any] = []
                     waiting.addBoth(now.append)
-                    if now:
-                        return now[0]  # type: ignore[no-any-return]
+                    return now[0]  # type: ignore[no-any-return]
                 return waiting
             try:
                 refusal = self._decided(answer, loaded, context)
