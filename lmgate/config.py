@@ -535,7 +535,7 @@ def _environmentKey(name: str) -> list[str] | None:
     elif path[0] == "policy":
         known = path[1:] in (["stream_usage"], ["plugin_timeout"])
     elif path[0] == "audit":
-        known = path[1:] in (["path"], ["max_body"])
+        known = path[1:] in (["path"], ["max_body"], ["backlog"])
     elif path[0] == "telemetry":
         known = path[1:] in (["otlp", "endpoint"], ["otlp", "service_name"])
     elif isinstance(spec, tuple):

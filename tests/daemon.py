@@ -158,8 +158,8 @@ class Daemon:
             self.watch, TWISTD, args, env=env, path=self.directory
         )
 
-    def start(self, *extra: str, logfile: str = "-") -> None:
-        args = [TWISTD, "-n", "--pidfile=", f"--logfile={logfile}", "lmgate", "--config", self.configPath, *extra]
+    def start(self, *extra: str, logfile: str = "-", pidfile: str = "") -> None:
+        args = [TWISTD, "-n", f"--pidfile={pidfile}", f"--logfile={logfile}", "lmgate", "--config", self.configPath, *extra]
         self._spawn(args, self.env)
 
     def startDemo(self, *extra: str) -> None:

@@ -283,6 +283,33 @@ class SelectorTests(SynchronousTestCase):
         """An ordered alias tries its targets as configured, without drawing a random number."""
         self.assertEqual(Selector().order(Alias("a", (A, B, C)), FixedRandom()), [A, B, C])
 
+    def test_noCooldownAskedWhileNoneIsCooling(self) -> None:
+        """The per-call path stays cheap: while no target is cooling down, the order is the strategy's
+        without asking the cooldown about each target, nor does a success touch its tables; once one
+        target cools down, every target is asked (and the cooling one goes last); its success ends that."""
+        asked: list[Target] = []
+        coolingDown = self.cooldown.coolingDown
+        self.patch(self.cooldown, "coolingDown", lambda target: asked.append(target) or coolingDown(target))
+        alias = Alias("a", (A, B, C))
+        self.assertEqual(self.selector.order(alias, FixedRandom()), [A, B, C])
+        self.cooldown.succeeded(A)
+        self.assertEqual((asked, self.cooldown.anyCoolingDown), ([], False))
+        self.cooldown.failed(A)
+        self.assertTrue(self.cooldown.anyCoolingDown)
+        self.assertEqual(self.selector.order(alias, FixedRandom()), [B, C, A])
+        self.assertEqual(set(asked), {A, B, C})
+        self.cooldown.succeeded(A)
+        self.assertFalse(self.cooldown.anyCoolingDown)
+
+    def test_narrowedKeepsAnAliasWhoseTargetsAllFit(self) -> None:
+        """Narrowing to a format every target speaks (each call on its native route) keeps the alias as
+        it is; otherwise only the targets of that format remain, in configuration order."""
+        alias = Alias("a", (A, B, C))
+        formats = {"openai": "openai", "gemini-openai": "openai", "azure": "openai"}
+        self.assertIs(alias.narrowed("openai", formats), alias)
+        self.assertEqual(alias.narrowed("openai", dict(formats, azure="anthropic")), Alias("a", (A, B)))
+        self.assertEqual(alias.narrowed("google", formats), Alias("a", ()))
+
     def test_weightedPicksByWeightThenHeaviestFirst(self) -> None:
         """The first target is drawn by weight; the rest follow heaviest first, ties in configuration order."""
         light, heavy, middle = Target("p", "light", 1), Target("p", "heavy", 6), Target("p", "middle", 3)

@@ -18,6 +18,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import Site
 
 from tests.daemon import LMGATE, TWISTD, Daemon, freePort, inThread, pause, portTaken, readRecords, waitFor
+from tests.secretscan import SECRET_SUFFIX
 
 PLAIN_KEY = "sk-plain-e2e-0000000000000000AbCd"
 HASHED_KEY = "sk-ant-hashed-e2e-111111111111WxYz"
@@ -278,7 +279,8 @@ _ = sys
 
 
 def makeCertificate(directory: str) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1, as PEM files (key, cert)."""
+    """A self-signed certificate for 127.0.0.1, as PEM files (key, cert); the key is a credential
+    source the test wrote (C{key.pem.secret}: the secret scan skips it)."""
     import datetime
     import ipaddress
 
@@ -302,7 +304,7 @@ def makeCertificate(directory: str) -> tuple[str, str]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    keyPath, certPath = os.path.join(directory, "key.pem"), os.path.join(directory, "cert.pem")
+    keyPath, certPath = os.path.join(directory, "key.pem" + SECRET_SUFFIX), os.path.join(directory, "cert.pem")
     with open(keyPath, "wb") as f:
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     with open(certPath, "wb") as f:

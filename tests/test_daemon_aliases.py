@@ -17,9 +17,10 @@ from twisted.web.server import Request, Site
 
 from tests.daemon import Daemon, daemonDirectory, freePort, inThread, readRecords, waitFor
 from tests.helpers import FakeUpstream, jsonAnswer, listenLocal
+from tests.secretscan import providerSecret
 
 CLIENT_KEY = "lmgate-app-key-0000000000000000Qq"
-PROVIDER_KEY = "sk-ant-provider-111111111111111Aa"
+PROVIDER_KEY = providerSecret("anthropic-111111111111111Aa")
 #: "model" is not first, appears inside the messages, and the body has odd spacing: only the top-level value changes.
 ALIASED = (
     b'{"max_tokens": 5,  "messages": [{"role": "user", "content": "model: \\"fast-claude\\"", "model": "x"}],\n'

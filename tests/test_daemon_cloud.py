@@ -21,13 +21,14 @@ from twisted.web.server import Request, Site
 from lmgate.stub.server import makeStubResource
 from tests.daemon import Daemon, daemonDirectory, freePort, inThread, readRecords
 from tests.helpers import FakeUpstream, listenLocal
+from tests.secretscan import SECRET_SUFFIX, providerSecret
 from tests.sigv4check import checkSignature
 from tests.test_daemon import makeCertificate
-from tests.test_vertex import ACCOUNT, FakeTokenEndpoint, throwawayKey
+from tests.test_vertex import ACCOUNT, FakeTokenEndpoint, issuedToken, throwawayKey
 
 CLIENT_KEY = "lmgate-app-key-cloud-000000000000Zz"
 ACCESS_KEY = "AKIDLMGATEDAEMON0001"
-SECRET_KEY = "lmgate-daemon-test-secret/0123456789abcdEF"
+SECRET_KEY = providerSecret("aws-daemon/0123456789abcdEF")
 MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
 
 #: Variables that could lead botocore (in the daemon) to credentials other than the test's.
@@ -249,7 +250,7 @@ class CloudDaemonTests(TestCase):
             "client_id": "1",
             "token_uri": tokenURI,
         }
-        path = os.path.join(self.directory, "sa.json")
+        path = os.path.join(self.directory, "sa.json" + SECRET_SUFFIX)  # a credential source: the secret scan skips it
         with open(path, "w") as f:
             json.dump(info, f)
         return path
@@ -293,9 +294,9 @@ class CloudDaemonTests(TestCase):
         self.assertTrue(streamed.startswith(b"data: "), streamed)
         self.assertEqual(await daemon.stop(), 0)
 
-        self.assertEqual(endpoint.issued, ["test-token-1"])
+        self.assertEqual(endpoint.issued, [issuedToken(1)])
         self.assertEqual(endpoint.grants[0]["iss"], ACCOUNT)
-        self.assertEqual([seen.headers.getRawHeaders(b"authorization") for seen in self.upstream.seen], [[b"Bearer test-token-1"]] * 2)
+        self.assertEqual([seen.headers.getRawHeaders(b"authorization") for seen in self.upstream.seen], [[b"Bearer " + issuedToken(1).encode()]] * 2)
         self.assertEqual(self.upstream.seen[1].uri, path.removeprefix("/google").encode() + b":streamGenerateContent?alt=sse")
         self.assertClientKeyNeverSent()
         records = readRecords(self.statsPath)
@@ -304,7 +305,7 @@ class CloudDaemonTests(TestCase):
         self.assertEqual(records[0]["output_tokens"], json.loads(plain)["usageMetadata"]["candidatesTokenCount"])
         self.assertGreater(records[1]["output_tokens"], 0)
         with open(self.logPath, "rb") as f:
-            self.assertNotIn(b"test-token-1", f.read())
+            self.assertNotIn(issuedToken(1).encode(), f.read())
 
     async def test_vertexAccountFileMissing(self) -> None:
         """A service account file that does not exist: C{missing: refuse} stops the start with one line naming

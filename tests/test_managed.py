@@ -27,8 +27,9 @@ from lmgate.governance.managed import MANAGED, STUB, CredentialParts, ProviderCr
 from lmgate.governance.sigv4 import SigV4Credential
 from lmgate.records.record import RECORD_FIELDS
 from tests.helpers import ALLOWED_KEY, FakeUpstream, call, clientAgent, jsonAnswer, startGateway
+from tests.secretscan import SECRET_SUFFIX, providerSecret
 
-MANAGED_KEY = "sk-managed-provider-key-0123456789"
+MANAGED_KEY = providerSecret("managed-0123456789")
 CHAT = "/v1/chat/completions"
 
 
@@ -182,28 +183,28 @@ class StaticKeyTests(SynchronousTestCase):
 
     def test_fileKeyReloadSwaps(self) -> None:
         """The file's first line is the key; read again, the next request gets the new one; reprs never show it."""
-        path = self.mktemp()
+        path = self.mktemp() + SECRET_SUFFIX  # a credential source: the secret scan skips it
         with open(path, "w") as f:
-            f.write("first-key-aaaaaaaaaaaa\nsecond line ignored\n")
+            f.write(providerSecret("first-key") + "\nsecond line ignored\n")
         credential = StaticKeyCredential(FileKey(path), "x-api-key", None)
         credential.reload()
         request = self.outgoing()
         credential.apply(request)
-        self.assertEqual(request.headers.getRawHeaders(b"x-api-key"), [b"first-key-aaaaaaaaaaaa"])
+        self.assertEqual(request.headers.getRawHeaders(b"x-api-key"), [providerSecret("first-key").encode()])
         with open(path, "w") as f:
-            f.write("rotated-key-bbbbbbbbbbb\n")
+            f.write(providerSecret("rotated-key") + "\n")
         credential.reload()
         request = self.outgoing()
         credential.apply(request)
-        self.assertEqual(request.headers.getRawHeaders(b"x-api-key"), [b"rotated-key-bbbbbbbbbbb"])
+        self.assertEqual(request.headers.getRawHeaders(b"x-api-key"), [providerSecret("rotated-key").encode()])
         self.assertNotIn("rotated", repr(credential))
         self.assertIn(path, repr(credential))
 
     def test_missingKeepsThePreviousKey(self) -> None:
         """A file gone on reload raises L{CredentialUnavailable} naming the file, never the key; the old key stays."""
-        path = self.mktemp()
+        path = self.mktemp() + SECRET_SUFFIX  # a credential source: the secret scan skips it
         with open(path, "w") as f:
-            f.write("kept-key-cccccccccccc\n")
+            f.write(providerSecret("kept-key") + "\n")
         credential = StaticKeyCredential(FileKey(path), "api-key", None)
         credential.reload()
         os.remove(path)
@@ -212,7 +213,7 @@ class StaticKeyTests(SynchronousTestCase):
         self.assertNotIn("kept-key", str(e))
         request = self.outgoing()
         credential.apply(request)
-        self.assertEqual(request.headers.getRawHeaders(b"api-key"), [b"kept-key-cccccccccccc"])
+        self.assertEqual(request.headers.getRawHeaders(b"api-key"), [providerSecret("kept-key").encode()])
 
     def test_neverReadIsUnavailable(self) -> None:
         """An unset variable: the credential cannot be applied; an unsafe key is refused without being shown."""
@@ -279,7 +280,7 @@ class WaitingCredential:
 
         d: Deferred[None] = Deferred(cancel)
         self.waits.append(d)
-        d.addCallback(lambda _: request.headers.setRawHeaders(b"authorization", [b"Bearer fresh-token"]))
+        d.addCallback(lambda _: request.headers.setRawHeaders(b"authorization", [b"Bearer " + providerSecret("refreshed-token").encode()]))
         return d
 
     def startRefreshing(self) -> None:
@@ -426,7 +427,7 @@ class ManagedRelayTests(TestCase):
         credential.waits[0].callback(None)
         response, body, _ = await pending
         self.assertEqual(response.code, 200)
-        self.assertEqual(gate.upstream.seen[0].headers.getRawHeaders(b"authorization"), [b"Bearer fresh-token"])
+        self.assertEqual(gate.upstream.seen[0].headers.getRawHeaders(b"authorization"), [b"Bearer " + providerSecret("refreshed-token").encode()])
         [record] = await gate.sink.waitFor(1)
         self.assertEqual((record.auth, record.attempts, record.error), ("managed", 1, None))
 
@@ -500,7 +501,7 @@ class ProviderCredentialsTests(SynchronousTestCase):
         one line naming the route when it finds none; C{credentials.google} names a service account file it
         cannot read."""
         bedrock = self.settings({"aws": {}}, "bedrock", "https://bedrock-runtime.eu-west-3.amazonaws.com")
-        self.awsEnvironment(AWS_ACCESS_KEY_ID="AKIDTEST", AWS_SECRET_ACCESS_KEY="secret-for-tests")
+        self.awsEnvironment(AWS_ACCESS_KEY_ID="AKIDTEST", AWS_SECRET_ACCESS_KEY=providerSecret("aws-secret"))
         from tests.test_sigv4 import FakePool, FakeReactor
 
         service = ProviderCredentials(CredentialParts("etc/lmgate.yaml", FakeReactor(), FakePool()), lambda: "http://127.0.0.1:7")
@@ -509,7 +510,7 @@ class ProviderCredentialsTests(SynchronousTestCase):
         assert route is not None
         self.assertIsInstance(route.credential, SigV4Credential)
         self.assertEqual((route.mode, route.credential.region), (MANAGED, "eu-west-3"))  # type: ignore[union-attr]
-        self.assertNotIn("secret-for-tests", repr(route.credential))
+        self.assertNotIn(providerSecret("aws-secret"), repr(route.credential))
 
         self.awsEnvironment()
         e = self.assertRaises(ConfigError, self.service().configure, bedrock)
@@ -527,7 +528,7 @@ class ProviderCredentialsTests(SynchronousTestCase):
         built: list[Any] = []
 
         def factory(provider: Any, parts: Any) -> Any:
-            built.append(StaticKeyCredential(EnvironmentKey("K", {"K": "key-aaaaaaaaaaaaaaaa"}), "Authorization", "Bearer"))
+            built.append(StaticKeyCredential(EnvironmentKey("K", {"K": providerSecret("key-a")}), "Authorization", "Bearer"))
             built[-1].reload()
             return built[-1]
 
@@ -558,9 +559,9 @@ class ProviderCredentialsTests(SynchronousTestCase):
     def test_reload(self) -> None:
         """SIGHUP: a rotated file is used from the next call; a vanished one keeps the previous key (refuse),
         or sends a C{missing: stub} route to the stub, and back once the file is there again."""
-        path = self.mktemp()
+        path = self.mktemp() + SECRET_SUFFIX  # a credential source: the secret scan skips it
         with open(path, "w") as f:
-            f.write("key-one-aaaaaaaaaaaaa\n")
+            f.write(providerSecret("key-one") + "\n")
         settings = self.settings({"file": path})
         service = self.service()
         service.configure(settings)
@@ -573,22 +574,22 @@ class ProviderCredentialsTests(SynchronousTestCase):
             return list(request.headers.getRawHeaders(b"authorization", []))
 
         with open(path, "w") as f:
-            f.write("key-two-bbbbbbbbbbbbb\n")
+            f.write(providerSecret("key-two") + "\n")
         service.reload(settings)
-        self.assertEqual(sent(), [b"Bearer key-two-bbbbbbbbbbbbb"])
+        self.assertEqual(sent(), [b"Bearer " + providerSecret("key-two").encode()])
         os.remove(path)
         service.reload(settings)
-        self.assertEqual(sent(), [b"Bearer key-two-bbbbbbbbbbbbb"])
+        self.assertEqual(sent(), [b"Bearer " + providerSecret("key-two").encode()])
         self.assertEqual(len(self.flushLoggedErrors()), 0)
 
         stubbed = self.settings({"file": path, "missing": "stub"})
         service.reload(stubbed)
         self.assertEqual(service.authFor("openai").mode, STUB)  # type: ignore[union-attr]
         with open(path, "w") as f:
-            f.write("key-three-ccccccccccc\n")
+            f.write(providerSecret("key-three") + "\n")
         service.reload(stubbed)
         self.assertEqual(service.authFor("openai").mode, MANAGED)  # type: ignore[union-attr]
-        self.assertEqual(sent(), [b"Bearer key-three-ccccccccccc"])
+        self.assertEqual(sent(), [b"Bearer " + providerSecret("key-three").encode()])
 
     def test_demoIsManaged(self) -> None:
         """The demo's openai route is managed: the stub without OPENAI_API_KEY, the real OpenAI API with it."""

@@ -122,6 +122,20 @@ class Scripted:
         self.records.append(record)
 
 
+class FakeAudit:
+    """Takes every audited call's line (the audit trail's part), noting its request id."""
+
+    def __init__(self) -> None:
+        self.marked: list[str] = []
+
+    def requestBody(self, context: Any, request: Any) -> bytes:
+        return context.body or b""
+
+    def write(self, record: Any, *rest: Any) -> bool:
+        self.marked.append(record.request_id)
+        return True
+
+
 class NotAPolicy:
     """Made by a factory, but no IPolicy."""
 
@@ -145,6 +159,7 @@ class Harness(SynchronousTestCase):
         }
         keys = StaticKeys({ALLOWED_KEY: ALLOWED_ENTRY, INTERN_KEY: INTERN_ENTRY})
         self.gateway = Gateway(providers, keys, self.upstream, self.sink, self.clock)  # type: ignore[arg-type]
+        self.audit = self.gateway.audit = FakeAudit()  # type: ignore[assignment]
         self.site = GatewaySite(GatewayResource(self.gateway), reactor=self.clock)
 
     def usePolicy(self, section: Any, plugins: list[Any] = (), bytesPerToken: float = 4.0) -> None:  # type: ignore[assignment]
@@ -274,6 +289,7 @@ class RuleTests(Harness):
         self.channel.connectionLost(Exception("gone"))
         [record] = self.sink.records
         self.assertEqual((record.policy, record.tags, record.audited), (["legal", "everyone"], ["legal", "eu", "all"], True))
+        self.assertEqual(self.audit.marked, [record.request_id])
 
     def test_firstDenyWins(self) -> None:
         """Rules run in order: the first refusing rule ends it; the later ones are not applied nor named."""
@@ -352,6 +368,7 @@ class PluginTests(Harness):
             self.assertEqual(refusal(self.send(call(format)))[:2], (400, SHAPES[format][1]))
             record = self.sink.records[-1]
             self.assertEqual((record.error, record.policy, record.tags, record.audited), ("policy_denied", ["r", "test:plugin0", "test:plugin1"], ["t", "pii"], True))
+            self.assertEqual(self.audit.marked[-1], record.request_id)
         self.assertIn("`test:plugin1`: Too big for you.", refusal(self.send(call("openai")))[2])
         self.assertEqual(self.upstream.sent, [])
 

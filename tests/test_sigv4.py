@@ -46,16 +46,22 @@ from lmgate.governance.sigv4 import (
     sign,
     wireTarget,
 )
+from tests.secretscan import providerSecret
 from tests.sigv4check import checkSignature
 
 VECTORS = Path(__file__).parent / "fixtures" / "sigv4"
 VECTOR_CREDENTIALS = ReadOnlyCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", None)
 
 ACCESS_KEY = "AKIDLMGATETEST000001"
-SECRET_KEY = "lmgate-test-secret/0123456789abcdefghijKLMN"
-TOKEN = "lmgate-test-session-token"
+SECRET_KEY = providerSecret("aws/0123456789abcdefghijKLMN")
+TOKEN = providerSecret("aws-session-token")
 MODEL = "anthropic.claude-3-5-sonnet-20240620-v1:0"
 T0 = 1_780_000_000.0  # 2026-05-28
+
+
+def sessionToken(n: int) -> str:
+    """The session token of the C{n}th temporary credentials the fake chain hands out."""
+    return providerSecret(f"aws-session-token-{n}")
 
 
 def parseVector(name: str) -> tuple[bytes, bytes, Headers, bytes]:
@@ -424,7 +430,7 @@ class RefreshingSession:
         assert self.pool.inPool, "credentials refreshed outside the thread pool"
         self.refreshed.append(self.clock.seconds())
         n = len(self.refreshed) + 1
-        return {"access_key": f"ASIA{n:016d}", "secret_key": SECRET_KEY, "token": f"token-{n}", "expiry_time": self._expiry()}
+        return {"access_key": f"ASIA{n:016d}", "secret_key": SECRET_KEY, "token": sessionToken(n), "expiry_time": self._expiry()}
 
     def get_credentials(self) -> RefreshableCredentials:
         assert self.pool.inPool, "credential chain run outside the thread pool"
@@ -434,7 +440,7 @@ class RefreshingSession:
         return RefreshableCredentials(
             "ASIA0000000000000001",
             SECRET_KEY,
-            "token-1",
+            sessionToken(1),
             parse(self._expiry()),
             self._refresh,
             "test",
@@ -477,7 +483,7 @@ class RefreshTests(SynchronousTestCase):
         self.assertNoResult(waiting)
         self.assertEqual(self.pool.run(), 1)  # one load for the loop and the waiting call
         self.assertIsNone(self.successResultOf(waiting))
-        self.assertEqual(tokenOf(request), b"token-1")
+        self.assertEqual(tokenOf(request), sessionToken(1).encode())
         self.assertEqual(self.session.chainCalls, 1)
 
     def test_applyAloneStartsTheLoad(self) -> None:
@@ -512,14 +518,14 @@ class RefreshTests(SynchronousTestCase):
         self.assertEqual(self.session.refreshed, [])
         request = outgoing()
         self.assertIsNone(self.credential.apply(request))  # still valid: signs now, no second refresh queued
-        self.assertEqual(tokenOf(request), b"token-1")
+        self.assertEqual(tokenOf(request), sessionToken(1).encode())
         self.assertEqual(len(self.pool.jobs), 1)
         self.pool.run()
         self.assertEqual(len(self.session.refreshed), 1)
         self.assertLess(self.session.refreshed[0], T0 + 3600)
         request = outgoing()
         self.assertIsNone(self.credential.apply(request))
-        self.assertEqual(tokenOf(request), b"token-2")
+        self.assertEqual(tokenOf(request), sessionToken(2).encode())
 
     def test_expiredCredentialsWait(self) -> None:
         """Credentials about to expire (the loop stopped) are not used: apply waits for the refresh."""
@@ -534,7 +540,7 @@ class RefreshTests(SynchronousTestCase):
         self.assertNoResult(waiting)
         self.pool.run()
         self.successResultOf(waiting)
-        self.assertEqual(tokenOf(request), b"token-2")
+        self.assertEqual(tokenOf(request), sessionToken(2).encode())
 
     def test_spooledBodyHashedInThePool(self) -> None:
         """A spooled body is hashed in the pool: apply returns a Deferred even with fresh credentials."""
@@ -589,7 +595,7 @@ class RefreshTests(SynchronousTestCase):
         credential.startRefreshing()
         self.pool.run()
         self.assertNotIn(SECRET_KEY, repr(credential))
-        self.assertNotIn("token-1", repr(credential))
+        self.assertNotIn(sessionToken(1), repr(credential))
         self.assertIn("us-east-1", repr(credential))
 
     def test_cancelWhileWaiting(self) -> None:

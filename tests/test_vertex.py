@@ -32,9 +32,15 @@ from twisted.web.http_headers import Headers
 from lmgate.errors import ConfigError
 from lmgate.governance.interfaces import CredentialUnavailable, IUpstreamCredential, OutgoingRequest
 from lmgate.governance.vertex import CLOUD_PLATFORM, GoogleOAuthCredential
+from tests.secretscan import SECRET_SUFFIX, providerSecret
 
 ACCOUNT = "lmgate-test@test-project.iam.example"
 LIFETIME = 3600
+
+
+def issuedToken(n: int) -> str:
+    """The C{n}th access token the fake token endpoint mints (a fake provider secret, marked)."""
+    return providerSecret(f"google-token-{n}")
 
 _key: rsa.RSAPrivateKey | None = None
 
@@ -55,7 +61,7 @@ class FakeTokenEndpoint:
     """
     Google's OAuth token endpoint, as far as a service account's JWT grant goes: it checks the
     assertion's RS256 signature with the account's public key and answers a fresh token
-    (C{test-token-1}, C{test-token-2}, ...) or, when C{failing}, C{400 invalid_grant}.
+    (L{issuedToken}C{(1)}, L{issuedToken}C{(2)}, ...) or, when C{failing}, C{400 invalid_grant}.
     """
 
     def __init__(self, key: rsa.RSAPrivateKey) -> None:
@@ -90,7 +96,7 @@ class FakeTokenEndpoint:
         if self.failing:
             status, reply = 400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}
         else:
-            self.issued.append(f"test-token-{len(self.issued) + 1}")
+            self.issued.append(issuedToken(len(self.issued) + 1))
             status, reply = 200, {"access_token": self.issued[-1], "expires_in": LIFETIME, "token_type": "Bearer"}
         data = json.dumps(reply).encode("ascii")
         handler.send_response(status)
@@ -155,7 +161,7 @@ class GoogleOAuthCredentialTests(TestCase):
             "client_id": "1",
             "token_uri": tokenURI,
         }
-        path = FilePath(self.mktemp())
+        path = FilePath(self.mktemp() + SECRET_SUFFIX)  # a credential source: the secret scan skips it
         path.setContent(json.dumps(info).encode("ascii"))
         return path
 
@@ -189,7 +195,7 @@ class GoogleOAuthCredentialTests(TestCase):
         self.assertNotIn(threading.get_ident(), self.endpoint.threads)
         request = outgoing()
         self.assertIsNone(credential.apply(request))
-        self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer test-token-1"])
+        self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer " + issuedToken(1).encode()])
 
     async def test_applyWaitsForTheFirstToken(self) -> None:
         """Without a token, apply returns a Deferred; concurrent calls share one refresh."""
@@ -201,7 +207,7 @@ class GoogleOAuthCredentialTests(TestCase):
             await d
         self.assertEqual(len(self.endpoint.grants), 1)
         for request in first, second:
-            self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer test-token-1"])
+            self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer " + issuedToken(1).encode()])
 
     async def test_cancelledWait(self) -> None:
         """Cancelling apply's Deferred (the call went away) stops only that wait."""
@@ -212,7 +218,7 @@ class GoogleOAuthCredentialTests(TestCase):
         cancelled.cancel()
         self.failureResultOf(cancelled, CancelledError)
         await waiting
-        self.assertEqual(staying.headers.getRawHeaders(b"authorization"), [b"Bearer test-token-1"])
+        self.assertEqual(staying.headers.getRawHeaders(b"authorization"), [b"Bearer " + issuedToken(1).encode()])
         self.assertEqual(gone.headers.getRawHeaders(b"authorization"), [b"Bearer lmgate-key"])
 
     async def test_refreshesAheadOfExpiry(self) -> None:
@@ -228,14 +234,14 @@ class GoogleOAuthCredentialTests(TestCase):
         self.assertEqual(len(self.endpoint.grants), 1)
         request = outgoing()
         self.assertIsNone(credential.apply(request))
-        self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer test-token-1"])
+        self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer " + issuedToken(1).encode()])
         self.clock.advance(20)
         self.assertTrue(credential.refreshing)
         await credential.refresh()
         self.assertEqual(len(self.endpoint.grants), 2)
         request = outgoing()
         self.assertIsNone(credential.apply(request))
-        self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer test-token-2"])
+        self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer " + issuedToken(2).encode()])
         [nextRefresh] = self.clock.getDelayedCalls()
         self.assertLess(abs(nextRefresh.getTime() - (self.clock.seconds() + LIFETIME - 300)), 5)
 
@@ -265,7 +271,7 @@ class GoogleOAuthCredentialTests(TestCase):
         await credential.refresh()
         request = outgoing()
         self.assertIsNone(credential.apply(request))
-        self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer test-token-1"])
+        self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer " + issuedToken(1).encode()])
         retries = []
         for _ in range(3):
             [retry] = self.clock.getDelayedCalls()
@@ -282,7 +288,7 @@ class GoogleOAuthCredentialTests(TestCase):
         d = credential.apply(request)
         assert d is not None
         await d
-        self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer test-token-2"])
+        self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer " + issuedToken(2).encode()])
         self.assertTrue(any("keeping the current token" in line for line in self.logged))
 
     async def test_tokenNeverShown(self) -> None:
@@ -297,7 +303,7 @@ class GoogleOAuthCredentialTests(TestCase):
         self.assertEqual(repr(credential), f"<GoogleOAuthCredential account={ACCOUNT!r} token=<redacted>>")
         self.assertTrue(self.logged)
         for line in self.logged + [repr(credential)]:
-            self.assertNotIn("test-token-1", line)
+            self.assertNotIn(issuedToken(1), line)
 
     async def test_stopRefreshing(self) -> None:
         """stopRefreshing cancels the scheduled refresh."""
@@ -317,7 +323,7 @@ class GoogleOAuthCredentialTests(TestCase):
         d = credential.apply(request)
         assert d is not None
         await d
-        self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer test-token-1"])
+        self.assertEqual(request.headers.getRawHeaders(b"authorization"), [b"Bearer " + issuedToken(1).encode()])
 
     def test_noApplicationDefaultCredentials(self) -> None:
         """No file named and no application default credentials: a start-up error saying so."""

@@ -43,6 +43,7 @@ from lmgate.limits.service import LimitsService
 from lmgate.governance.health import HealthProbes
 from lmgate.governance.managed import ProviderCredentials
 from lmgate.ops.metrics import AdminSite, Fanout, Metrics
+from lmgate.records.audit import AuditTrail
 from lmgate.records.jsonl import UsageLog, checkStatsPath
 from lmgate.relay.upstream import Upstream, trustRootFor
 from lmgate.stub.server import makeStubResource
@@ -134,6 +135,10 @@ def supervisorService(
     # cannot start is restarted for ever while the shared socket accepts and nobody answers.
     pricesFor(settings)
     trustRootFor(settings)
+    if settings.telemetry.otlpEndpoint is not None:
+        from lmgate.ops.telemetry import checkAvailable
+
+        checkAvailable(settings.source, settings.telemetry.otlpEndpoint)
     credentialsFor(settings, reactor, None, announce=False)  # each worker reads them again, the first says so
     if settings.policy.plugins:
         from lmgate.policy.engine import loadPlugins
@@ -144,6 +149,8 @@ def supervisorService(
         checkStatsPath(workerStatsPath(settings.statsPath, index), settings.source, owner=owner)
         if accessPath is not None:
             checkStatsPath(workerStatsPath(accessPath, index), settings.source, "access_log", owner)
+        if auditWanted(settings):
+            checkStatsPath(workerStatsPath(settings.audit.path, index), settings.source, "audit.path", owner, AUDIT_MODE)
     listeningSocket(reactor, settings).close()  # fail now, in the foreground, if it cannot be bound
     top = OrderedMultiService()
     if settings.stubListen is not None:
@@ -192,6 +199,47 @@ def writersFor(
         fsync=False,
     )
     return usageLog, accessLog
+
+
+#: The audit log's permissions: it holds request and response bodies.
+AUDIT_MODE = 0o600
+
+
+def auditWanted(settings: Settings) -> bool:
+    """
+    Whether this configuration needs an audit log: some policy rule has
+    C{audit: true}, or plugins are loaded (a plugin may ask for any call).
+    """
+    policy = settings.policy
+    return bool(policy.plugins) or any(rule.audit for rule in policy.rules)
+
+
+def auditFor(settings: Settings, reactor: Any, workerIndex: int | None, owner: tuple[int, int] | None) -> UsageLog | None:
+    """
+    The audit log's writer (C{audit.path}, a worker's own file with
+    C{--workers}), its directory checked and the file made C{0600} now; None
+    when no rule or plugin can ask for an audit (then no file is created).
+    Same rotation and flush interval as the records, fsynced, in a thread of
+    its own (its lines are large: they never hold the records back), with its
+    own backlog (C{audit.backlog}).
+
+    @raise ConfigError: naming C{audit.path}, when it cannot be written (by C{owner}, if given).
+    """
+    if not auditWanted(settings):
+        return None
+    path = settings.audit.path
+    if workerIndex is not None:
+        path = workerStatsPath(path, workerIndex)
+    checkStatsPath(path, settings.source, "audit.path", owner, AUDIT_MODE)
+    return UsageLog(
+        path,
+        reactor,
+        flushInterval=settings.statsFlushInterval,
+        maxBytes=settings.statsMaxBytes,
+        backlog=settings.audit.backlog,
+        what="audit lines",
+        mode=AUDIT_MODE,
+    )
 
 
 def metricsFor(settings: Settings, usageLog: UsageLog, allowList: AllowList) -> Metrics | None:
@@ -272,6 +320,23 @@ def gatewayFor(
     return gateway
 
 
+def tracerFor(settings: Settings, reactor: Any, gateway: Gateway) -> Service | None:
+    """
+    The traces (C{telemetry.otlp.endpoint}), made the gateway's; None when no
+    endpoint is set, and then OpenTelemetry is not even imported.
+
+    @raise ConfigError: an endpoint is set and the SDK is not installed.
+    """
+    telemetry = settings.telemetry
+    if telemetry.otlpEndpoint is None:
+        return None
+    from lmgate.ops.telemetry import Tracer, checkAvailable
+
+    checkAvailable(settings.source, telemetry.otlpEndpoint)
+    tracer = gateway.tracer = Tracer(telemetry, reactor)
+    return tracer
+
+
 def healthFor(settings: Settings, reactor: Any, gateway: Gateway) -> HealthProbes:
     """
     The routes' active health probes (L{lmgate.governance.health.HealthProbes}),
@@ -344,13 +409,17 @@ def drainFor(site: GatewaySite, gateway: Gateway, timeout: float) -> DrainServic
     return DrainService(drainCalls, timeout)
 
 
-def signalsFor(reactor: Any, reloader: Reloader, usageLog: UsageLog, accessLog: UsageLog | None) -> SignalService:
-    """SIGHUP reloads; SIGUSR1 reopens the record files and twistd's log."""
+def signalsFor(
+    reactor: Any, reloader: Reloader, usageLog: UsageLog, accessLog: UsageLog | None, auditLog: UsageLog | None = None
+) -> SignalService:
+    """SIGHUP reloads; SIGUSR1 reopens the record files (the audit log too) and twistd's log."""
 
     def reopenFiles() -> None:
         usageLog.reopen()
         if accessLog is not None:
             accessLog.reopen()
+        if auditLog is not None:
+            auditLog.reopen()
         reopenTwistdLog()
 
     return SignalService(reactor, {signal.SIGHUP: reloader.reload, signal.SIGUSR1: reopenFiles})
@@ -384,11 +453,15 @@ def buildService(
     credentialThreads = ThreadPoolService("lmgate-credentials", maxThreads=4)
     credentials = credentialsFor(settings, reactor, embeddedStub, workerIndex in (None, 1), credentialThreads.pool)
     usageLog, accessLog = writersFor(settings, reactor, workerIndex, owner)
+    auditLog = auditFor(settings, reactor, workerIndex, owner)
     upstream = Upstream.fromSettings(reactor, settings)
     metrics = metricsFor(settings, usageLog, allowList)
     gateway = gatewayFor(settings, reactor, allowList, upstream, usageLog, metrics)
+    if auditLog is not None:
+        gateway.audit = AuditTrail(auditLog, settings.audit.maxBody)
     limits = limiterFor(settings, reactor, gateway, metrics)
     policyFor(settings, reactor, gateway)
+    tracer = tracerFor(settings, reactor, gateway)
     health = healthFor(settings, reactor, gateway)
     if metrics is not None:
         metrics.upstreamHealth = lambda: ({name: state.healthy for name, state in health.states().items()}, health.failures)
@@ -401,6 +474,10 @@ def buildService(
     usageLog.setServiceParent(top)
     if accessLog is not None:
         accessLog.setServiceParent(top)  # after the records' writer: it borrows its thread
+    if auditLog is not None:
+        auditLog.setServiceParent(top)  # stopped after the calls drained, like the records' writer
+    if tracer is not None:
+        tracer.setServiceParent(top)  # stopped (its last spans flushed) after the calls drained
     allowList.setServiceParent(top)
     credentialThreads.setServiceParent(top)  # before the credentials start refreshing in it, stopped after
     credentials.setServiceParent(top)
@@ -416,7 +493,7 @@ def buildService(
     drain.setServiceParent(top)
     reloader = Reloader(configured, gateway, site, allowList, drain, credentials)
     reloader.listen = listen  # a --listen override holds across reloads
-    signalsFor(reactor, reloader, usageLog, accessLog).setServiceParent(top)
+    signalsFor(reactor, reloader, usageLog, accessLog, auditLog).setServiceParent(top)
     StopSignalGuard(reactor).setServiceParent(top)
     if workerFd is not None:
         SupervisorWatch(reactor).setServiceParent(top)

@@ -34,10 +34,12 @@ RESTART_ONLY = (
     ("pool.max_per_host", "poolMaxPerHost"),
     ("tls.ca_bundle", "tlsCABundle"),
     ("stub.listen", "stubListen"),
+    ("telemetry", "telemetry"),
     ("admin.listen", "adminListen"),
     ("metrics.models", "metricsModels"),
     ("metrics.per_key", "metricsPerKey"),
     ("metrics.per_key_limit", "metricsPerKeyLimit"),
+    ("audit", "audit"),  # the audit log's writer is made at start-up
 )
 
 
@@ -205,6 +207,9 @@ class Reloader:
             # Off and on again live; a new file (or a first one) needs a writer made at start-up.
             pending.append("access_log")
             new = replace(new, accessLog=old.accessLog if self.accessLogBase is not None else False)
+        if self._gateway.audit is None and (new.policy.plugins or any(rule.audit for rule in new.policy.rules)):
+            # No audit log was opened at start-up: these calls are marked for audit, but not written until a restart.
+            pending.append("policy (audit: true needs the audit log, opened at start-up)")
         if pending:
             log.warn("Changed, and applied at the next restart only: {keys}", keys=", ".join(pending))
             new = replace(new, **{attr: getattr(old, attr) for _, attr in RESTART_ONLY})

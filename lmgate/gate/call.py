@@ -100,10 +100,27 @@ class ProxiedCall:
         self._sentAt: float | None = None
         self._timedOut = False
         self._answerBytes: int | None = None  # the body of LMGate's own answer (refusals, 502, 504)
+        self._answerBody: bytes | None = None  # that body itself, kept for an audited call only
+        self._auditedBody: bytes | None = None  # the request body as sent, kept for an audited call only
         #: Sends the call again to the target now in its context (set by the gateway for an alias with targets left).
         self.resend: Callable[[], Any] | None = None
+        self._span: Any = None  # the call's trace span, once opened (telemetry on)
         request.notifyFinish().addErrback(self._lostClient)  # first: called late, it never fires
         request.responseHeaders.setRawHeaders(REQUEST_ID_HEADER, [self.requestId.encode()])
+
+    # -- traces ----------------------------------------------------------------
+
+    def traceUpstream(self, headers: Any) -> None:
+        """
+        Telemetry on: open the call's span (once: an alias's next target is the
+        same call) and name it as parent in the C{traceparent} of the request
+        about to go upstream (C{headers}).
+        """
+        tracer = self._gateway.tracer
+        assert tracer is not None
+        if self._span is None:
+            self._span = tracer.startSpan(self._request.requestHeaders, self._startedAt)
+        tracer.inject(self._span, headers)
 
     # -- answers of LMGate's own ---------------------------------------------
 
@@ -123,6 +140,8 @@ class ProxiedCall:
         self._request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         self._status = status
         self._answerBytes = 0 if self._request.method == b"HEAD" else len(body)
+        if self._context.audit:
+            self._answerBody = body
         self._recordOnce(errorName or kind, None)
         return body
 
@@ -138,6 +157,8 @@ class ProxiedCall:
         self._request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         self._status = status
         self._answerBytes = 0 if self._request.method == b"HEAD" else len(body)
+        if self._context.audit:
+            self._answerBody = body
         self._recordOnce(None, None)
         return b"" if self._request.method == b"HEAD" else body
 
@@ -184,6 +205,8 @@ class ProxiedCall:
         """Relay the upstream's response when it comes."""
         self._admitting = None  # admitted: a leaving client now cancels the upstream request
         self._context.attempts += 1
+        if self._context.audit and self._gateway.audit is not None:  # read now: the request's file closes when it finishes
+            self._auditedBody = self._gateway.audit.requestBody(self._context, self._request)
         self._pending = pending
         self._sentAt = self._clock.seconds()
         self._gateway.active.add(self)
@@ -317,7 +340,10 @@ class ProxiedCall:
                 self._gateway.cooldown.succeeded(self._context.target)
         provider = self._context.provider
         assert provider is not None
-        relaying = self._relaying = Relay(self._request, self._gateway, provider, self._context.rest)
+        audit = self._gateway.audit if self._context.audit else None
+        relaying = self._relaying = Relay(
+            self._request, self._gateway, provider, self._context.rest, audit.capture() if audit is not None else None
+        )
         self._status = response.code
         return relaying.relay(response).addBoth(self._bodyEnded)
 
@@ -359,11 +385,27 @@ class ProxiedCall:
 
     # -- the ending ------------------------------------------------------------
 
+    def _audit(self, record: Any) -> bool:
+        """
+        Hand the audited call's line to the audit trail, beside its record.
+
+        @return: the record's C{audited}: whether the line was handed to the writer.
+        """
+        audit = self._gateway.audit
+        if audit is None:  # no audit writer (no rule asked for one at start-up)
+            return False
+        relaying = self._relaying
+        capture = relaying.capture if relaying is not None else None
+        return audit.write(record, self._context, self._request, capture, self._answerBody, self._auditedBody)
+
     def _recordOnce(self, errorKind: str | None, failure: Failure | None) -> None:
         if self._recorded:
             return
         self._recorded = True
         self._gateway.active.discard(self)
+        # Recorded: no target is tried any more. The resend closure refers to this call (a
+        # reference cycle): dropped, the call is freed at once, not by the cycle collector.
+        self.resend = None
         now = self._clock.seconds()
         usage = Usage()
         relaying = self._relaying
@@ -412,11 +454,17 @@ class ProxiedCall:
                 limits=context.limits,
                 policy=context.policy,
                 tags=context.tags,
-                audited=context.audit,
             )
         )
+        if context.audit:
+            record.audited = self._audit(record)
         gateway.sink.write(record)
         if gateway.policy is not None and gateway.policy.plugins:
             gateway.policy.observe(record)
+        if gateway.tracer is not None:
+            try:
+                gateway.tracer.callEnded(self._span, record, context, usage.model, self._request.requestHeaders, self._startedAt, now)
+            except Exception:  # a span is never worth a record or a settlement
+                log.failure("Ending the call's span failed")
         if context.reservation is not None and gateway.limiter is not None:
             gateway.limiter.settle(context, record.total_tokens, record.cost_usd, relaying is not None)

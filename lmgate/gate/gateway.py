@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -48,7 +48,11 @@ from lmgate.gate.providers import Provider
 from lmgate.limits.limiter import Limiter
 from lmgate.policy.engine import Policy
 from lmgate.ops.ratelog import RateLimitedLog
+from lmgate.records.audit import AuditTrail
 from lmgate.relay.upstream import BytesProducer, Upstream
+
+if TYPE_CHECKING:
+    from lmgate.ops.telemetry import Tracer
 
 log = Logger()
 
@@ -116,6 +120,10 @@ class Gateway:
         self.limiter: Limiter | None = None
         #: The policy's rules and plugins (C{policy:}), or None: none configured.
         self.policy: Policy | None = None
+        #: The audit trail (L{lmgate.records.audit.AuditTrail}) audited calls are written to, or None: no audit log.
+        self.audit: AuditTrail | None = None
+        #: The traces (C{telemetry.otlp.endpoint}), or None: off, and the client's C{traceparent} relayed as it came.
+        self.tracer: Tracer | None = None
         self.pipeline = defaultPipeline(self)
 
     def setAliases(self, aliases: Mapping[str, Alias], fallback: FallbackSettings) -> None:
@@ -275,10 +283,13 @@ class GatewayResource(Resource):
             return self._models(call)
         if provider.managed:
             return self._sendManaged(request, call, context, producer, provider)
+        headers = upstreamRequestHeaders(request.requestHeaders)
+        if self._gateway.tracer is not None:
+            call.traceUpstream(headers)
         pending = self._gateway.upstream.send(
             request.method,
             provider.upstreamURL(context.rest, context.query),
-            upstreamRequestHeaders(request.requestHeaders),
+            headers,
             producer,
         )
         return call.start(pending)
@@ -307,6 +318,8 @@ class GatewayResource(Resource):
         """
         headers = upstreamRequestHeaders(request.requestHeaders)
         removeCredentials(headers)
+        if self._gateway.tracer is not None:  # before a signer sees the headers
+            call.traceUpstream(headers)
         query = context.query
         if query:
             query = withoutCredentialParameters(query)

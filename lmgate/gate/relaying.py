@@ -9,7 +9,7 @@ client and the record; this module knows how a response travels.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from lmgate.gate.gateway import Gateway
     from lmgate.gate.providers import Provider
     from lmgate.interfaces import IUsageReader
+    from lmgate.records.audit import BodyCapture
 
 #: The response header carrying LMGate's id for the call (set on every answer).
 REQUEST_ID_HEADER = b"x-lmgate-request-id"
@@ -77,12 +78,17 @@ class Relay:
     @ivar reader: the usage reader fed with the body, once the head arrived.
     @ivar tee: the body's tee, once the head arrived.
     @ivar upstreamRequestId: the provider's own id for the call, if its head had one.
+    @ivar capture: keeps the body as the client received it (bounded) for an
+        audited call (L{lmgate.records.audit}), fed beside the usage reader; None otherwise.
     """
 
-    __slots__ = ("_request", "_gateway", "_provider", "_upstreamPath", "responseAt", "reader", "tee", "upstreamRequestId")
+    __slots__ = ("_request", "_gateway", "_provider", "_upstreamPath", "responseAt", "reader", "tee", "upstreamRequestId", "capture")
 
-    def __init__(self, request: Request, gateway: "Gateway", provider: "Provider", upstreamPath: bytes) -> None:
+    def __init__(
+        self, request: Request, gateway: "Gateway", provider: "Provider", upstreamPath: bytes, capture: "BodyCapture | None" = None
+    ) -> None:
         self._request, self._gateway, self._provider, self._upstreamPath = request, gateway, provider, upstreamPath
+        self.capture = capture
         self.responseAt = gateway.clock.seconds()
         self.reader: IUsageReader | None = None
         self.tee: Tee | None = None
@@ -123,7 +129,12 @@ class Relay:
         reader = readerFor(provider.format, response.code, header, self._upstreamPath, self._gateway.captureLimit)
         self.reader = reader
         gateway = self._gateway
-        tee = Tee(request, reader.feed, gateway.clock, gateway.idleTimeout, gateway.clientTimeout)
+        observe: Callable[[bytes], None] = reader.feed
+        if self.capture is not None:
+            from lmgate.records.audit import teeTo
+
+            observe = teeTo(reader.feed, self.capture.feed)
+        tee = Tee(request, observe, gateway.clock, gateway.idleTimeout, gateway.clientTimeout)
         self.tee = tee
         response.deliverBody(tee)
         return tee.done

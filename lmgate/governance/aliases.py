@@ -32,6 +32,8 @@ _skipWhitespace: Callable[[str, int], re.Match[str]] = _WHITESPACE.match  # type
 _DECODER = json.JSONDecoder()
 #: The string scanner json.loads itself uses (C-accelerated; the type stubs leave it out).
 _scanString: Callable[[str, int, bool], tuple[str, int]] = getattr(json.decoder, "scanstring")
+#: What C{json.dumps} makes of a string (C{ensure_ascii}: C{\\u} escapes), without its two Python calls per use.
+_encodeString: Callable[[str], str] = getattr(json.encoder, "encode_basestring_ascii")
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class FoundModel:
 
         @param body: the very body this was found in.
         """
-        value = json.dumps(newModel).encode("ascii")  # \\u escapes: ASCII whatever the name
+        value = _encodeString(newModel).encode("ascii")  # as json.dumps: \\u escapes, ASCII whatever the name
         parts, at = [], 0
         for start, end in self.spans:
             parts += [body[at:start], value]
@@ -203,6 +205,11 @@ class Alias:
 
     def narrowed(self, format: str, formats: Mapping[str, str]) -> "Alias":
         """This alias with only the targets whose route speaks C{format} (configuration order kept)."""
+        for target in self.targets:
+            if formats.get(target.provider) != format:
+                break
+        else:
+            return self  # every target speaks it (the usual case, asked per call): nothing to narrow
         return Alias(self.name, tuple(t for t in self.targets if formats.get(t.provider) == format), self.strategy)
 
 
@@ -232,13 +239,16 @@ class Selector:
         @param random: where a C{weighted} alias's pick comes from (seeded in
             tests); not used for an C{ordered} alias.
         """
-        first: list[Target] = []
-        later: list[Target] = []
-        coolingDown = self._cooldown.coolingDown if self._cooldown is not None else None
+        coolingDown = self._cooldown.coolingDown if self._cooldown is not None and self._cooldown.anyCoolingDown else None
         healthy = self._healthy
-        for t in alias.targets:
-            behind = (coolingDown is not None and coolingDown(t)) or (healthy is not None and not healthy(t.provider))
-            (later if behind else first).append(t)
+        later: list[Target]
+        if coolingDown is None and healthy is None:  # the usual case, checked per call: nothing to put behind
+            first, later = list(alias.targets), []
+        else:
+            first, later = [], []
+            for t in alias.targets:
+                behind = (coolingDown is not None and coolingDown(t)) or (healthy is not None and not healthy(t.provider))
+                (later if behind else first).append(t)
         if alias.strategy == "weighted":
             return _byWeight(first, random) + _byWeight(later, random)
         return first + later
@@ -295,8 +305,19 @@ class Cooldown:
 
     def succeeded(self, target: Target) -> None:
         """C{target} answered: forget its failures and any cooldown."""
-        self._recent.pop(target.key, None)
-        self._until.pop(target.key, None)
+        if self._recent or self._until:  # nothing remembered (the usual case): nothing to forget
+            key = target.key
+            self._recent.pop(key, None)
+            self._until.pop(key, None)
+
+    @property
+    def anyCoolingDown(self) -> bool:
+        """
+        Whether any target may be cooling down (one did lately; an ended
+        cooldown counts until it is swept or its target succeeds): when not,
+        L{Selector.order} need not ask about each target.
+        """
+        return bool(self._until)
 
     def coolingDown(self, target: Target) -> bool:
         """Whether C{target} is to be tried only after the healthy targets."""

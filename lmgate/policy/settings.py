@@ -19,7 +19,7 @@ MATCH_KEYS = ("key", "owner", "provider", "method", "path", "model", "alias")
 RULE_KEYS = ("name", "match", "allow_models", "deny", "max_input_tokens", "max_output_tokens", "audit", "tags")
 POLICY_KEYS = ("rules", "stream_usage", "plugins", "plugin_timeout")
 PLUGIN_KEYS = ("factory", "options")
-AUDIT_KEYS = ("path", "max_body")
+AUDIT_KEYS = ("path", "max_body", "backlog")
 TELEMETRY_KEYS = ("otlp",)
 OTLP_KEYS = ("endpoint", "headers", "service_name")
 _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
@@ -119,10 +119,15 @@ class AuditSettings:
 
     @ivar path: the audit log (rotated like the records, mode 0600).
     @ivar maxBody: bytes of each body kept; the rest is cut and said so.
+    @ivar backlog: audit lines held in memory while the disk cannot take them
+        (a line can hold two bodies of C{maxBody}: far fewer than the records'
+        C{stats.backlog}); past it lines are dropped and the record's
+        C{audited} is false.
     """
 
     path: str = "var/audit/audit.jsonl"
     maxBody: int = 1048576
+    backlog: int = 1000
 
 
 @dataclass(frozen=True)
@@ -278,6 +283,8 @@ def parseAudit(raw: Any) -> AuditSettings:
         values["path"] = path
     if "max_body" in raw:
         values["maxBody"] = _wholeNumber("audit.max_body", raw["max_body"], 0)
+    if "backlog" in raw:
+        values["backlog"] = _wholeNumber("audit.backlog", raw["backlog"], 1)
     return AuditSettings(**values)
 
 

@@ -52,7 +52,9 @@ def utcDay(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d")
 
 
-def checkStatsPath(path: str, source: str, key: str = "stats.path", owner: tuple[int, int] | None = None) -> None:
+def checkStatsPath(
+    path: str, source: str, key: str = "stats.path", owner: tuple[int, int] | None = None, mode: int | None = None
+) -> None:
     """
     Make sure lines can be written to C{path}: its directory exists (created
     if need be) and the file can be opened for appending.
@@ -64,17 +66,25 @@ def checkStatsPath(path: str, source: str, key: str = "stats.path", owner: tuple
         files beside it (a rotation, a reopen after SIGUSR1). Without this,
         root created them in the foreground and the daemon could then write
         none of its records.
+    @param mode: the file's permissions when they must be exactly these (the
+        audit log's C{0600}): the file is created so, directories created for
+        it are C{0700}, and an existing file with other permissions is set to
+        them. None: the records' C{0640}, an existing file left as it is.
     @raise ConfigError: naming C{key} (the setting the path came from) and the problem.
     """
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        created = _makeDirectories(directory)
+        created = _makeDirectories(directory, 0o777 if mode is None else 0o700)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o640 if mode is None else mode)
             created.append(path)
         except FileExistsError:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        os.close(fd)
+        try:
+            if mode is not None:
+                _keepMode(fd, mode)
+        finally:
+            os.close(fd)
         if owner is not None:
             for made in created:
                 os.chown(made, *owner)
@@ -86,8 +96,14 @@ def checkStatsPath(path: str, source: str, key: str = "stats.path", owner: tuple
         raise ConfigError(source, key, f"cannot create files in {directory} (needed to rotate)")
 
 
-def _makeDirectories(directory: str) -> list[str]:
-    """Create C{directory} and its missing parents; the ones created, outermost first."""
+def _keepMode(fd: int, mode: int) -> None:
+    """Give the open file C{fd} exactly the permissions C{mode}, if it has others."""
+    if os.fstat(fd).st_mode & 0o7777 != mode:
+        os.fchmod(fd, mode)
+
+
+def _makeDirectories(directory: str, mode: int = 0o777) -> list[str]:
+    """Create C{directory} and its missing parents (with C{mode}, less the umask); the ones created, outermost first."""
     missing = []
     while not os.path.isdir(directory):
         missing.append(directory)
@@ -98,7 +114,7 @@ def _makeDirectories(directory: str) -> list[str]:
     created = []
     for each in reversed(missing):
         try:
-            os.mkdir(each)
+            os.mkdir(each, mode)
         except FileExistsError:
             continue
         created.append(each)
@@ -180,6 +196,7 @@ class UsageLog(Service):
         runInThread: RunInThread | None = None,
         what: str = "usage records",
         fsync: bool = True,
+        mode: int | None = None,
     ) -> None:
         """
         @param reactor: the clock of the flush ticks and record days; without
@@ -188,10 +205,15 @@ class UsageLog(Service):
         @param runInThread: runs a batch off the reactor thread (another
             writer's L{runInThread}, or L{synchronously} in tests); by default
             a thread of this writer's own, started with the service.
+        @param mode: the file's exact permissions (the audit log's C{0600}):
+            files are created so, and a file found with others (created by
+            someone else, or loosened by hand) is set back before lines are
+            appended to it; rotated files keep them (a rotation renames).
+            None: created C{0640}, an existing file left as it is.
         """
         self.path, self._flushInterval, self._maxBytes, self._backlog = path, flushInterval, maxBytes, backlog
         self._clock = reactor
-        self.what, self._fsync = what, fsync
+        self.what, self._fsync, self._mode = what, fsync, mode
         self._pending: list[bytes] = []
         self._flushing: Deferred[Any] | None = None
         self._pool: ThreadPool | None = None
@@ -365,9 +387,13 @@ class UsageLog(Service):
         return st.st_size
 
     def _append(self, data: bytes) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        mode = self._mode
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640 if mode is None else mode)
         try:
-            before = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            before = st.st_size
+            if mode is not None and st.st_mode & 0o7777 != mode:
+                os.fchmod(fd, mode)
             try:
                 _writeAll(fd, data)
                 if self._fsync:
