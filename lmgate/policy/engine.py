@@ -122,10 +122,12 @@ def _globs(patterns: Sequence[str]) -> Callable[[str], Any]:
 class _Rule:
     """A rule, compiled: its match as exact-value sets and glob regexes, its model list as one regex."""
 
-    __slots__ = ("rule", "name", "_exact", "_globs", "allowed", "tags")
+    __slots__ = ("rule", "name", "_exact", "_globs", "allowed", "tags", "matchIndex", "allowIndex")
 
-    def __init__(self, rule: PolicyRule) -> None:
+    def __init__(self, rule: PolicyRule, matchIndex: int, allowIndex: int) -> None:
         self.rule, self.name, self.tags = rule, rule.name, rule.tags
+        #: Rules with equal C{match} (or C{allow_models}) share an index: one call tests each once.
+        self.matchIndex, self.allowIndex = matchIndex, allowIndex
         match = rule.match
         self._exact = tuple(
             (field, frozenset(wanted))
@@ -178,7 +180,12 @@ class Policy:
         rateLog: RateLimitedLog,
     ) -> None:
         self.settings, self.plugins = settings, tuple(plugins)
-        self._rules = tuple(_Rule(rule) for rule in settings.rules)
+        matches: dict[Any, int] = {}
+        allows: dict[Any, int] = {}
+        self._rules = tuple(
+            _Rule(rule, matches.setdefault(rule.match, len(matches)), allows.setdefault(rule.allowModels, len(allows)))
+            for rule in settings.rules
+        )
         self._bytesPerToken, self._clock, self._rateLog = bytesPerToken, clock, rateLog
         self.active = bool(self._rules or self.plugins)
 
@@ -194,15 +201,20 @@ class Policy:
         tags: list[str] = []
         audit = False
         refusal = None
+        matched: dict[int, bool] = {}
+        allowed: dict[int, bool] = {}
         for rule in self._rules:
-            if not rule.matches(facts):
+            hit = matched.get(rule.matchIndex)
+            if hit is None:
+                hit = matched[rule.matchIndex] = rule.matches(facts)
+            if not hit:
                 continue
             names.append(rule.name)
             for tag in rule.tags:
                 if tag not in tags:
                     tags.append(tag)
             audit = audit or rule.rule.audit
-            refusal = self._check(rule, facts, context)
+            refusal = self._check(rule, facts, context, allowed)
             if refusal is not None:
                 break
         if names:
@@ -226,13 +238,13 @@ class Policy:
         if audit:
             context.audit = True
 
-    def _check(self, compiled: _Rule, facts: _Facts, context: CallContext) -> Refusal | None:
-        """The refusal a matching rule gives the call, or None."""
+    def _check(self, compiled: _Rule, facts: _Facts, context: CallContext, allowedBefore: dict[int, bool]) -> Refusal | None:
+        """The refusal a matching rule gives the call, or None. @param allowedBefore: C{allow_models} lists this call passed."""
         rule = compiled.rule
         if rule.deny is not None:
             return _denied(rule.name, rule.deny)
         allowed = compiled.allowed
-        if allowed is not None:
+        if allowed is not None and compiled.allowIndex not in allowedBefore:
             model = facts.model
             if model is None:
                 if facts.method not in MODEL_FREE_METHODS:
@@ -243,6 +255,7 @@ class Policy:
                     return _denied(rule.name, why)
             elif allowed(model) is None:
                 return _denied(rule.name, f"the model `{model}` is not allowed for this key.")
+            allowedBefore[compiled.allowIndex] = True
         if rule.maxInputTokens is not None:
             estimate = math.ceil(context.bodySize / self._bytesPerToken)
             if estimate > rule.maxInputTokens:
