@@ -30,6 +30,7 @@ from lmgate.gate.admission import CallContext, IAdmissionStep, Pipeline, Refusal
 from lmgate.gate.gateway import Gateway, GatewayResource, GatewaySite
 from lmgate.gate.providers import Provider
 from lmgate.gate.steps import Authenticate, Draining, Limit, NoConnect, ResolveAlias, Route, StreamUsage, defaultPipeline
+from lmgate.policy.step import PolicyStep
 from tests.helpers import ALLOWED_ENTRY, ALLOWED_KEY, RecordingSink, StaticKeys
 
 CHAT = b"/openai/v1/chat/completions"
@@ -111,11 +112,11 @@ class PipelineTests(SynchronousTestCase):
 
     def test_defaultStepsProvideTheInterface(self) -> None:
         """Every default step provides L{IAdmissionStep}, in the order route, draining, authenticate, CONNECT;
-        then, once the body is in, stream usage (before the alias step, so every target gets its body), the alias step and the usage limits last."""
+        then, once the body is in, stream usage (before the alias step, so every target gets its body), the alias step, the policy, and the usage limits last."""
         gateway = Gateway({}, StaticKeys({}), FakeUpstream(), RecordingSink(), MemoryReactorClock())  # type: ignore[arg-type]
         pipeline = defaultPipeline(gateway)
         self.assertEqual([type(s) for s in pipeline.atHeaders], [Route, Draining, Authenticate, NoConnect])
-        self.assertEqual([type(s) for s in pipeline.atBody], [StreamUsage, ResolveAlias, Limit])
+        self.assertEqual([type(s) for s in pipeline.atBody], [StreamUsage, ResolveAlias, PolicyStep, Limit])
         for step in pipeline.atHeaders + pipeline.atBody:
             self.assertTrue(verifyObject(IAdmissionStep, step))
 

@@ -140,6 +140,10 @@ def supervisorService(
 
         checkAvailable(settings.source, settings.telemetry.otlpEndpoint)
     credentialsFor(settings, reactor, None, announce=False)  # each worker reads them again, the first says so
+    if settings.policy.plugins:
+        from lmgate.policy.engine import loadPlugins
+
+        loadPlugins(settings.source, settings.policy)  # each worker makes its own
     accessPath = accessLogPath(settings)
     for index in range(1, workers + 1):
         checkStatsPath(workerStatsPath(settings.statsPath, index), settings.source, owner=owner)
@@ -274,6 +278,20 @@ def limiterFor(settings: Settings, reactor: Any, gateway: Gateway, metrics: Metr
             store.observeLatency = metrics.observeStoreLatency
             store.observeError = metrics.storeError
     return LimitsService(limiter, reactor)
+
+
+def policyFor(settings: Settings, reactor: Any, gateway: Gateway) -> None:
+    """
+    The policy's rules and plugins (C{policy:}) on the gateway; the plugins
+    are made now.
+
+    @raise ConfigError: a plugin cannot be imported, made, or does not provide
+        L{lmgate.policy.interfaces.IPolicy}.
+    """
+    from lmgate.policy.engine import Policy, loadPlugins
+
+    plugins = loadPlugins(settings.source, settings.policy)
+    gateway.policy = Policy(settings.policy, plugins, settings.usageLimits.bytesPerToken, reactor, gateway.rateLog)
 
 
 def cooperatorFor(reactor: Any) -> Cooperator:
@@ -442,6 +460,7 @@ def buildService(
     if auditLog is not None:
         gateway.audit = AuditTrail(auditLog, settings.audit.maxBody)
     limits = limiterFor(settings, reactor, gateway, metrics)
+    policyFor(settings, reactor, gateway)
     tracer = tracerFor(settings, reactor, gateway)
     health = healthFor(settings, reactor, gateway)
     if metrics is not None:

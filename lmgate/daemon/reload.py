@@ -6,6 +6,7 @@ them into effect, and the ones that wait for the next start.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 from twisted.logger import Logger
@@ -134,6 +135,28 @@ def applySettings(settings: Settings, gateway: Any, site: Any, credentials: Any 
         limiter.prices = gateway.prices
         limiter.setRules(settings.usageLimits)
     site.accessLog = site.accessLogWriter if accessLogPath(settings) is not None else None
+    setPolicy(settings, gateway)
+
+
+def setPolicy(settings: Settings, gateway: Any) -> None:
+    """
+    The new rules take effect; plugins are made again only when their list
+    changed, and if one of them cannot be made the running plugins are kept
+    (one log line) while the new rules still apply.
+    """
+    from lmgate.policy.engine import Policy, loadPlugins
+
+    current = gateway.policy
+    if current is None:  # a gateway assembled without a policy (tests): nothing to reload
+        return
+    plugins = current.plugins
+    if settings.policy.plugins != current.settings.plugins:
+        try:
+            plugins = loadPlugins(settings.source, settings.policy)
+        except ConfigError as e:
+            log.error("Keeping the running policy plugins: {problem}", problem=str(e))
+            settings = replace(settings, policy=replace(settings.policy, plugins=current.settings.plugins))
+    gateway.policy = Policy(settings.policy, plugins, settings.usageLimits.bytesPerToken, gateway.clock, gateway.rateLog)
 
 
 class Reloader:

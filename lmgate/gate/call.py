@@ -464,6 +464,8 @@ class ProxiedCall:
         if context.audit:
             record.audited = self._audit(record)
         gateway.sink.write(record)
+        if gateway.policy is not None and gateway.policy.plugins:
+            gateway.policy.observe(record)
         if gateway.tracer is not None:
             try:
                 gateway.tracer.callEnded(self._span, record, context, usage.model, self._request.requestHeaders, self._startedAt, now)

@@ -46,6 +46,7 @@ from lmgate.relay.headers import upstreamRequestHeaders
 from lmgate.interfaces import IKeyCheck, IUsageSink
 from lmgate.gate.providers import Provider
 from lmgate.limits.limiter import Limiter
+from lmgate.policy.engine import Policy
 from lmgate.ops.ratelog import RateLimitedLog
 from lmgate.policy.streamusage import identityStream
 from lmgate.records.audit import AuditTrail
@@ -120,6 +121,8 @@ class Gateway:
         self.limiter: Limiter | None = None
         #: C{policy.stream_usage}: OpenAI-format streams are asked for their usage chunk, kept from the client.
         self.streamUsage = False
+        #: The policy's rules and plugins (C{policy:}), or None: none configured.
+        self.policy: Policy | None = None
         #: The audit trail (L{lmgate.records.audit.AuditTrail}) audited calls are written to, or None: no audit log.
         self.audit: AuditTrail | None = None
         #: The traces (C{telemetry.otlp.endpoint}), or None: off, and the client's C{traceparent} relayed as it came.

@@ -27,6 +27,9 @@ STATUS = {
     "shutting_down": 503,
     "limits_unavailable": 503,
     "upstream_timeout": 504,
+    "policy_denied": 403,
+    "policy_exceeded": 400,
+    "policy_unavailable": 503,
 }
 
 # Each provider family names its errors its own way; these are the names its SDK
@@ -45,6 +48,9 @@ _OPENAI_TYPES = {
     "credentials_unavailable": ("api_error", "credentials_unavailable"),
     "shutting_down": ("api_error", "shutting_down"),
     "upstream_timeout": ("api_error", "upstream_timeout"),
+    "policy_denied": ("invalid_request_error", "permission_denied"),
+    "policy_exceeded": ("invalid_request_error", "policy_limit_exceeded"),
+    "policy_unavailable": ("api_error", "policy_unavailable"),
 }
 _ANTHROPIC_TYPES = {
     "bad_request": "invalid_request_error",
@@ -60,6 +66,9 @@ _ANTHROPIC_TYPES = {
     "credentials_unavailable": "api_error",
     "shutting_down": "overloaded_error",
     "upstream_timeout": "timeout_error",
+    "policy_denied": "permission_error",
+    "policy_exceeded": "invalid_request_error",
+    "policy_unavailable": "api_error",
 }
 _GOOGLE_STATUS = {
     "bad_request": "INVALID_ARGUMENT",
@@ -75,6 +84,9 @@ _GOOGLE_STATUS = {
     "credentials_unavailable": "UNAVAILABLE",
     "shutting_down": "UNAVAILABLE",
     "upstream_timeout": "DEADLINE_EXCEEDED",
+    "policy_denied": "PERMISSION_DENIED",
+    "policy_exceeded": "INVALID_ARGUMENT",
+    "policy_unavailable": "UNAVAILABLE",
 }
 _BEDROCK_TYPES = {
     "bad_request": "ValidationException",
@@ -90,6 +102,9 @@ _BEDROCK_TYPES = {
     "credentials_unavailable": "ServiceUnavailableException",
     "shutting_down": "ServiceUnavailableException",
     "upstream_timeout": "ModelTimeoutException",
+    "policy_denied": "AccessDeniedException",
+    "policy_exceeded": "ValidationException",
+    "policy_unavailable": "ServiceUnavailableException",
 }
 
 JSON_CONTENT_TYPE = b"application/json"

@@ -20,6 +20,7 @@ from lmgate.access.credentials import CredentialError, extractCredential, maskKe
 from lmgate.gate.admission import CallContext, IAdmissionStep, Pipeline, Refusal, Verdict
 from lmgate.gate.routing import RouteError, splitTarget
 from lmgate.policy.streamusage import addIncludeUsage, wantsIncludeUsage
+from lmgate.policy.step import PolicyStep
 from lmgate.governance.aliases import (
     FoundModel,
     Target,
@@ -312,5 +313,5 @@ def defaultPipeline(gateway: Gateway) -> Pipeline:
     """
     return Pipeline(
         atHeaders=[Route(gateway), Draining(gateway), Authenticate(gateway), NoConnect()],
-        atBody=[StreamUsage(gateway), ResolveAlias(gateway), Limit(gateway)],
+        atBody=[StreamUsage(gateway), ResolveAlias(gateway), PolicyStep(gateway), Limit(gateway)],
     )
