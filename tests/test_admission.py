@@ -440,6 +440,36 @@ class GatewayAdmissionTests(SynchronousTestCase):
         channel.dataReceived(_request())
         self.assertEqual(len(self.upstream.sent), 1)
 
+    def test_alreadyFiredDeferredLeavesNoCallBehind(self) -> None:
+        """A call whose step answered with an already-fired Deferred (a Redis store whose circuit is open
+        fails at once) is not left among the active calls once recorded (a drain waited on it for ever and
+        every such call leaked), and a client that leaves later still cancels its upstream request."""
+
+        @implementer(IAdmissionStep)
+        class Fired:
+            def __init__(self, verdict: Refusal | None) -> None:
+                self.verdict = verdict
+
+            def admit(self, context: CallContext) -> Deferred[Refusal | None]:
+                return succeed(self.verdict)
+
+        self.addStep(Fired(Refusal("forbidden", "No.")))
+        channel, transport = self.connect()
+        channel.dataReceived(_request())
+        self.assertEqual(self.status(transport), 403)
+        self.assertEqual(len(self.sink.records), 1)
+        self.assertEqual(self.gateway.active, set())
+
+        self.gateway.pipeline = Pipeline(self.gateway.pipeline.atHeaders, [Fired(None)])
+        channel, transport = self.connect()
+        channel.dataReceived(_request())
+        [call] = self.gateway.active
+        pending = self.upstream.sent[-1][2]
+        channel.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(pending.called)  # cancelled: the upstream request is dropped at once
+        self.assertEqual(self.gateway.active, set())
+        self.assertEqual([r.error for r in self.sink.records], ["forbidden", "client_disconnected"])
+
 
 class ImportRuleTests(SynchronousTestCase):
     """The record's assembly stays apart from the gate."""

@@ -181,9 +181,14 @@ class ProxiedCall:
         go on with the call. Meanwhile the call is in flight (a drain waits for
         it); if the client leaves, or the drain time runs out, the wait is
         cancelled and the call recorded as such.
+
+        A Deferred that had already fired (a step that answered at once, e.g. a
+        Redis store whose circuit is open) has run its callbacks: the call was
+        relayed, refused or recorded in this turn and waits on nothing here.
         """
-        self._admitting = admitting
-        self._gateway.active.add(self)
+        if not (admitting.called and not admitting.paused):
+            self._admitting = admitting
+            self._gateway.active.add(self)
         admitting.addErrback(self._notAdmitted)
         admitting.addBoth(self._waited, admitting)
         return NOT_DONE_YET
