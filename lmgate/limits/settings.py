@@ -8,11 +8,18 @@ file (C{ConfigError(source, e.where, e.problem)}).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from lmgate.sections import (
+    SectionError,
+    noUnknownKeys as _noUnknown,
+    positiveNumber as _positiveNumber,
+    typeName as _typeName,
+    wholeNumber as _wholeNumber,
+)
 
 #: The figures a rule may set (usage_limits.rules[].<kind>), in docs order.
 FIGURE_KEYS = (
@@ -35,12 +42,8 @@ _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
 NANO = 1_000_000_000
 
 
-class LimitsConfigError(ValueError):
-    """A C{usage_limits} value is wrong: C{where} is the dotted key, C{problem} one line."""
-
-    def __init__(self, where: str, problem: str) -> None:
-        self.where, self.problem = where, problem
-        super().__init__(f"{where}: {problem}")
+#: A C{usage_limits} value is wrong (C{where}: the dotted key; C{problem}: one line).
+LimitsConfigError = SectionError
 
 
 @dataclass(frozen=True)
@@ -104,28 +107,6 @@ class LimitsSettings:
 
     def __repr__(self) -> str:  # the URL may carry a password
         return f"<LimitsSettings store={'redis' if self.shared else 'memory'} rules={len(self.rules)}>"
-
-
-def _typeName(value: Any) -> str:
-    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else repr(value)
-
-
-def _noUnknown(where: str, raw: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    for key in raw:
-        if key not in allowed:
-            raise LimitsConfigError(f"{where}.{key}", f"unknown key (expected one of {', '.join(allowed)})")
-
-
-def _positiveNumber(where: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise LimitsConfigError(where, f"must be a number > 0, got {value!r}")
-    return float(value)
-
-
-def _wholeNumber(where: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise LimitsConfigError(where, f"must be a whole number >= {minimum}, got {value!r}")
-    return value
 
 
 def checkStoreUrl(where: str, value: Any) -> str:

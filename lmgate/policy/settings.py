@@ -15,6 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from lmgate.sections import (
+    SectionError,
+    flag as _flag,
+    mapping as _mapping,
+    noUnknownKeys as _noUnknown,
+    strings as _strings,
+    typeName as _typeName,
+    wholeNumber as _wholeNumber,
+)
+
 MATCH_KEYS = ("key", "owner", "provider", "method", "path", "model", "alias")
 RULE_KEYS = ("name", "match", "allow_models", "deny", "max_input_tokens", "max_output_tokens", "audit", "tags")
 POLICY_KEYS = ("rules", "stream_usage", "plugins", "plugin_timeout")
@@ -27,12 +37,8 @@ _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}$")
 _FACTORY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
-class PolicyConfigError(ValueError):
-    """A C{policy}, C{audit} or C{telemetry} value is wrong: C{where} is the dotted key, C{problem} one line."""
-
-    def __init__(self, where: str, problem: str) -> None:
-        self.where, self.problem = where, problem
-        super().__init__(f"{where}: {problem}")
+#: A C{policy}, C{audit} or C{telemetry} value is wrong (C{where}: the dotted key; C{problem}: one line).
+PolicyConfigError = SectionError
 
 
 @dataclass(frozen=True)
@@ -148,41 +154,6 @@ class TelemetrySettings:
 
     def __repr__(self) -> str:  # headers may carry a collector's key
         return f"<TelemetrySettings otlp={self.otlpEndpoint!r}>"
-
-
-def _typeName(value: Any) -> str:
-    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else repr(value)
-
-
-def _noUnknown(where: str, raw: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    for key in raw:
-        if key not in allowed:
-            raise PolicyConfigError(f"{where}.{key}", f"unknown key (expected one of {', '.join(allowed)})")
-
-
-def _mapping(where: str, raw: Any) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise PolicyConfigError(where, f"must be a mapping, got {_typeName(raw)}")
-    return raw
-
-
-def _strings(where: str, value: Any, pattern: re.Pattern[str] | None = None, what: str = "non-empty strings") -> tuple[str, ...]:
-    items = value if isinstance(value, list) else [value]
-    if not items or not all(isinstance(v, str) and v and (pattern is None or pattern.match(v)) for v in items):
-        raise PolicyConfigError(where, f"must be one or a list of {what}, got {value!r}")
-    return tuple(items)
-
-
-def _wholeNumber(where: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise PolicyConfigError(where, f"must be a whole number >= {minimum}, got {value!r}")
-    return value
-
-
-def _flag(where: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise PolicyConfigError(where, f"must be true or false, got {value!r}")
-    return value
 
 
 def _match(where: str, raw: Any) -> PolicyMatch:
