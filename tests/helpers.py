@@ -112,6 +112,37 @@ class FakeUpstream(Resource):
         return result
 
 
+class Holder:
+    """
+    An upstream handler (for L{FakeUpstream.handler}) that holds every request
+    open until the test answers it, counting the calls in flight at once.
+
+    @ivar held: the requests held, in arrival order.
+    @ivar most: the most calls that were in flight at the same time.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[Request] = []
+        self.now = self.most = 0
+
+    def __call__(self, request: Request) -> Any:
+        self.held.append(request)
+        self.now += 1
+        self.most = max(self.most, self.now)
+        request.notifyFinish().addBoth(self._ended)
+        return NOT_DONE_YET
+
+    def _ended(self, _: object) -> None:
+        self.now -= 1
+
+    def answer(self, respond: Callable[[Request], bytes]) -> None:
+        """Answer every request held and not answered yet with C{respond(request)}."""
+        for request in self.held:
+            if not request.finished:
+                request.write(respond(request))
+                request.finish()
+
+
 def jsonAnswer(body: object, status: int = 200, headers: dict[bytes, bytes] | None = None) -> Callable[[Request], bytes]:
     data = json.dumps(body).encode()
 

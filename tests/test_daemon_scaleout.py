@@ -30,7 +30,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from tests.daemon import PROJECT, Daemon, freePort, inThread, waitFor
-from tests.helpers import FakeUpstream, listenLocal
+from tests.helpers import FakeUpstream, Holder, listenLocal
 from twisted.protocols.policies import WrappingFactory
 from tests.redisserver import NO_REDIS, startRedis
 
@@ -231,26 +231,15 @@ class ScaleOutTests(TestCase):
     async def test_concurrencyAcrossTheFleet(self) -> None:
         """concurrent: K over four workers: the upstream never has more than K calls in flight."""
         k = 3
-        held: list[Request] = []
-        inFlight = [0, 0]
-
-        def hold(request: Request) -> Any:
-            held.append(request)
-            inFlight[0] += 1
-            inFlight[1] = max(inFlight)
-            request.notifyFinish().addBoth(lambda _: inFlight.__setitem__(0, inFlight[0] - 1))
-            return NOT_DONE_YET
-
-        self.upstream.handler = hold
+        holder = self.upstream.handler = Holder()
+        held = holder.held
         port = await self.fleet("  rules:\n    - {name: three, per: rule, concurrent: %d}\n" % k)
         calls = [Deferred.fromCoroutine(self.post(port, {"model": "gpt-4o-mini"})) for _ in range(4 * k)]
         await waitFor(lambda: len(held) == k and sum(c.called for c in calls) == 3 * k, "K held, the rest refused")
         self.assertEqual({c.result[0] for c in calls if c.called}, {429})
-        for request in list(held):
-            request.write(chatAnswer(request))
-            request.finish()
+        holder.answer(chatAnswer)
         await gatherResults(calls)
-        self.assertEqual(inFlight[1], k)
+        self.assertEqual(holder.most, k)
         records = await self.settled(4 * k)
         self.assertEqual(sorted(r["error"] or "" for r in records), [""] * k + ["concurrency_limited"] * (3 * k))
 

@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from tests.daemon import Daemon, daemonDirectory, freePort, inThread, readRecords, waitFor
-from tests.helpers import FakeUpstream, listenLocal
+from tests.helpers import FakeUpstream, Holder, listenLocal
 
 KEY = "lmgate-app-key-limits-000000000Zz"
 USAGE = {"prompt_tokens": 30, "completion_tokens": 20, "total_tokens": 50}
@@ -129,17 +129,8 @@ class LimitsDaemonTests(TestCase):
 
     async def test_concurrencyAtTheUpstream(self) -> None:
         """concurrent: K: never more than K calls in flight at the upstream; the lease is released at the record."""
-        held: list[Request] = []
-        inFlight = [0, 0]  # now, most
-
-        def hold(request: Request) -> Any:
-            held.append(request)
-            inFlight[0] += 1
-            inFlight[1] = max(inFlight)
-            request.notifyFinish().addBoth(lambda _: inFlight.__setitem__(0, inFlight[0] - 1))
-            return NOT_DONE_YET
-
-        self.upstream.handler = hold
+        holder = self.upstream.handler = Holder()
+        held = holder.held
         daemon = self.start("usage_limits:\n  rules:\n    - {name: two-at-once, per: rule, concurrent: 2}\n")
         await daemon.waitUntilHealthy(self.port)
         calls = [Deferred.fromCoroutine(self.post({"model": "gpt-4o-mini"})) for _ in range(6)]
@@ -148,9 +139,7 @@ class LimitsDaemonTests(TestCase):
         self.assertEqual({r.code for r in refused}, {429})
         body = json.loads(await refused[0].content())
         self.assertIn("two-at-once", body["error"]["message"])
-        for request in held:
-            request.write(chatAnswer(request))
-            request.finish()
+        holder.answer(chatAnswer)
         for c in calls:
             await (await c).content()
         third = Deferred.fromCoroutine(self.post({"model": "gpt-4o-mini"}))  # the leases went back at the records
@@ -160,7 +149,7 @@ class LimitsDaemonTests(TestCase):
         response = await third
         self.assertEqual(response.code, 200)
         await response.content()
-        self.assertEqual(inFlight[1], 2)
+        self.assertEqual(holder.most, 2)
         records = await self.records(7)
         self.assertEqual(sorted(r["error"] or "" for r in records), [""] * 3 + ["concurrency_limited"] * 4)
         self.assertEqual(await daemon.stop(), 0)
