@@ -539,3 +539,47 @@ class TLSTests(TestCase):
         assert isinstance(refused, Deferred)
         with self.assertRaises(StoreUnavailable):
             await refused
+
+
+@skipUnlessRedis
+class CommandLineTests(RedisCase):
+    """`lmgate limits show|reset` read and reset a Redis store's counters directly."""
+
+    @deferred
+    async def test_showAndReset(self) -> None:
+        import json as jsonlib
+        import os
+        import subprocess
+        import sys
+
+        from tests.daemon import inThread
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "allowlist.csv"), "w") as f:
+            f.write("id,api_key,owner,added\nk1,lmgate-cli-key-0000000000000000Aa,team-a,2026-12-01\n")
+        config = os.path.join(directory, "lmgate.yaml")
+        with open(config, "w") as f:
+            f.write(
+                f"allowlist: {{path: {directory}/allowlist.csv}}\n"
+                f"usage_limits:\n  store: {self.server.url}\n"
+                "  rules:\n    - {name: r, per: key, requests_per_minute: 5, tokens_per_day: 1000}\n"
+            )
+        store = self.store()
+        figures = [Figure("r|key=k1", "r", "requests_per_minute", 5), Figure("r|key=k1", "r", "tokens_per_day", 1000)]
+        await self.admitted(store, "a", figures, tokens=100)
+
+        def lmgate(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "lmgate.cli", "limits", *args, "--config", config],
+                                  capture_output=True, text=True, timeout=60)
+
+        shown = await inThread(lmgate, "show", "--key", "k1", "--json")
+        self.assertEqual(shown.returncode, 0, shown.stderr)
+        states = {s["kind"]: s for s in jsonlib.loads(shown.stdout)}
+        self.assertEqual((states["tokens_per_day"]["reserved"], states["tokens_per_day"]["remaining"]), (100, 900))
+        self.assertEqual(states["requests_per_minute"]["remaining"], 4)
+        reset = await inThread(lmgate, "reset", "--all")
+        self.assertEqual(reset.returncode, 0, reset.stderr)
+        self.assertIn("Reset", reset.stdout)
+        again = await inThread(lmgate, "show", "--json")
+        self.assertEqual(jsonlib.loads(again.stdout), [])
