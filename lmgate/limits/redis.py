@@ -148,6 +148,7 @@ def _connect(settings: RedisSettings, replyTimeout: float, tlsOptions: Any) -> A
     return connection
 
 
+
 @implementer(ILimitStore)
 class RedisStore(Service):
     """
@@ -223,6 +224,8 @@ class RedisStore(Service):
         self._lastDropLog: float | None = None
         self._queue: deque[Settlement] = deque()
         self._flushing = False
+        #: The end-of-turn send of the settlements queued in this turn, when one is due.
+        self._soon: Any = None
         self._retry = LoopingCall(self._flush)
         self._retry.clock = clock
         self._retryInterval = retryInterval
@@ -244,6 +247,9 @@ class RedisStore(Service):
         super().stopService()
         if self._retry.running:
             self._retry.stop()
+        if self._soon is not None:
+            self._soon.cancel()  # sent below, with the rest of the queue
+            self._soon = None
         for loading in list(self._loading):
             loading.cancel()
         redis, self._redis = self._redis, None
@@ -386,12 +392,19 @@ class RedisStore(Service):
         return d.addCallbacks(decide, unanswered)
 
     def settle(self, settlement: Settlement) -> None:
-        """Apply now if Redis is answering and nothing waits before it; else queue it (never raises, never waits)."""
-        if self._queue or self._flushing or self.circuitState != CLOSED or self._redis is None:
-            self._enqueue(settlement)
-            return
-        d = self._call(SETTLE, [1, *_settlementArgs(settlement)])
-        d.addErrback(lambda f: self._enqueue(settlement))
+        """
+        Queue it, and send the queue at the end of this reactor turn: the
+        settlements of one turn (a busy worker ends many calls in one) go in
+        one script call, in order (never raises, never waits). While Redis
+        fails they wait in the queue for the retry.
+        """
+        self._enqueue(settlement)
+        if self._soon is None and not self._flushing and self.circuitState == CLOSED and self._redis is not None:
+            self._soon = self._clock.callLater(0, self._flushSoon)
+
+    def _flushSoon(self) -> None:
+        self._soon = None
+        self._flush()
 
     def renew(self, requestIds: Sequence[str], leaseSeconds: float) -> None:
         """Extend the live leases of these calls, in one script; best effort (a failure is only counted)."""
