@@ -134,15 +134,7 @@ class ProxiedCall:
         """
         provider = self._context.provider
         status, headers, body = errorResponse(provider.format if provider is not None else None, kind, message)
-        self._request.setResponseCode(status)
-        for name, value in headers:
-            self._request.responseHeaders.setRawHeaders(name, [value])
-        self._request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-        self._status = status
-        self._answerBytes = 0 if self._request.method == b"HEAD" else len(body)
-        if self._context.audit:
-            self._answerBody = body
-        self._recordOnce(errorName or kind, None)
+        self._answerOwn(status, headers, body, errorName or kind)
         return body
 
     def serve(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
@@ -151,16 +143,21 @@ class ProxiedCall:
 
         @return: the body, for C{render} to return.
         """
-        self._request.setResponseCode(status)
+        self._answerOwn(status, headers, body, None)
+        return b"" if self._request.method == b"HEAD" else body
+
+    def _answerOwn(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, error: str | None) -> None:
+        """Set the head of an answer of LMGate's own (its body's length included), and record the call."""
+        request = self._request
+        request.setResponseCode(status)
         for name, value in headers:
-            self._request.responseHeaders.setRawHeaders(name, [value])
-        self._request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+            request.responseHeaders.setRawHeaders(name, [value])
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
         self._status = status
-        self._answerBytes = 0 if self._request.method == b"HEAD" else len(body)
+        self._answerBytes = 0 if request.method == b"HEAD" else len(body)
         if self._context.audit:
             self._answerBody = body
-        self._recordOnce(None, None)
-        return b"" if self._request.method == b"HEAD" else body
+        self._recordOnce(error, None)
 
     def answer(self, body: Any) -> None:
         """
