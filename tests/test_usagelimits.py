@@ -93,6 +93,13 @@ class SettingsTests(SynchronousTestCase):
         self.assertIn("usage_limits.redis.timeout: must be a number > 0", self.wrong({"redis": {"timeout": 0}}))
         self.assertIn("usage_limits.colour: unknown key", self.wrong({"colour": 1}))
 
+    def test_storeErrorsHideThePassword(self) -> None:
+        """A wrong Redis URL is named in the start-up line without its password."""
+        line = self.wrong({"store": "redis://gw:s3cret@cache:0/0"})
+        self.assertIn("usage_limits.store:", line)
+        self.assertIn("1-65535", line)
+        self.assertNotIn("s3cret", line)
+
     def test_storeFromTheEnvironment(self) -> None:
         """The store's URL (which may carry a password) can come from LMGATE_USAGE_LIMITS__STORE."""
         settings = settingsFrom({}, "x.yaml", {"LMGATE_USAGE_LIMITS__STORE": "redis://127.0.0.1:6390/2"})

@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
-from urllib.parse import unquote, urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, fail, succeed
@@ -34,60 +32,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lmgate.limits import redisscripts
+from lmgate.limits.settings import RedisSettings, parseRedisUrl
 from lmgate.limits.store import Decision, Figure, FigureState, ILimitStore, Settlement, StoreUnavailable
 
 log = Logger()
-
-
-@dataclass(frozen=True, slots=True)
-class RedisSettings:
-    """
-    Where the Redis is, from C{usage_limits.store} (L{parseRedisUrl}).
-
-    @ivar tls: C{rediss://}: the connection is TLS, the server's certificate
-        checked against the system's trust roots and C{host}.
-    """
-
-    host: str
-    port: int = 6379
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-
-
-def parseRedisUrl(url: str) -> RedisSettings:
-    """
-    Parse C{redis://[user:password@]HOST[:PORT][/DB]} or C{rediss://...} (TLS).
-
-    @raise ValueError: with a message saying what is wrong, for the start-up
-        line that names the field.
-    """
-    shown = url.split("//", 1)[0] + "//***@" + url.rsplit("@", 1)[1] if "@" in url else url  # never a password in a message
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise ValueError(f"{shown!r} is not a Redis URL: {e}") from None
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"{shown!r} is not a Redis URL: it must start with redis:// or rediss:// (TLS)")
-    if not parts.hostname:
-        raise ValueError(f"{shown!r} names no host: redis://HOST[:PORT][/DB]")
-    if parts.query or parts.fragment:
-        raise ValueError(f"{shown!r}: a Redis URL takes no ?query or #fragment")
-    path = parts.path.strip("/")
-    if path and not (path.isascii() and path.isdigit()):
-        raise ValueError(f"{shown!r}: the database after the host must be a number, not {path!r}")
-    if port == 0:
-        raise ValueError(f"{shown!r}: the port must be 1-65535")
-    return RedisSettings(
-        host=parts.hostname,
-        port=port if port is not None else 6379,
-        db=int(path) if path else 0,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        tls=parts.scheme == "rediss",
-    )
 
 
 class _Script:

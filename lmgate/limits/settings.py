@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from lmgate.sections import (
     SectionError,
@@ -110,28 +110,68 @@ class LimitsSettings:
 
 
 def checkStoreUrl(where: str, value: Any) -> str:
-    """C{memory}, or a C{redis://} / C{rediss://} URL with a host (and a numeric db, if any)."""
+    """C{memory}, or a Redis URL L{parseRedisUrl} takes."""
     if value == "memory":
         return "memory"
-    if not isinstance(value, str) or not value.strip():
-        raise LimitsConfigError(where, f"must be memory or a redis:// or rediss:// URL, got {value!r}")
+    if not isinstance(value, str) or not value.strip() or not value.startswith(("redis://", "rediss://")):
+        shown = value if not isinstance(value, str) else value.split("://", 1)[0] + "://..."
+        raise LimitsConfigError(where, f"must be memory or a redis:// or rediss:// URL, got {shown!r}")
     try:
-        parts = urlsplit(value)
-        parts.port
+        parseRedisUrl(value)
     except ValueError as e:
-        raise LimitsConfigError(where, f"not a valid URL ({e})") from None
-    if parts.scheme not in ("redis", "rediss"):
-        raise LimitsConfigError(where, f"must be memory or a redis:// or rediss:// URL, got scheme {parts.scheme!r}")
-    if not parts.hostname:
-        raise LimitsConfigError(where, "the Redis URL has no host")
-    db = parts.path.strip("/")
-    if db and not (db.isascii() and db.isdigit()):
-        raise LimitsConfigError(where, f"the Redis database must be a number, got {db!r}")
-    if parts.query or parts.fragment:
-        raise LimitsConfigError(where, "a Redis URL takes no ?query or #fragment")
-    if parts.port == 0:
-        raise LimitsConfigError(where, "the Redis port must be 1-65535")
+        raise LimitsConfigError(where, str(e)) from None
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """
+    Where the Redis is, from C{usage_limits.store} (L{parseRedisUrl}).
+
+    @ivar tls: C{rediss://}: the connection is TLS, the server's certificate
+        checked against the system's trust roots and C{host}.
+    """
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+
+def parseRedisUrl(url: str) -> RedisSettings:
+    """
+    Parse C{redis://[user:password@]HOST[:PORT][/DB]} or C{rediss://...} (TLS).
+
+    @raise ValueError: with a message saying what is wrong, for the start-up
+        line that names the field.
+    """
+    shown = url.split("//", 1)[0] + "//***@" + url.rsplit("@", 1)[1] if "@" in url else url  # never a password in a message
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"{shown!r} is not a Redis URL: {e}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"{shown!r} is not a Redis URL: it must start with redis:// or rediss:// (TLS)")
+    if not parts.hostname:
+        raise ValueError(f"{shown!r} names no host: redis://HOST[:PORT][/DB]")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{shown!r}: a Redis URL takes no ?query or #fragment")
+    path = parts.path.strip("/")
+    if path and not (path.isascii() and path.isdigit()):
+        raise ValueError(f"{shown!r}: the database after the host must be a number, not {path!r}")
+    if port == 0:
+        raise ValueError(f"{shown!r}: the port must be 1-65535")
+    return RedisSettings(
+        host=parts.hostname,
+        port=port if port is not None else 6379,
+        db=int(path) if path else 0,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        tls=parts.scheme == "rediss",
+    )
 
 
 def _match(where: str, raw: Any) -> RuleMatch:
