@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lmgate.limits import redisscripts
+from lmgate.limits.resp import RedisClient, RedisConnectionError, RedisError
 from lmgate.limits.settings import RedisSettings, parseRedisUrl
 from lmgate.limits.store import Decision, Figure, FigureState, ILimitStore, Settlement, StoreUnavailable
 
@@ -54,6 +55,10 @@ SHOW = _Script("show", redisscripts.SHOW)
 RESET = _Script("reset", redisscripts.RESET)
 SCRIPTS = (ADMIT, SETTLE, RENEW, SHOW, RESET)
 
+#: Every admission's answer (the script sends no states with it).
+ADMITTED = Decision(True)
+
+
 class CircuitOpen(StoreUnavailable):
     """Not even tried: the circuit is open after Redis kept failing."""
 
@@ -62,39 +67,25 @@ class CircuitOpen(StoreUnavailable):
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
 
 
-def _connect(settings: RedisSettings, replyTimeout: float, tlsOptions: Any) -> Any:
+def _connect(reactor: Any, settings: RedisSettings, replyTimeout: float, tlsOptions: Any) -> RedisClient:
     """
-    A lazy, reconnecting txredisapi connection (one TCP connection; commands
-    are pipelined on it). txredisapi uses the global reactor for its own
-    connecting and reconnecting: our deadlines run on the clock we are given.
+    A reconnecting connection to the Redis of C{settings} (L{RedisClient}: one
+    TCP connection, commands pipelined on it), TLS for C{rediss://}, made
+    with C{reactor} (an C{IReactorTCP} and C{IReactorTime}).
     """
-    import txredisapi
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
-    creator: Any = False
+    endpoint: Any = HostnameEndpoint(reactor, settings.host, settings.port, timeout=max(1.0, replyTimeout))
     if settings.tls:
         if tlsOptions is None:
             from twisted.internet.ssl import optionsForClientTLS
 
             tlsOptions = optionsForClientTLS(settings.host)
-        creator = tlsOptions
-    connection = txredisapi.lazyConnection(
-        host=settings.host,
-        port=settings.port,
-        dbid=settings.db or None,  # 0 is the default: no SELECT round trip on each (re)connect
-        reconnect=True,
-        charset="utf-8",
-        password=settings.password,
-        username=settings.username,
-        ssl_context_factory=creator,
-        connectTimeout=max(1.0, replyTimeout),
-        replyTimeout=replyTimeout,
-        convertNumbers=False,
-    )
-    # Reconnect soon after Redis comes back (txredisapi waits up to 10 s by default).
-    connection._factory.initialDelay = 0.1
-    connection._factory.maxDelay = 1.0
-    return connection
-
+        endpoint = wrapClientTLS(tlsOptions, endpoint)
+    client = RedisClient(endpoint, reactor, replyTimeout=replyTimeout, username=settings.username,
+                         password=settings.password, db=settings.db or 0)
+    client.start()
+    return client
 
 
 @implementer(ILimitStore)
@@ -145,7 +136,7 @@ class RedisStore(Service):
         @param timeOffset: seconds added to Redis's clock (tests only).
         @param tlsOptions: an C{IOpenSSLClientConnectionCreator} for C{rediss://}
             (default: the system's trust roots, checked against the host).
-        @param connect: makes the txredisapi connection (default: from C{settings}).
+        @param connect: makes the L{RedisClient} (default: from C{settings}).
         """
         self.settings = settings
         self._clock = clock
@@ -157,10 +148,12 @@ class RedisStore(Service):
         self._maxCoolOff = maxCoolOff
         self._coolOff = coolOff
         self._queueLimit = queueLimit
-        # txredisapi's own deadline, far past ours: it drops a connection that
+        # The connection's own deadline, far past ours: it drops a connection that
         # stopped answering altogether, so the next call reconnects.
         replyTimeout = max(1.0, 10 * timeout)
-        self._connect = connect or (lambda: _connect(settings, replyTimeout, tlsOptions))
+        # The clock is the reactor in service (and in the tests against a real
+        # Redis): it makes the connection too.
+        self._connect = connect or (lambda: _connect(clock, settings, replyTimeout, tlsOptions))
         self._redis: Any = None
         self._loading: list[Deferred[Any]] = []
         self.circuitState = CLOSED
@@ -206,7 +199,7 @@ class RedisStore(Service):
         flushed = self._sendQueued(redis) if self._queue else succeed(None)
 
         def disconnect(_: object) -> Deferred[None]:
-            d: Deferred[None] = redis.disconnect()
+            d: Deferred[None] = redis.stop()
             d.addErrback(lambda f: None)
             return d
 
@@ -218,7 +211,7 @@ class RedisStore(Service):
         return self._redis
 
     def _loadScript(self, script: _Script) -> None:
-        d = self._redis.script_load(script.source)
+        d = self._redis.execute("SCRIPT", "LOAD", script.source)
         d.addTimeout(max(1.0, 10 * self._timeout), self._clock)
         self._loading.append(d)
 
@@ -252,14 +245,14 @@ class RedisStore(Service):
             if not self._available():
                 return fail(CircuitOpen("Redis circuit open: not calling Redis for now"))
             redis = self._ensureConnected()
-        argv = [self._prefix, self._offsetMs, *(str(a) for a in args)]
+        argv = [self._prefix, self._offsetMs, *args]
         started = self._clock.seconds()
-        d: Deferred[Any] = redis.evalsha(script.sha, [], argv)
+        d: Deferred[Any] = redis.execute("EVALSHA", script.sha, 0, *argv)
 
         def noScript(f: Failure) -> Any:
-            # ScriptDoesNotExist: Redis restarted or flushed its scripts; EVAL loads it again.
-            if "NOSCRIPT" in f.getErrorMessage() or type(f.value).__name__ == "ScriptDoesNotExist":
-                return redis.eval(script.source, [], argv)
+            # NOSCRIPT: Redis restarted or flushed its scripts; EVAL loads it again.
+            if f.check(RedisError) and f.getErrorMessage().startswith("NOSCRIPT"):
+                return redis.execute("EVAL", script.source, 0, *argv)
             return f
 
         d.addErrback(noScript)
@@ -282,13 +275,11 @@ class RedisStore(Service):
         return result
 
     def _failed(self, f: Failure, script: _Script) -> Failure:
-        import txredisapi
-
         if f.check(CancelledError):
             return f  # the caller gave up (its client left): no word on Redis's health
         if f.check(DeferredTimeout):
             kind, why = "timeout", f"Redis did not answer within {self._timeout} s"
-        elif f.check(txredisapi.ConnectionError, ConnectionError) or not f.check(txredisapi.RedisError, StoreUnavailable):
+        elif f.check(RedisConnectionError, ConnectionError) or not f.check(RedisError, StoreUnavailable):
             kind, why = "connection", f"Redis connection failed: {f.getErrorMessage()}"
         else:
             kind, why = "error", f"Redis answered {script.name} with an error: {f.getErrorMessage()}"
@@ -319,13 +310,13 @@ class RedisStore(Service):
         d = self._call(ADMIT, args)
 
         def decide(answer: str) -> Decision:
+            if answer == "1":
+                return ADMITTED
             reply = [int(x) for x in answer.split(",")]
             states = tuple(
                 FigureState(figure, used=reply[3 + 4 * i], reserved=reply[4 + 4 * i], remaining=reply[5 + 4 * i], reset=reply[6 + 4 * i] / 1000)
                 for i, figure in enumerate(figures)
             )
-            if reply[0] == 1:
-                return Decision(True, states=states)
             retry = reply[2]
             return Decision(False, refusedBy=figures[reply[1] - 1], retryAfter=retry / 1000 if retry >= 0 else None, states=states)
 
@@ -387,7 +378,7 @@ class RedisStore(Service):
         result: Deferred[list[str]] = Deferred()
 
         def step(cursor: int, rounds: int) -> None:
-            d = redis.scan(cursor, pattern, 1000)
+            d = redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
             d.addTimeout(max(1.0, 10 * self._timeout), self._clock)
 
             def got(reply: Sequence[Any]) -> None:

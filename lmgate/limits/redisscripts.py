@@ -55,7 +55,7 @@ local function daysFromCivil(y, m, d)
   local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
   return era * 146097 + doe - 719468
 end
-local function window(kind, now)
+local function calendarWindow(kind, now)
   local day = math.floor(now / DAY)
   local y, m, d = civil(day)
   if string.sub(kind, -8) == '_per_day' then
@@ -64,6 +64,19 @@ local function window(kind, now)
   local ny, nm = y, m + 1
   if nm > 12 then ny, nm = y + 1, 1 end
   return string.format('%04d-%02d', y, m), daysFromCivil(ny, nm, 1) * DAY
+end
+-- Each script call asks for the same day's and month's window again for
+-- every figure: worked out once.
+local windows = {}
+local function window(kind, now)
+  local per = string.sub(kind, -8) == '_per_day' and 'd' or 'm'
+  local known = windows[per]
+  if not known then
+    local id, ends = calendarWindow(kind, now)
+    known = {id, ends}
+    windows[per] = known
+  end
+  return known[1], known[2]
 end
 local function shape(kind)
   if kind == 'requests_per_minute' or kind == 'tokens_per_minute' then return 'bucket' end
@@ -136,10 +149,9 @@ local function fits(kind, st, amount, limit)
   if s == 'bucket' then return st[5] + 1e-9 >= amount end
   return st[5] + amount <= limit
 end
--- An admission's reply is one string of comma-separated integers
--- (milliseconds for times), its figures one JSON argument: the client
--- (txredisapi) spends far more on each element of a reply or argument than
--- Redis spends on the whole script.
+-- An admission's reply is one string (comma-separated integers, milliseconds
+-- for times), its figures one JSON argument: one element each to encode and
+-- parse on the gateway's side, whatever the number of figures.
 local function retryAfter(kind, st, amount, limit)
   local s = shape(kind)
   if s == 'bucket' then return math.ceil((amount - st[5]) * 60000 / limit) end
@@ -158,9 +170,11 @@ end
 """
 
 #: ARGV: prefix, offset, request id, tokens, nano-dollars, lease ms, the
-#: figures as JSON [[counter, rule, kind, limit], ...]. Answers integers joined
-#: by commas: admitted, refused index (1-based, 0 if none), retry after ms (-1
-#: if unknown), then for each figure: used, reserved, remaining, reset ms.
+#: figures as JSON [[counter, rule, kind, limit], ...]. Answers C{1} when
+#: admitted (the states after an admission are read by no one: computing and
+#: sending them cost more than the rest of the reply); when refused, integers
+#: joined by commas: 0, the refusing figure's index (1-based), retry after ms
+#: (-1 if unknown), then for each figure: used, reserved, remaining, reset ms.
 ADMIT = COMMON + r"""
 local rid, tokens, nano, lease = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local given = cjson.decode(ARGV[7])
@@ -184,30 +198,23 @@ end
 local entries = {}
 local reservationTtl = 0
 local metas, metaOrder = {}, {}
-local out = {'1', '0', '-1'}
 for i = 1, n do
   local counter, rule, kind, limit, key, ends, st, amount = unpack(figures[i])
   local s = shape(kind)
-  local ttl, after
+  local ttl
   if s == 'bucket' then
     ttl = writeBucket(key, limit, st[5] - amount, now)
-    after = bucketState(st[5] - amount, limit)
   elseif s == 'lease' then
     redis.call('ZADD', key, now + lease, rid)
     local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
     ttl = math.ceil(tonumber(last[2]) - now) + 1000
     redis.call('PEXPIRE', key, ttl)
     reservationTtl = math.max(reservationTtl, math.ceil(lease) + RESERVATION_MARGIN)
-    local count = st[5] + 1
-    local reset = 0
-    if count >= limit then reset = (tonumber(last[2]) - now) / 1000 end
-    after = {count, 0, math.max(0, limit - count), reset}
   else
     redis.call('HINCRBY', key, 'reserved', amount)
     ttl = ends - now + WINDOW_MARGIN
     redis.call('PEXPIRE', key, ttl)
     reservationTtl = math.max(reservationTtl, ends - now + RESERVATION_MARGIN)
-    after = {st[1], st[2] + amount, math.max(0, st[3] - amount), st[4]}
   end
   if kind ~= 'requests_per_minute' then
     table.insert(entries, {key, kind, fmt(amount), fmt(limit)})
@@ -222,7 +229,6 @@ for i = 1, n do
   meta.ttl = math.max(meta.ttl, ttl)
   table.insert(meta.fields, kind)
   table.insert(meta.fields, fmt(limit) .. '|' .. rule)
-  pushState(out, after)
 end
 for _, counter in ipairs(metaOrder) do
   local key, meta = P .. 'f:' .. counter, metas[counter]
@@ -234,7 +240,8 @@ if #entries > 0 then
   redis.call('HSET', r, 'e', cjson.encode(entries))
   redis.call('PEXPIRE', r, reservationTtl)
 end
-return table.concat(out, ',')
+return '1'
+
 """
 
 #: ARGV: prefix, offset, n, then n × (request id, tokens or '', nano-dollars
