@@ -61,11 +61,11 @@ def _arg(value: object) -> bytes:
 def encodeCommand(args: Sequence[object]) -> bytes:
     """One command as RESP: an array of bulk strings."""
     parts = [b"*%d\r\n" % len(args)]
+    append = parts.append
     for value in args:
-        data = _arg(value)
-        parts.append(b"$%d\r\n" % len(data))
-        parts.append(data)
-        parts.append(b"\r\n")
+        kind = type(value)
+        data = value.encode("utf-8") if kind is str else b"%d" % value if kind is int else _arg(value)  # type: ignore[attr-defined,str-format]
+        append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
 
 
