@@ -9,7 +9,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import subprocess
 from contextlib import redirect_stderr, redirect_stdout
@@ -18,7 +17,6 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from lmgate.ops.report import formatMoney, formatMs, main, parseWhen
-from lmgate.ops.report_html import COUNT, MONEY, MS, niceScale, tickLabels
 
 OWNERS = ("team-a", "team-b", "team-c")
 
@@ -159,11 +157,6 @@ def record(**fields: Any) -> dict[str, Any]:
     return base
 
 
-def ticksOf(page: str) -> list[list[str]]:
-    """The value-axis labels of each chart on the page."""
-    return [re.findall(r'class="tick" text-anchor="end">([^<]*)<', svg) for svg in page.split("<svg")[1:]]
-
-
 class ReportShapeTests(SynchronousTestCase):
     """Valid JSON of the wrong shape is skipped and counted; output is safe to open."""
 
@@ -289,39 +282,3 @@ class ReportShapeTests(SynchronousTestCase):
                  1234.5: "1,234.50", 0.0009999: "0.001", 1e-12: "1.00e-12", 0.1 + 0.2: "0.30"}
         self.assertEqual({v: formatMoney(v) for v in cases}, cases)
         self.assertEqual([formatMs(v) for v in (12.6, 0.4, 999.94, 999.96, 1234.4)], ["12.6", "0.4", "999.9", "1,000", "1,234"])
-
-    def test_chartTicksNeverRepeatAndCountsAreWhole(self) -> None:
-        """For any maximum, a chart's ticks are distinct, cover the maximum, and are whole for counts."""
-        rng = random.Random(11)
-        maxima = [0, 1, 2, 3, 4.25, 7, 10, 0.000277, 0.0001, 0.0003, 1e-9, 999, 1000, 9999, 123456, 3e9]
-        maxima += [10 ** rng.uniform(-8, 10) for _ in range(2000)]
-        for kind in (COUNT, MONEY, MS):
-            for maximum in maxima:
-                top, ticks, step = niceScale(maximum, kind)
-                labels = tickLabels(ticks, step)
-                self.assertEqual(len(set(labels)), len(labels), (kind, maximum, labels))
-                self.assertGreaterEqual(top * (1 + 1e-9), maximum)
-                self.assertLessEqual(len(ticks), 6)
-                if kind == COUNT:
-                    self.assertTrue(all(t == int(t) for t in ticks), (maximum, ticks))
-        self.assertEqual(tickLabels(*niceScale(0.000277, MONEY)[1:]), ["0", "0.0001", "0.0002", "0.0003"])
-        self.assertEqual(tickLabels(*niceScale(3, COUNT)[1:]), ["0", "1", "2", "3"])
-
-    def test_pageTicksAndRefusedCalls(self) -> None:
-        """On the page, no chart repeats a tick or shows a fractional call count, and calls refused
-        before a key was known are "refused" in the legends, not a bare "-"."""
-        self.write([json.dumps(record(cost_usd=0.0001)), json.dumps(record(cost_usd=0.000177, status=429)),
-                    json.dumps(record(owner=None, lmgate_id=None, status=403, error="forbidden", cost_usd=None,
-                                      input_tokens=None, output_tokens=None)),
-                    json.dumps(record(timestamp="2026-11-21T10:00:00.000Z", error="upstream_reset"))])
-        page = os.path.join(self.dir, "page.html")
-        self.report("--html", page)
-        with open(page, encoding="utf-8") as f:
-            text = f.read()
-        tokens, cost, calls, latency = ticksOf(text)
-        for ticks in (tokens, cost, calls, latency):
-            self.assertEqual(len(set(ticks)), len(ticks), ticks)
-        self.assertEqual(calls, ["0", "1", "2", "3"])
-        self.assertEqual(cost, ["0", "0.0001", "0.0002", "0.0003"])
-        self.assertIn('<i style="background:#f28e2b"></i>refused</span>', text)
-        self.assertNotIn("</i>-</span>", text)
