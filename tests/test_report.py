@@ -122,12 +122,18 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("team-a", text)
 
     def test_htmlInChromium(self) -> None:
-        """The page renders in headless Chromium: the charts are drawn (non-blank screenshot), no console errors."""
+        """The page renders in headless Chromium: the charts are drawn (non-blank screenshot), no console errors;
+        with --config, the usage limits' charts and table too."""
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         if chromium is None:
             raise self.skipTest("chromium is not installed (.ci/run installs Debian's chromium)")
         page = os.path.join(self.dir, "report.html")
-        self.run_("--html", page)
+        config = os.path.join(self.dir, "lmgate.yaml")
+        with open(config, "w") as f:
+            f.write("usage_limits: {rules: [{name: keys, per: key, tokens_per_day: 30000, usd_per_day: 0.5}]}\n")
+        self.run_("--html", page, "--config", config)
+        with open(page) as f:
+            self.assertEqual(f.read().count("<svg"), 4 + 2)
         shot = os.path.join(self.dir, "shot.png")
         profile = os.path.join(self.dir, "chromium-profile")
         result = subprocess.run(
