@@ -157,9 +157,10 @@ class PageChartTests(SynchronousTestCase):
 
     def test_namesAreEscapedAndNeverMath(self) -> None:
         """Owner names are text in the charts: markup escaped, control characters written out,
-        a dollar sign not read as mathematics."""
-        self.write([record(owner="<b>x</b>\x1b"), record(owner="$a$ & b")])
+        a dollar sign not read as mathematics, a leading underscore still in the legend."""
+        self.write([record(owner="<b>x</b>\x1b", input_tokens=30), record(owner="$a$ & b", input_tokens=20), record(owner="_c")])
         tokens = charts(self.page())[0]
+        self.assertEqual(legendOf(tokens), ["&lt;b&gt;x&lt;/b&gt;\\x1b", "$a$ &amp; b", "_c"])
         self.assertIn("&lt;b&gt;x&lt;/b&gt;\\x1b", tokens)
         self.assertIn("$a$ &amp; b", tokens)
         self.assertNotIn("<b>", tokens)

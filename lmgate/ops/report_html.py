@@ -126,6 +126,7 @@ class _Chart:
     def __init__(self, chartId: str, days: Sequence[str], kind: str) -> None:
         self.chartId, self.days, self.kind = chartId, list(days), kind
         self.tooltips: dict[str, str] = {}
+        self.legend: list[tuple[Any, str]] = []  # kept here: matplotlib leaves out labels starting with "_"
         with matplotlib.rc_context(_RC):
             self.figure = Figure(figsize=(7.6, 2.9))
             FigureCanvasSVG(self.figure)
@@ -140,8 +141,8 @@ class _Chart:
 
     def svg(self) -> str:
         with matplotlib.rc_context(_RC | {"svg.hashsalt": f"lmgate-{self.chartId}"}):
-            handles, labels = self.axes.get_legend_handles_labels()
-            if handles:
+            if self.legend:
+                handles, labels = zip(*self.legend)
                 self.axes.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
             top = self.axes.get_ylim()[1]  # autoscaled to the data
             self.axes.set_ylim(0, top if top > 0 else 1)
@@ -160,7 +161,8 @@ class _Chart:
         """Stacked bars per day, one colour per series, each bar's value in its tooltip."""
         base = [0.0] * len(self.days)
         for j, (name, values) in enumerate(series.items()):
-            bars = self.axes.bar(self.positions, values, bottom=base, width=0.8, color=PALETTE[j % len(PALETTE)], label=name)
+            bars = self.axes.bar(self.positions, values, bottom=base, width=0.8, color=PALETTE[j % len(PALETTE)])
+            self.legend.append((bars, name))
             for i, (bar, value) in enumerate(zip(bars.patches, values)):
                 if value:
                     bar.set_gid(f"bar-{j}-{i}")
@@ -171,7 +173,8 @@ class _Chart:
         """A line with markers per series; a day without a value leaves a gap."""
         for j, (name, values) in enumerate(series.items()):
             ys = [math.nan if v is None else v for v in values]
-            self.axes.plot(self.positions, ys, marker="o", markersize=4, linewidth=2, color=colours[j % len(colours)], label=name)
+            line, = self.axes.plot(self.positions, ys, marker="o", markersize=4, linewidth=2, color=colours[j % len(colours)])
+            self.legend.append((line, name))
 
 
 def _text(value: str) -> str:
@@ -245,7 +248,8 @@ def limitCharts(limits: Sequence[LimitDay]) -> list[str]:
             nearest = sorted(counters, key=lambda c: (-max(counters[c].values()), c))
             chart = _Chart(f"limit{n}-{used}", days, kind)
             chart.lines({printable(c.split("|", 1)[1]): [counters[c].get(d) for d in days] for c in nearest[:TOP]})
-            chart.axes.axhline(limit, color="#c0392b", linestyle="--", linewidth=1.5, label=f"limit {axisLabels([limit], kind)[0]}")
+            line = chart.axes.axhline(limit, color="#c0392b", linestyle="--", linewidth=1.5)
+            chart.legend.append((line, f"limit {axisLabels([limit], kind)[0]}"))
             chart.axes.set_ylim(0, max([limit] + [v for c in counters.values() for v in c.values()]) * 1.08)
             more = f", {len(nearest) - TOP} more counters in the table" if len(nearest) > TOP else ""
             charts.append(_figure(f"Rule {printable(rule)}: {unit} against its limit{more}", chart))
