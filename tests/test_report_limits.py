@@ -15,7 +15,7 @@ import duckdb
 from twisted.trial.unittest import SynchronousTestCase
 
 from lmgate.ops.report import main
-from lmgate.ops.report_limits import LimitDay, limitDays
+from lmgate.ops.report_limits import LimitDay, limitDays, limitMonths
 from tests.test_report import record
 from tests.test_report_html import charts, legendOf
 
@@ -41,6 +41,11 @@ usage_limits:
       usd_per_day: 1
     - name: rate
       requests_per_minute: 5
+    - name: monthly
+      per: owner
+      match: {owner: team-b}
+      tokens_per_month: 100000
+      usd_per_month: 10
 """
 
 D20, D21 = "2026-11-20T10:00:00.000Z", "2026-11-21T10:00:00.000Z"
@@ -79,6 +84,7 @@ EXPECTED = [
     ("minis", "minis|rule", "2026-11-21", 0, 2000, 0.0, None, 0),
     ("aliased", "aliased|rule", "2026-11-20", 0 + 300, None, 0.03, 1.0, 0),
 ]
+MONTHLY = [("monthly", "monthly|owner=team-b", "2026-11", 450, 100000, 0.045, 10.0, 0)]
 
 _COLUMNS = ("{'timestamp': 'VARCHAR', 'lmgate_id': 'VARCHAR', 'owner': 'VARCHAR', 'provider': 'VARCHAR', "
             "'model': 'VARCHAR', 'alias': 'VARCHAR', 'status': 'BIGINT', 'total_tokens': 'BIGINT', "
@@ -111,6 +117,10 @@ class LimitDaysTests(SynchronousTestCase):
         on the refusing rule's counter; a record without a key (refused before one was known) counts nowhere;
         a rule without a daily figure is not shown."""
         self.assertEqual(flat(limitDays(self.connection, self.config)), EXPECTED)
+
+    def test_perMonth(self) -> None:
+        """Rules with monthly figures: the use per counter and UTC month, against tokens_per_month and usd_per_month."""
+        self.assertEqual(flat(limitMonths(self.connection, self.config)), MONTHLY)
 
     def test_noDailyRule(self) -> None:
         """A configuration whose rules have no daily figure (or no usage_limits at all) shows nothing."""
@@ -147,11 +157,13 @@ class ConfigOptionTests(SynchronousTestCase):
         report's own figures are unchanged."""
         plain = json.loads(self.run_("--format", "json")[0])
         data = json.loads(self.run_("--format", "json", "--config", self.config)[0])
-        self.assertEqual({k: v for k, v in data.items() if k != "limits"}, plain)
+        self.assertEqual({k: v for k, v in data.items() if k not in ("limits", "limits_monthly")}, plain)
         rows = [(r["rule"], r["counter"], r["day"], r["tokens"], r["tokens_per_day"], round(r["usd"], 9), r["usd_per_day"],
                  r["refusals"]) for r in data["limits"]]
         self.assertEqual(rows, EXPECTED)
         self.assertEqual({r["per"] for r in data["limits"]}, {"key", "owner", "rule"})
+        self.assertEqual(data["limits_monthly"], [{"rule": "monthly", "per": "owner", "counter": "monthly|owner=team-b", "month": "2026-11",
+                                                   "tokens": 450, "tokens_per_month": 100000, "usd": 0.045, "usd_per_month": 10.0, "refusals": 0}])
 
     def test_filtersApply(self) -> None:
         """Limit use is computed over the records the report's filters keep (--since, --owner...)."""
@@ -166,12 +178,16 @@ class ConfigOptionTests(SynchronousTestCase):
         """The table and CSV outputs carry the limits as a second table after the main one."""
         table = self.run_("--config", self.config)[0]
         main_, limits = table.split("\nUSAGE LIMITS PER UTC DAY\n")
+        limits, monthly = limits.split("\nUSAGE LIMITS PER UTC MONTH\n")
+        self.assertEqual(monthly.splitlines()[2].split(), ["monthly", "owner=team-b", "2026-11", "450", "100,000", "0.045", "10.00", "0"])
         self.assertTrue(main_.splitlines()[-1].startswith("TOTAL"))
         self.assertEqual(limits.splitlines()[0].split(), ["RULE", "COUNTER", "DAY", "TOKENS", "TOKENS/DAY", "USD", "USD/DAY", "REFUSALS"])
         self.assertIn("\nminis    rule          2026-11-20     600       2,000   0.06        -         0\n", limits)
         self.assertEqual(len(limits.splitlines()), 2 + len(EXPECTED))
         text = self.run_("--format", "csv", "--config", self.config)[0]
-        first, second = text.split("\r\n\r\n")
+        first, second, third = text.split("\r\n\r\n")
+        self.assertEqual(third.split("\r\n")[:2], ["rule,per,counter,month,tokens,tokens_per_month,usd,usd_per_month,refusals",
+                                                   "monthly,owner,monthly|owner=team-b,2026-11,450,100000,0.045,10.0,0"])
         self.assertEqual(first.split("\r\n")[0].split(",")[:2], ["owner", "calls"])
         rows = list(csv.DictReader(io.StringIO(second)))
         self.assertEqual([(r["counter"], int(r["tokens"])) for r in rows], [(e[1], e[3]) for e in EXPECTED])
@@ -184,13 +200,15 @@ class ConfigOptionTests(SynchronousTestCase):
         with open(page, encoding="utf-8") as f:
             text = f.read()
         svgs = charts(text)
-        self.assertEqual(len(svgs), 4 + 5)  # keys tokens; owners tokens and usd; minis tokens; aliased usd
+        self.assertEqual(len(svgs), 4 + 5 + 2)  # keys tokens; owners tokens and usd; minis tokens; aliased usd; monthly both
         self.assertEqual(legendOf(svgs[4]), ["key=k3", "key=k1", "key=k2", "limit 1,000"])
         self.assertEqual(legendOf(svgs[6]), ["owner=team-b", "owner=team-a", "limit $0.50"])
         captions = re.findall(r"<figcaption>([^<]*)</figcaption>", text)[4:]
         self.assertEqual(captions, ["Rule keys: tokens per day against its limit", "Rule owners: tokens per day against its limit",
                                     "Rule owners: USD per day against its limit", "Rule minis: tokens per day against its limit",
-                                    "Rule aliased: USD per day against its limit"])
+                                    "Rule aliased: USD per day against its limit",
+                                    "Rule monthly: tokens per month against its limit", "Rule monthly: USD per month against its limit"])
+        self.assertIn("<h2>Usage limits per UTC month</h2>", text)
         self.assertIn("<td class=g>minis</td><td class=g>rule</td><td class=g>2026-11-20</td><td>600</td><td>2,000</td>", text)
 
     def test_aBadConfigIsOneLineAndExitTwo(self) -> None:

@@ -473,9 +473,9 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"lmgate report: {len(report.problems) - 10} more unreadable lines\n")
     limits = None
     if args.config:
-        from lmgate.ops.report_limits import limitDays, recordsConnection
+        from lmgate.ops.report_limits import limitUse, recordsConnection
 
-        limits = limitDays(getattr(report, "connection", None) or recordsConnection(files, args), args.config)
+        limits = limitUse(getattr(report, "connection", None) or recordsConnection(files, args), args.config)
     render = {"table": renderTable, "csv": renderCSV, "json": renderJSON}[args.format]
     text = render(report)
     if limits is not None:

@@ -225,18 +225,19 @@ def usageCharts(report: Report) -> list[str]:
             _figure("Calls and errors per day", calls), _figure("Latency per day (ms)", latency)]
 
 
-_LIMIT_KINDS = (("tokensLimit", "tokens", COUNT, "tokens per day"), ("usdLimit", "usd", MONEY, "USD per day"))
+_LIMIT_KINDS = (("tokensLimit", "tokens", COUNT, "tokens"), ("usdLimit", "usd", MONEY, "USD"))
 
 
 def limitCharts(limits: Sequence[LimitDay]) -> list[str]:
     """
-    A chart per rule and daily figure: each counter's use per day (the counters
-    nearest their limit first, at most L{TOP}) and the limit as a dashed line.
+    A chart per rule and figure (daily, monthly): each counter's use per day or
+    month (the counters nearest their limit first, at most L{TOP}) and the limit
+    as a dashed line.
     """
     charts = []
-    rules = list(dict.fromkeys(use.rule for use in limits))
-    for n, rule in enumerate(rules):
-        mine = [use for use in limits if use.rule == rule]
+    rules = list(dict.fromkeys((use.period, use.rule) for use in limits))
+    for n, (period, rule) in enumerate(rules):
+        mine = [use for use in limits if (use.period, use.rule) == (period, rule)]
         days = sorted({use.day for use in mine})
         for attribute, used, kind, unit in _LIMIT_KINDS:
             limit = getattr(mine[0], attribute)
@@ -252,13 +253,13 @@ def limitCharts(limits: Sequence[LimitDay]) -> list[str]:
             chart.legend.append((line, f"limit {axisLabels([limit], kind)[0]}"))
             chart.axes.set_ylim(0, max([limit] + [v for c in counters.values() for v in c.values()]) * 1.08)
             more = f", {len(nearest) - TOP} more counters in the table" if len(nearest) > TOP else ""
-            charts.append(_figure(f"Rule {printable(rule)}: {unit} against its limit{more}", chart))
+            charts.append(_figure(f"Rule {printable(rule)}: {unit} per {period} against its limit{more}", chart))
     return charts
 
 
-def limitTable(limits: Sequence[LimitDay]) -> str:
-    """The limits' use as a table: a row per rule, counter and day."""
-    header = ("rule", "counter", "day", "tokens", "tokens/day", "USD", "USD/day", "refusals")
+def limitTable(limits: Sequence[LimitDay], period: str = "day") -> str:
+    """The limits' use as a table: a row per rule, counter and day (or month)."""
+    header = ("rule", "counter", period, "tokens", f"tokens/{period}", "USD", f"USD/{period}", "refusals")
     rows = "".join(
         "<tr>" + "".join(f"<td{' class=g' if i < 3 else ''}>{_text(v)}</td>" for i, v in enumerate((
             use.rule, use.counter.split("|", 1)[1], use.day, f"{use.tokens:,}",
@@ -290,12 +291,13 @@ def renderHTML(report: Report, args: argparse.Namespace, limits: Sequence[LimitD
         ("p95 latency (ms)", _cell(total["p95_ms"], "p95_ms"))])
     charts = "\n".join(usageCharts(report))
     section = ""
-    if limits is not None:
-        section = "<h2>Usage limits per UTC day</h2>"
-        if limits:
-            section += f'<div class="charts">{"".join(limitCharts(limits))}</div>{limitTable(limits)}'
-        else:
-            section += "<p>No record matches a rule with a daily figure (tokens_per_day, usd_per_day).</p>"
+    for period in ("day", "month") if limits is not None else ():
+        uses = [use for use in limits or () if use.period == period]
+        if uses:
+            section += (f'<h2>Usage limits per UTC {period}</h2><div class="charts">{"".join(limitCharts(uses))}</div>'
+                        f"{limitTable(uses, period)}")
+        elif period == "day":
+            section += "<h2>Usage limits per UTC day</h2><p>No record matches a rule with a daily figure (tokens_per_day, usd_per_day).</p>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>LMGate usage report</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">

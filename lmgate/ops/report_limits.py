@@ -22,8 +22,8 @@ import yaml
 
 from lmgate.limits.settings import NANO, LimitsConfigError, LimitsSettings, RuleSettings, parseUsageLimits
 
-#: The figures this report shows use against (per UTC day).
-DAILY = ("tokens_per_day", "usd_per_day")
+#: The figures this report shows use against: per period, the timestamp's prefix that names it, its token and dollar figures.
+PERIODS = {"day": (10, "tokens_per_day", "usd_per_day"), "month": (7, "tokens_per_month", "usd_per_month")}
 
 
 class LimitsFileError(Exception):
@@ -33,8 +33,12 @@ class LimitsFileError(Exception):
 @dataclass(frozen=True)
 class LimitDay:
     """
-    One counter's use on one UTC day.
+    One counter's use on one UTC day (or month).
 
+    @ivar day: the UTC day (C{2026-11-20}), or the month (C{2026-11}) when
+        C{period} is C{month}.
+    @ivar tokensLimit: the rule's C{tokens_per_day} (C{tokens_per_month}), or None.
+    @ivar usdLimit: the rule's C{usd_per_day} (C{usd_per_month}) in dollars, or None.
     @ivar counter: the counter's identity as C{lmgate limits show} prints it
         (C{team-a|key=k1}, C{team-a|owner=team-a}, C{all|rule}).
     @ivar tokens: the sum of the matching records' C{total_tokens}.
@@ -51,11 +55,13 @@ class LimitDay:
     usd: float
     usdLimit: float | None
     refusals: int
+    period: str = "day"
 
     def row(self) -> dict[str, Any]:
-        """The figures for JSON and CSV."""
-        return {"rule": self.rule, "per": self.per, "counter": self.counter, "day": self.day, "tokens": self.tokens,
-                "tokens_per_day": self.tokensLimit, "usd": self.usd, "usd_per_day": self.usdLimit, "refusals": self.refusals}
+        """The figures for JSON and CSV (C{day}, C{tokens_per_day}...; C{month}, C{tokens_per_month}... for months)."""
+        _, tokensKind, usdKind = PERIODS[self.period]
+        return {"rule": self.rule, "per": self.per, "counter": self.counter, self.period: self.day, "tokens": self.tokens,
+                tokensKind: self.tokensLimit, "usd": self.usd, usdKind: self.usdLimit, "refusals": self.refusals}
 
 
 def limitRules(configPath: str) -> LimitsSettings:
@@ -85,7 +91,7 @@ def limitRules(configPath: str) -> LimitsSettings:
 
 
 _GROUPS = """
-    SELECT substr(timestamp, 1, 10) AS day, lmgate_id, owner, provider, model, alias, limited_by,
+    SELECT substr(timestamp, 1, {width}) AS period, lmgate_id, owner, provider, model, alias, limited_by,
            sum(total_tokens) AS tokens, fsum(cost_usd) AS usd, count(*) AS calls
     FROM records GROUP BY ALL ORDER BY ALL
 """
@@ -107,12 +113,27 @@ def limitDays(connection: Any, configPath: str) -> list[LimitDay]:
     @return: sorted by rule (in the configuration's order), counter and day.
     @raise LimitsFileError: the configuration is wrong.
     """
+    return _use(connection, limitRules(configPath), "day")
+
+
+def limitMonths(connection: Any, configPath: str) -> list[LimitDay]:
+    """Each rule's use per counter and UTC month, for the rules with a monthly figure (as L{limitDays})."""
+    return _use(connection, limitRules(configPath), "month")
+
+
+def limitUse(connection: Any, configPath: str) -> list[LimitDay]:
+    """L{limitDays}, then L{limitMonths}."""
     settings = limitRules(configPath)
-    rules: list[RuleSettings] = [rule for rule in settings.rules if any(kind in DAILY for kind, _ in rule.figures)]
+    return _use(connection, settings, "day") + _use(connection, settings, "month")
+
+
+def _use(connection: Any, settings: LimitsSettings, period: str) -> list[LimitDay]:
+    width, tokensKind, usdKind = PERIODS[period]
+    rules: list[RuleSettings] = [rule for rule in settings.rules if any(kind in (tokensKind, usdKind) for kind, _ in rule.figures)]
     if not rules:
         return []
     sums: dict[tuple[int, str, str], tuple[list[int], list[float], list[int]]] = {}
-    for day, keyId, owner, provider, model, alias, limitedBy, tokens, usd, calls in connection.execute(_GROUPS).fetchall():
+    for day, keyId, owner, provider, model, alias, limitedBy, tokens, usd, calls in connection.execute(_GROUPS.format(width=width)).fetchall():
         facts = {"key": keyId, "owner": owner, "provider": provider, "model": model, "alias": alias}
         for n, rule in enumerate(rules):
             refused = limitedBy == rule.name
@@ -126,50 +147,66 @@ def limitDays(connection: Any, configPath: str) -> list[LimitDay]:
     for (n, counter, day), (tokenParts, usdParts, refusals) in sorted(sums.items()):
         rule = rules[n]
         figures = dict(rule.figures)
-        usdLimit = figures.get("usd_per_day")
-        out.append(LimitDay(rule.name, rule.per, counter, day, sum(tokenParts), figures.get("tokens_per_day"),
-                            math.fsum(usdParts), None if usdLimit is None else usdLimit / NANO, sum(refusals)))
+        usdLimit = figures.get(usdKind)
+        out.append(LimitDay(rule.name, rule.per, counter, day, sum(tokenParts), figures.get(tokensKind),
+                            math.fsum(usdParts), None if usdLimit is None else usdLimit / NANO, sum(refusals), period))
     return out
-
-
-_COLUMNS = ("rule", "per", "counter", "day", "tokens", "tokens_per_day", "usd", "usd_per_day", "refusals")
 
 
 def withLimits(text: str, form: str, limits: Sequence[LimitDay]) -> str:
     """
-    The report's output with the limits' use added: a C{limits} member in JSON,
-    a second table after the main one (table and CSV).
+    The report's output with the limits' use added: in JSON a C{limits} member
+    (per day) and a C{limits_monthly} one; after the main table (or CSV) a table
+    per day, then one per month when a rule has a monthly figure.
     """
-    rows = [use.row() for use in limits]
+    days = [use for use in limits if use.period == "day"]
+    months = [use for use in limits if use.period == "month"]
     if form == "json":
         document = json.loads(text)
-        document["limits"] = rows
+        document["limits"] = [use.row() for use in days]
+        document["limits_monthly"] = [use.row() for use in months]
         return json.dumps(document, indent=2) + "\n"
+    tables = [(days, "day")] + ([(months, "month")] if months else [])
     if form == "csv":
-        import csv
-        import io
+        for uses, period in tables:
+            text += "\r\n" + _csv(uses, period)
+        return text
+    for uses, period in tables:
+        text += f"\nUSAGE LIMITS PER UTC {period.upper()}\n" + _table(uses, period)
+    return text
 
-        from lmgate.ops.report import csvSafe
 
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(_COLUMNS), lineterminator="\r\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({name: csvSafe(value) for name, value in row.items()})
-        return text + "\r\n" + out.getvalue()
+def _csv(uses: Sequence[LimitDay], period: str) -> str:
+    import csv
+    import io
+
+    from lmgate.ops.report import csvSafe
+
+    _, tokensKind, usdKind = PERIODS[period]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["rule", "per", "counter", period, "tokens", tokensKind, "usd", usdKind, "refusals"],
+                            lineterminator="\r\n")
+    writer.writeheader()
+    for use in uses:
+        writer.writerow({name: csvSafe(value) for name, value in use.row().items()})
+    return out.getvalue()
+
+
+def _table(uses: Sequence[LimitDay], period: str) -> str:
     from lmgate.ops.report import formatMoney, printable
 
     cells = [[printable(u.rule), printable(u.counter.split("|", 1)[1]), printable(u.day), f"{u.tokens:,}",
               "-" if u.tokensLimit is None else f"{u.tokensLimit:,}", formatMoney(u.usd),
-              "-" if u.usdLimit is None else formatMoney(u.usdLimit), f"{u.refusals:,}"] for u in limits]
-    header = ["RULE", "COUNTER", "DAY", "TOKENS", "TOKENS/DAY", "USD", "USD/DAY", "REFUSALS"]
+              "-" if u.usdLimit is None else formatMoney(u.usdLimit), f"{u.refusals:,}"] for u in uses]
+    unit = period.upper()
+    header = ["RULE", "COUNTER", unit, "TOKENS", f"TOKENS/{unit}", "USD", f"USD/{unit}", "REFUSALS"]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
     if not cells:
-        lines.append("(no record matches a rule with tokens_per_day or usd_per_day)")
-    return text + "\nUSAGE LIMITS PER UTC DAY\n" + "\n".join(lines) + "\n"
+        lines.append(f"(no record matches a rule with tokens_per_{period} or usd_per_{period})")
+    return "\n".join(lines) + "\n"
 
 
 #: The record's fields the limits' use needs, typed as docs/records.md says.
