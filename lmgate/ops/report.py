@@ -446,7 +446,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained page with charts")
     parser.add_argument("--prices", metavar="FILE", help="a price table for records written without cost_usd")
-    parser.add_argument("--config", metavar="FILE", help="the gateway's lmgate.yaml: also each usage-limit rule's use per day")
+    parser.add_argument("--config", metavar="FILE", help="the gateway's lmgate.yaml: also each usage-limit rule's use per day and month")
     args = parser.parse_args(argv)
     args.by = [b.strip() for b in args.by.split(",") if b.strip()]
     bad = [b for b in args.by if b not in GROUPS]
@@ -475,7 +475,8 @@ def main(argv: list[str]) -> int:
     if args.config:
         from lmgate.ops.report_limits import limitUse, recordsConnection
 
-        limits = limitUse(getattr(report, "connection", None) or recordsConnection(files, args), args.config)
+        connection = getattr(report, "connection", None)
+        limits = limitUse(recordsConnection(files, args) if connection is None else connection, args.config)
     render = {"table": renderTable, "csv": renderCSV, "json": renderJSON}[args.format]
     text = render(report)
     if limits is not None:

@@ -1,13 +1,13 @@
 """
 C{lmgate report --config FILE}: each usage-limit rule's use against its daily
-limits, from the records.
+and monthly limits, from the records.
 
 The rules are read with the gateway's own parser (L{parseUsageLimits}) and
 matched with the limiter's own matcher and counter identities
-(C{RuleMatch.matches}, L{RuleSettings.counter}: the globs on C{model} included), so a record counts where the gateway counted its call:
-the records are summed in SQL on a C{records} view (DuckDB) per UTC day and per
-the fields a rule can match on, and each of those few groups is then matched in
-Python.
+(C{RuleMatch.matches}, L{RuleSettings.counter}: the globs on C{model}
+included), so a record counts where the gateway counted its call. The records
+are summed in SQL on a C{records} view (DuckDB) per UTC day (month) and per the
+fields a rule can match on; each of those few groups is then matched in Python.
 """
 
 from __future__ import annotations
