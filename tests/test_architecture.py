@@ -124,7 +124,7 @@ class ImportRuleTests(SynchronousTestCase):
         """Every owner a rule names exists: a rule over no module would pass whatever the tree."""
         found = modules()
         for name in ("lmgate.config", "lmgate.usage.choose", "lmgate.records.jsonl", "lmgate.records.record",
-                     "lmgate.stub.server", "lmgate.ops.report", "lmgate.ops.report_html"):
+                     "lmgate.stub.server", "lmgate.ops.report", "lmgate.ops.report_html", "lmgate.ops.report_limits"):
             self.assertIn(name, found)
 
     def test_theCheckSeesLateImports(self) -> None:
@@ -161,7 +161,7 @@ class ImportRuleTests(SynchronousTestCase):
         """The stub upstream and the report run without the relay, the gate or the daemon."""
         self.assertEqual(
             self.violations(
-                ("lmgate.stub", "lmgate.ops.report", "lmgate.ops.report_html"),
+                ("lmgate.stub", "lmgate.ops.report", "lmgate.ops.report_html", "lmgate.ops.report_limits"),
                 ("lmgate.relay", "lmgate.gate", "lmgate.daemon"),
             ),
             [],

@@ -14,7 +14,6 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
@@ -145,16 +144,7 @@ class _Rule:
         return any(field == "model" for field, _ in self._tests)
 
     def matches(self, facts: dict[str, str | None]) -> bool:
-        for field, values in self._tests:
-            value = facts[field]
-            if value is None:
-                return False
-            if field == "model":
-                if not any(fnmatchcase(value, pattern) for pattern in values):
-                    return False
-            elif value not in values:
-                return False
-        return True
+        return self.settings.match.matches(facts)  # the one matcher (the report's too)
 
     def figuresFor(self, keyId: str, owner: str) -> tuple[Figure, ...]:
         """This rule's figures on the counter a call of this key counts against (made once per counter)."""
@@ -168,11 +158,7 @@ class _Rule:
 
     def counter(self, keyId: str, owner: str) -> str:
         """The identity of the counter a call of this key counts against."""
-        if self.per == "key":
-            return f"{self.name}|key={keyId}"
-        if self.per == "owner":
-            return f"{self.name}|owner={owner}"
-        return f"{self.name}|rule"
+        return self.settings.counter(keyId, owner)
 
 
 class Limiter:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from fnmatch import fnmatchcase
+from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
 
 from lmgate.sections import (
@@ -62,6 +63,26 @@ class RuleMatch:
     model: tuple[str, ...] | None = None
     alias: tuple[str, ...] | None = None
 
+    def matches(self, facts: Mapping[str, str | None]) -> bool:
+        """
+        Whether a call with these C{facts} (C{key}, C{owner}, C{provider},
+        C{model}, C{alias}) is one the rule applies to. The limiter asks it of
+        each call, the report of each record's fields: both count the same calls.
+        """
+        for field in MATCH_KEYS:
+            values: tuple[str, ...] | None = getattr(self, field)
+            if values is None:
+                continue
+            value = facts[field]
+            if value is None:
+                return False
+            if field == "model":
+                if not any(fnmatchcase(value, pattern) for pattern in values):
+                    return False
+            elif value not in values:
+                return False
+        return True
+
 
 @dataclass(frozen=True)
 class RuleSettings:
@@ -78,6 +99,14 @@ class RuleSettings:
     per: str
     figures: tuple[tuple[str, int], ...]
     onStoreError: str | None = None
+
+    def counter(self, keyId: str, owner: str) -> str:
+        """The identity of the counter a call of this key counts against (as C{lmgate limits show} prints it)."""
+        if self.per == "key":
+            return f"{self.name}|key={keyId}"
+        if self.per == "owner":
+            return f"{self.name}|owner={owner}"
+        return f"{self.name}|rule"
 
 
 @dataclass(frozen=True)

@@ -446,6 +446,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained page with charts")
     parser.add_argument("--prices", metavar="FILE", help="a price table for records written without cost_usd")
+    parser.add_argument("--config", metavar="FILE", help="the gateway's lmgate.yaml: also each usage-limit rule's use per day and month")
     args = parser.parse_args(argv)
     args.by = [b.strip() for b in args.by.split(",") if b.strip()]
     bad = [b for b in args.by if b not in GROUPS]
@@ -455,6 +456,14 @@ def main(argv: list[str]) -> int:
     if not files:
         sys.stderr.write(f"lmgate report: no stats files at {', '.join(args.paths)}\n")
         return 1
+    if args.config:
+        from lmgate.ops.report_limits import LimitsFileError, limitRules
+
+        try:
+            limitRules(args.config)  # a wrong file is named before the records are read
+        except LimitsFileError as e:
+            sys.stderr.write(f"lmgate report: {e}\n")
+            return 2
     large = sum(os.path.getsize(f) for f in files) > 50 * 1024 * 1024
     progress = sys.stderr if sys.stderr.isatty() and large else None
     report = build(args, progress)
@@ -462,12 +471,23 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"lmgate report: {problem}\n")
     if len(report.problems) > 10:
         sys.stderr.write(f"lmgate report: {len(report.problems) - 10} more unreadable lines\n")
+    limits = None
+    if args.config:
+        from lmgate.ops.report_limits import limitUse, recordsConnection
+
+        connection = getattr(report, "connection", None)
+        limits = limitUse(recordsConnection(files, args) if connection is None else connection, args.config)
     render = {"table": renderTable, "csv": renderCSV, "json": renderJSON}[args.format]
-    sys.stdout.write(render(report))
+    text = render(report)
+    if limits is not None:
+        from lmgate.ops.report_limits import withLimits
+
+        text = withLimits(text, args.format, limits)
+    sys.stdout.write(text)
     if args.html:
         from lmgate.ops.report_html import renderHTML
 
         with open(args.html, "w", encoding="utf-8") as f:
-            f.write(renderHTML(report, args))
+            f.write(renderHTML(report, args, limits))
         sys.stderr.write(f"lmgate report: wrote {args.html}\n")
     return 0
