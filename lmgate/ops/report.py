@@ -384,11 +384,34 @@ _GROUP_SQL = {"owner": "owner", "key_id": "lmgate_id", "provider": "provider", "
 
 
 def _costSQL(prices: bool) -> str:
-    """The call's cost: its own, else (with C{--prices}) the price table's, asked only for records without one."""
+    """
+    The call's cost: its own, else (with C{--prices}) the price table's, computed as
+    L{PriceTable.cost} does from the prices joined in as C{p} (null when the model or
+    the input count is unknown).
+    """
     if not prices:
         return "cost_usd"
-    return ("CASE WHEN cost_usd IS NOT NULL THEN cost_usd ELSE "
-            "lmgate_price(model, input_tokens, output_tokens, cached_tokens, cache_write_tokens) END")
+    cached, written = "coalesce(cached_tokens, 0)", "coalesce(cache_write_tokens, 0)"
+    return (f"coalesce(cost_usd, round((greatest(0, input_tokens - {cached} - {written}) * p.input + {cached} * p.cached"
+            f" + {written} * p.cache_write + coalesce(output_tokens, 0) * p.output) / 1e6, 9))")
+
+
+def loadPrices(connection: Any, path: str) -> None:
+    """
+    The table C{lmgate_prices} (model, input, cached, cache_write, output: dollars
+    per million tokens) for the models of the records written without a cost, each
+    looked up as the gateway looks it up (L{PriceTable.priceFor}: exact, longest
+    prefix, Bedrock region and version).
+    """
+    from lmgate.ops.prices import PriceTable
+
+    table = PriceTable.load(path)
+    models = [m for (m,) in connection.execute("SELECT DISTINCT model FROM typed WHERE ok AND cost_usd IS NULL AND model IS NOT NULL").fetchall()]
+    connection.execute("CREATE TEMPORARY TABLE lmgate_prices (model VARCHAR, input DOUBLE, cached DOUBLE, cache_write DOUBLE, output DOUBLE)")
+    rows = [(m, price.input, price.cachedInput, price.cacheWrite, price.output) for m in models
+            for price in [table.priceFor(m)] if price is not None]
+    if rows:
+        connection.executemany("INSERT INTO lmgate_prices VALUES (?, ?, ?, ?, ?)", rows)
 
 
 def build(args: argparse.Namespace, progress: IO[str] | None = None) -> Report:
@@ -406,13 +429,8 @@ def build(args: argparse.Namespace, progress: IO[str] | None = None) -> Report:
         return report
     createViews(connection, files, args)
     hasPrices = bool(getattr(args, "prices", None))
-    if hasPrices:
-        from lmgate.ops.prices import PriceTable
-
-        table = PriceTable.load(args.prices)
-        connection.create_function(
-            "lmgate_price", table.cost, ["VARCHAR", "BIGINT", "BIGINT", "BIGINT", "BIGINT"], "DOUBLE",
-            null_handling="special", side_effects=False)
+    if hasPrices:  # one more scan, for the models without costs
+        loadPrices(connection, args.prices)
     where = " AND ".join(_filters(args)) or "true"
     keys = [f"CASE WHEN ok THEN coalesce({_GROUP_SQL[name]}, '-') END AS g{i}" for i, name in enumerate(report.by)]
     sets = ["(" + ", ".join(f"g{i}" for i in range(len(report.by))) + ")", "()", "(bad_file)"]
@@ -422,7 +440,7 @@ def build(args: argparse.Namespace, progress: IO[str] | None = None) -> Report:
         WITH scanned AS (
             SELECT *, left(timestamp, 10) AS day, replace(left(timestamp, 13), 'T', ' ') || 'h' AS hour,
                    {_costSQL(hasPrices)} AS cost
-            FROM typed WHERE NOT ok OR ({where}))
+            FROM typed {"LEFT JOIN lmgate_prices p USING (model)" if hasPrices else ""} WHERE NOT ok OR ({where}))
         SELECT grouping({', '.join(f'g{i}' for i in range(len(report.by)))}) AS notGroups,
                grouping(bad_file) AS notBad, {'grouping(chart_day), grouping(chart_owner),' if args.html else '0, 0,'}
                {', '.join(f'g{i}' for i in range(len(report.by)))}, bad_file,
