@@ -26,7 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import IO, Any, Iterator, Sequence
+from typing import Any, Sequence
 
 GROUPS = ("owner", "key_id", "provider", "model", "day", "hour", "status")
 _RELATIVE = re.compile(r"^(\d+)([mhdw])$")
@@ -414,7 +414,7 @@ def loadPrices(connection: Any, path: str) -> None:
         connection.executemany("INSERT INTO lmgate_prices VALUES (?, ?, ?, ?, ?)", rows)
 
 
-def build(args: argparse.Namespace, progress: IO[str] | None = None) -> Report:
+def build(args: argparse.Namespace) -> Report:
     """
     The report of C{args} in one scan of the files: the groups, the total and the
     unreadable lines per file (and for C{--html} the figures per day and owner) are
