@@ -522,3 +522,26 @@ class ExactSumTests(SynchronousTestCase):
         data = json.loads(capture(main, [path, "--format", "json"])[1])
         self.assertEqual((data["total"]["calls"], data["total"]["cost_usd"]), (1000000, 100000.0))
         self.assertEqual(math.fsum([0.1] * 1000000), 100000.0)
+
+
+class EngineCheckTests(SynchronousTestCase):
+    def test_theEngineRejectsWhatRecordProblemRejects(self) -> None:
+        """Line by line, the engine's checks (the view lines' ok) agree with recordProblem on edge cases:
+        floats or exponents where an integer belongs, bounds, booleans, empty strings, negative zero."""
+        from lmgate.ops.report import close, connect, createViews, recordProblem
+
+        base = '{"timestamp": "2026-11-20T10:00:00.000Z", "status": 200, %s}'
+        fields = ['"latency_ms": true', '"input_tokens": 1e3', '"input_tokens": 1E3', '"unknown": [1]', '"cost_usd": -0.0',
+                  '"latency_ms": 1e400', '"input_tokens": 9007199254740993', '"input_tokens": 9007199254740992',
+                  '"ttfb_ms": -5', '"streaming": 1', '"error": ""', '"input_tokens": -0', '"cost_usd": 1e12',
+                  '"cost_usd": 1.000001e12', '"status": 99', '"status": 1000', '"status": 200.0', '"owner": "\\u0041"',
+                  '"timestamp": null', '"model": null', '"request_bytes": 0', '"ttfb_ms": "1"', '"lmgate_id": {}']
+        lines = [base.replace(f.split(":")[0] + ": ", '"_": ') % f for f in fields]  # each key once
+        path = os.path.join(os.path.abspath(self.mktemp()) + ".jsonl")
+        with open(path, "w") as f:
+            f.writelines(line + "\n" for line in lines)
+        connection, temporary = connect()
+        self.addCleanup(close, connection, temporary)
+        createViews(connection, [path], None)
+        engine = [ok for (ok,) in connection.execute("SELECT ok FROM lines").fetchall()]
+        self.assertEqual(list(zip(lines, engine)), [(line, recordProblem(json.loads(line)) is None) for line in lines])
