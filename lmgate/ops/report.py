@@ -278,9 +278,11 @@ def createViews(connection: Any, files: Sequence[str], args: argparse.Namespace 
     """
     Define, over C{files}, the view C{lines} (every line that is a record or is
     meant as one: each field's JSON text, C{filename}, and C{ok}: the line passes
-    L{recordProblem}'s checks) and the view C{records} (the readable records that
-    pass C{args}' filters: the documented fields typed, plus C{day} and C{hour}).
-    Nothing is read until a query runs.
+    L{recordProblem}'s checks), the view C{typed} (the same lines, the documented
+    fields typed) and the view C{records} (the readable records that pass C{args}'
+    filters, plus C{day} and C{hour}). Nothing is read until a query runs. The
+    paths are DuckDB file patterns: a name holding C{*}, C{?} or C{[} would be
+    taken as one (the names logrotate and the gateway give never hold one).
     """
     columns = "{" + ", ".join(f"{_quote(name)}: 'JSON'" for name in FIELDS) + "}"
     paths = "[" + ", ".join(_quote(os.path.abspath(f)) for f in files) + "]"
