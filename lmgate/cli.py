@@ -16,7 +16,8 @@ usage: lmgate COMMAND [ARGS...]
 commands:
   stub     serve the providers' main endpoints from a deterministic fake upstream
   keys     manage the allow-list (hash, add, list, remove, check)
-  report   summarise the usage records (tables, CSV, JSON, HTML)
+  report   summarise the usage records (tables, CSV, JSON, HTML; --sql for a query)
+  export   write the usage records as Parquet or CSV for a warehouse
   limits   show or reset the usage-limit counters
 
 The gateway itself runs under twistd:  twistd -n lmgate --config etc/lmgate.yaml
@@ -44,6 +45,13 @@ def _report(argv: list[str]) -> int:
     return code
 
 
+def _export(argv: list[str]) -> int:
+    from lmgate.ops.export import main
+
+    code: int = main(argv)
+    return code
+
+
 def _limits(argv: list[str]) -> int:
     from lmgate.limits.cli import main
 
@@ -51,7 +59,8 @@ def _limits(argv: list[str]) -> int:
     return code
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"stub": _stub, "keys": _keys, "report": _report, "limits": _limits}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"stub": _stub, "keys": _keys, "report": _report, "export": _export,
+                                                 "limits": _limits}
 
 
 def main(argv: list[str] | None = None) -> int:

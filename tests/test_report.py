@@ -11,12 +11,14 @@ import os
 import random
 import shutil
 import subprocess
+from collections import Counter
 from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from lmgate.ops.report import formatMoney, formatMs, main, parseWhen
+from lmgate.ops.export import main as export
+from lmgate.ops.report import GROUPS, formatMoney, formatMs, main, parseWhen
 
 OWNERS = ("team-a", "team-b", "team-c")
 
@@ -78,14 +80,23 @@ class ReportTests(SynchronousTestCase):
             self.assertEqual(group["calls"], len(mine))
             self.assertEqual(group["cached_tokens"], sum(r["cached_tokens"] or 0 for r in mine))
 
-    def test_percentilesWithinOnePercent(self) -> None:
-        """p50/p95 from the bounded buckets are within 1 % of the exact values."""
+    def test_percentilesAreExact(self) -> None:
+        """p50/p95 are exact: linear between the two nearest latencies of the group (quantile_cont), as
+        the sorted list gives them, rounded to 0.1 ms like every latency the report shows."""
         data = json.loads(self.run_("--format", "json", "--by", "provider"))
+        groups = [(g, [r for r in self.records if r["provider"] == g["provider"]]) for g in data["groups"]]
+        for group, mine in groups + [(data["total"], self.records)]:
+            values = sorted(r["latency_ms"] for r in mine)
+            self.assertEqual((group["p50_ms"], group["p95_ms"]),
+                             (round(percentile(values, 50), 1), round(percentile(values, 95), 1)))
+
+    def test_costsAreSummedExactly(self) -> None:
+        """Each group's cost and the total equal math.fsum of the records' costs (the old exact sum)."""
+        data = json.loads(self.run_("--format", "json", "--by", "owner,model"))
+        self.assertEqual(data["total"]["cost_usd"], math.fsum(r["cost_usd"] or 0 for r in self.records))
         for group in data["groups"]:
-            values = sorted(r["latency_ms"] for r in self.records if r["provider"] == group["provider"])
-            for p, key in ((50, "p50_ms"), (95, "p95_ms")):
-                exact = values[max(0, int(-(-p / 100 * len(values) // 1)) - 1)]
-                self.assertLess(abs(group[key] - exact) / exact, 0.011, (p, group[key], exact))
+            mine = [r for r in self.records if r["owner"] == group["owner"] and (r["model"] or "-") == group["model"]]
+            self.assertEqual(group["cost_usd"], math.fsum(r["cost_usd"] or 0 for r in mine))
 
     def test_filtersAndGroups(self) -> None:
         """Filters by time, owner, provider and status class; groups by several keys."""
@@ -152,6 +163,14 @@ class ReportTests(SynchronousTestCase):
         self.assertGreater(len(png), 30000)  # a blank page compresses to a few KB; drawn charts do not
 
 
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The C{p}th percentile of sorted C{values}, linear between the two nearest (numpy's default)."""
+    position = p / 100 * (len(values) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (position - low)
 
 
 def record(**fields: Any) -> dict[str, Any]:
@@ -288,3 +307,204 @@ class ReportShapeTests(SynchronousTestCase):
                  1234.5: "1,234.50", 0.0009999: "0.001", 1e-12: "1.00e-12", 0.1 + 0.2: "0.30"}
         self.assertEqual({v: formatMoney(v) for v in cases}, cases)
         self.assertEqual([formatMs(v) for v in (12.6, 0.4, 999.94, 999.96, 1234.4)], ["12.6", "0.4", "999.9", "1,000", "1,234"])
+
+
+def writeLines(path: str, records: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> None:
+    """C{records} as JSON lines (gzip'd when C{path} ends in .gz), then the C{extra} lines."""
+    opener: Any = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.writelines(line + "\n" for line in extra)
+
+
+def capture(command: Any, argv: list[str]) -> tuple[int, str, str]:
+    """Run a command's main; its exit status, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = command(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+class ManyFilesTests(SynchronousTestCase):
+    """Totals equal the records' sums across rotated, gzip'd, per-worker files and several instances."""
+
+    def setUp(self) -> None:
+        base = os.path.abspath(self.mktemp())
+        self.first, self.second = os.path.join(base, "instance-1"), os.path.join(base, "instance-2")
+        os.makedirs(self.first)
+        os.makedirs(self.second)
+        self.records = makeRecords(1200, seed=3)
+        parts = [self.records[i * 150:(i + 1) * 150] for i in range(8)]
+        writeLines(os.path.join(self.first, "stats.jsonl.2026-11-20.gz"), parts[0])
+        writeLines(os.path.join(self.first, "stats.jsonl.1"), parts[1], ("{truncated",))
+        writeLines(os.path.join(self.first, "stats.jsonl"), parts[2])
+        writeLines(os.path.join(self.first, "stats-w1.jsonl"), parts[3])
+        writeLines(os.path.join(self.first, "stats-w2.jsonl.2026-11-21.gz"), parts[4], (json.dumps(record(input_tokens="7")),))
+        writeLines(os.path.join(self.first, "stats-w2.jsonl"), parts[5])
+        writeLines(os.path.join(self.second, "stats.jsonl.gz"), parts[6])
+        writeLines(os.path.join(self.second, "stats-w1.jsonl"), parts[7], ("",))  # a blank line is no record
+
+    def test_totalsEqualTheRecordsSums(self) -> None:
+        """Both directories' files, compressed or not, current, rotated, every worker's: every record once."""
+        code, out, err = capture(main, [self.first, self.second, "--format", "json", "--by", "owner,provider"])
+        self.assertEqual(code, 0)
+        data = json.loads(out)
+        total = data["total"]
+        self.assertEqual(total["calls"], len(self.records))
+        for name in ("input_tokens", "output_tokens", "cached_tokens"):
+            self.assertEqual(total[name], sum(r[name] or 0 for r in self.records))
+        self.assertEqual(total["errors"], sum(r["error"] is not None for r in self.records))
+        self.assertEqual(total["cost_usd"], math.fsum(r["cost_usd"] or 0 for r in self.records))
+        self.assertEqual(sum(g["calls"] for g in data["groups"]), len(self.records))
+        self.assertEqual(data["unreadable_lines"], 2)
+        self.assertIn(f"{os.path.join(self.first, 'stats.jsonl.1')}: line 151: not a JSON record", err)
+        self.assertIn(f"{os.path.join(self.first, 'stats-w2.jsonl.2026-11-21.gz')}: line 151: input_tokens: not a count ('7')", err)
+        values = sorted(r["latency_ms"] for r in self.records)
+        self.assertEqual(total["p95_ms"], round(percentile(values, 95), 1))
+
+    def test_aStatsFileBringsItsSiblings(self) -> None:
+        """Naming the stats file reads its rotated, compressed and per-worker siblings, not the other instance."""
+        data = json.loads(capture(main, [os.path.join(self.first, "stats.jsonl"), "--format", "json"])[1])
+        self.assertEqual(data["total"]["calls"], 900)
+
+    def test_allOptionsKeepTheirMeaning(self) -> None:
+        """Every filter (time, owner, key id, provider, model incl. a missing one, status code and class) and
+        every group give what the records give."""
+        cases: list[tuple[list[str], Any]] = [
+            (["--since", "2026-11-21", "--until", "2026-11-22"], lambda r: "2026-11-21" <= r["timestamp"] < "2026-11-22"),
+            (["--owner", "team-b"], lambda r: r["owner"] == "team-b"),
+            (["--key-id", "k1,k2"], lambda r: r["lmgate_id"] in ("k1", "k2")),
+            (["--provider", "anthropic"], lambda r: r["provider"] == "anthropic"),
+            (["--model", "None,gpt-4o-mini"], lambda r: r["model"] in (None, "gpt-4o-mini")),
+            (["--status", "429,5xx"], lambda r: r["status"] == 429 or r["status"] >= 500),
+        ]
+        for options, keep in cases:
+            for by in GROUPS:
+                data = json.loads(capture(main, [self.first, self.second, "--format", "json", "--by", by, *options])[1])
+                mine = [r for r in self.records if keep(r)]
+                self.assertEqual(data["total"]["calls"], len(mine), options)
+                self.assertEqual(data["total"]["input_tokens"], sum(r["input_tokens"] or 0 for r in mine), options)
+                self.assertEqual(sorted(g["calls"] for g in data["groups"]),
+                                 sorted(Counter(groupOf(r, by) for r in mine).values()), (options, by))
+
+    def test_prices(self) -> None:
+        """--prices prices the records written without cost_usd (and only those)."""
+        prices = os.path.join(self.second, "prices.yaml")
+        with open(prices, "w") as f:
+            f.write("models:\n  gpt-4o-mini: {input: 0.15, cached_input: 0.075, output: 0.60}\n")
+        from lmgate.ops.prices import PriceTable
+
+        table = PriceTable.load(prices)
+        unpriced = [dict(r, cost_usd=None, cache_write_tokens=r["cached_tokens"]) for r in makeRecords(300, seed=5)]
+        writeLines(os.path.join(self.second, "stats-w3.jsonl"), unpriced)
+        records = self.records + unpriced
+        data = json.loads(capture(main, [self.first, self.second, "--format", "json", "--prices", prices])[1])
+        costs = [r["cost_usd"] if r["cost_usd"] is not None else table.cost(
+            r["model"], r["input_tokens"], r["output_tokens"], r["cached_tokens"], r["cache_write_tokens"])
+                 for r in records]
+        self.assertGreater(sum(c is not None for c in costs), sum(r["cost_usd"] is not None for r in records) + 50)
+        self.assertEqual(data["total"]["cost_usd"], math.fsum(c or 0 for c in costs))
+
+    def test_exportParquet(self) -> None:
+        """lmgate export --format parquet writes one typed row per record; read back, the sums are the records'."""
+        out = os.path.join(self.second, "records.parquet")
+        code, _, err = capture(export, [self.first, self.second, "--output", out])
+        self.assertEqual(code, 0)
+        self.assertIn("wrote 1200 records", err)
+        self.assertIn("stats.jsonl.1: line 151: not a JSON record", err)
+        import duckdb
+
+        with duckdb.connect() as db:
+            types = dict(db.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM '{out}')").fetchall())
+            count, tokens, cost = db.execute(f"SELECT count(*), sum(input_tokens), fsum(cost_usd) FROM '{out}'").fetchone()
+        self.assertEqual((count, tokens), (len(self.records), sum(r["input_tokens"] or 0 for r in self.records)))
+        self.assertEqual(cost, math.fsum(r["cost_usd"] or 0 for r in self.records))
+        self.assertEqual((types["timestamp"], types["status"], types["input_tokens"], types["cost_usd"], types["policy"],
+                          types["streaming"]), ("TIMESTAMP", "INTEGER", "BIGINT", "DOUBLE", "VARCHAR[]", "BOOLEAN"))
+
+    def test_exportCSV(self) -> None:
+        """lmgate export --format csv: a header of the record's fields, a row per record, lists as JSON text."""
+        path = os.path.join(self.second, "stats-w9.jsonl")
+        writeLines(path, [record(policy=["cap", "audit"], tags=["pii"], attempts=2, audited=True)])
+        out = os.path.join(self.second, "records.csv")
+        code, _, _ = capture(export, [self.first, self.second, "--format", "csv", "--output", out, "--since", "2026-11-01"])
+        self.assertEqual(code, 0)
+        with open(out, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        self.assertEqual(len(rows), len(self.records) + 1)
+        self.assertEqual(sum(int(r["output_tokens"] or 0) for r in rows),
+                         sum(r["output_tokens"] or 0 for r in self.records) + 5)
+        [mine] = [r for r in rows if r["policy"]]
+        self.assertEqual((json.loads(mine["policy"]), json.loads(mine["tags"]), mine["attempts"], mine["audited"]),
+                         (["cap", "audit"], ["pii"], "2", "true"))
+
+    def test_sql(self) -> None:
+        """--sql runs a SELECT over the view records (filters applied) and prints it as a table, CSV or JSON."""
+        query = "SELECT owner, sum(cost_usd) AS cost, count(*) AS calls FROM records GROUP BY 1 ORDER BY 1"
+        code, out, _ = capture(main, [self.first, self.second, "--format", "json", "--sql", query])
+        self.assertEqual(code, 0)
+        expected = [{"owner": o, "calls": sum(r["owner"] == o for r in self.records)} for o in OWNERS]
+        self.assertEqual([{"owner": r["owner"], "calls": r["calls"]} for r in json.loads(out)], expected)
+        code, out, _ = capture(main, [self.first, self.second, "--format", "csv", "--owner", "team-a", "--sql",
+                                      "WITH x AS (SELECT day, input_tokens FROM records) SELECT day, sum(input_tokens) AS n FROM x GROUP BY 1 ORDER BY 1"])
+        rows = list(csv.DictReader(io.StringIO(out)))
+        self.assertEqual(sum(int(r["n"]) for r in rows), sum(r["input_tokens"] or 0 for r in self.records if r["owner"] == "team-a"))
+        code, out, _ = capture(main, [self.first, self.second, "--sql", "SELECT count(*) AS calls FROM records"])
+        self.assertEqual(out.splitlines()[-1].strip(), "1,200")
+
+    def test_sqlIsReadOnly(self) -> None:
+        """--sql refuses anything but one SELECT (writes, COPY, ATTACH, INSTALL, settings, two statements) and
+        reading any file but the stats files: one line on stderr, exit status 2, nothing written."""
+        target = os.path.join(self.second, "written.csv")
+        refused = [f"COPY (SELECT 1) TO '{target}'", "CREATE TABLE t AS SELECT 1", "INSERT INTO records VALUES (1)",
+                   f"ATTACH '{target}.db' AS x", "INSTALL httpfs", "LOAD httpfs", "SET enable_external_access = true",
+                   "SELECT 1; SELECT 2", "DROP VIEW records", f"SELECT * FROM read_text('{__file__}')",
+                   f"SELECT * FROM query('COPY (SELECT 1) TO ''{target}''')", "SELEC 1", "SELECT nothing FROM records"]
+        for query in refused:
+            code, out, err = capture(main, [self.first, "--sql", query])
+            self.assertEqual((code, out, len(err.splitlines())), (2, "", 1), (query, err))
+            self.assertTrue(err.startswith("lmgate report: --sql: "), err)
+        self.assertEqual([n for n in os.listdir(self.second) if n.startswith("written")], [])
+
+
+def groupOf(r: dict[str, Any], by: str) -> str:
+    """The group a record falls in, as the report names it."""
+    value = {"key_id": r["lmgate_id"], "day": r["timestamp"][:10], "hour": r["timestamp"][:13].replace("T", " ") + "h",
+             "status": str(r["status"])}.get(by, r.get(by))
+    return "-" if value is None else str(value)
+
+
+class ExactSumTests(SynchronousTestCase):
+    def test_aMillionDimes(self) -> None:
+        """A million costs of 0.1 (gzip'd, as logrotate leaves them) sum to exactly 100000.0, as math.fsum says."""
+        path = os.path.join(os.path.abspath(self.mktemp()) + "-stats.jsonl.gz")
+        line = (json.dumps({"timestamp": "2026-11-20T10:00:00.000Z", "status": 200, "cost_usd": 0.1}) + "\n").encode()
+        with gzip.open(path, "wb", compresslevel=1) as f:
+            for _ in range(100):
+                f.write(line * 10000)
+        data = json.loads(capture(main, [path, "--format", "json"])[1])
+        self.assertEqual((data["total"]["calls"], data["total"]["cost_usd"]), (1000000, 100000.0))
+        self.assertEqual(math.fsum([0.1] * 1000000), 100000.0)
+
+
+class EngineCheckTests(SynchronousTestCase):
+    def test_theEngineRejectsWhatRecordProblemRejects(self) -> None:
+        """Line by line, the engine's checks (the view lines' ok) agree with recordProblem on edge cases:
+        floats or exponents where an integer belongs, bounds, booleans, empty strings, negative zero."""
+        from lmgate.ops.report import close, connect, createViews, recordProblem
+
+        base = '{"timestamp": "2026-11-20T10:00:00.000Z", "status": 200, %s}'
+        fields = ['"latency_ms": true', '"input_tokens": 1e3', '"input_tokens": 1E3', '"unknown": [1]', '"cost_usd": -0.0',
+                  '"latency_ms": 1e400', '"input_tokens": 9007199254740993', '"input_tokens": 9007199254740992',
+                  '"ttfb_ms": -5', '"streaming": 1', '"error": ""', '"input_tokens": -0', '"cost_usd": 1e12',
+                  '"cost_usd": 1.000001e12', '"status": 99', '"status": 1000', '"status": 200.0', '"owner": "\\u0041"',
+                  '"timestamp": null', '"model": null', '"request_bytes": 0', '"ttfb_ms": "1"', '"lmgate_id": {}']
+        lines = [base.replace(f.split(":")[0] + ": ", '"_": ') % f for f in fields]  # each key once
+        path = os.path.join(os.path.abspath(self.mktemp()) + ".jsonl")
+        with open(path, "w") as f:
+            f.writelines(line + "\n" for line in lines)
+        connection, temporary = connect()
+        self.addCleanup(close, connection, temporary)
+        createViews(connection, [path], None)
+        engine = [ok for (ok,) in connection.execute("SELECT ok FROM lines").fetchall()]
+        self.assertEqual(list(zip(lines, engine)), [(line, recordProblem(json.loads(line)) is None) for line in lines])

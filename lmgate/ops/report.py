@@ -1,11 +1,14 @@
 """
 C{lmgate report}: usage summed from the stats files, for whoever pays the bill.
 
-Reads the current and rotated stats files (C{.gz} too) line by line in bounded
-memory: sums are exact, latency percentiles come from log-spaced buckets
-(within 1 %). Filters by time, owner, key id, provider, model and status; groups
-by any of owner, key_id, provider, model, day, hour, status; prints a table, CSV
-or JSON, and with C{--html FILE} writes a self-contained page with charts.
+Reads the current and rotated stats files (C{.gz} too), of any number of
+workers and instances, with DuckDB (embedded, in-process, bounded memory): the
+record's columns are declared, each line checked as L{recordProblem} checks it
+(unreadable lines skipped, counted and named), sums exact, percentiles exact.
+Filters by time, owner, key id, provider, model and status; groups by any of
+owner, key_id, provider, model, day, hour, status; prints a table, CSV or JSON,
+and with C{--html FILE} writes a self-contained page with charts. C{--sql}
+runs one read-only query over the view C{records}.
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import IO, Any, Iterator, Sequence
+from typing import Any, Sequence
 
 GROUPS = ("owner", "key_id", "provider", "model", "day", "hour", "status")
 _RELATIVE = re.compile(r"^(\d+)([mhdw])$")
-_STEP = math.log(1.01)  # latency buckets 1 % apart
 
 
 def parseWhen(text: str, now: datetime | None = None) -> str:
@@ -161,86 +165,184 @@ def formatMs(value: float) -> str:
     return f"{value:,.1f}" if abs(round(value, 1)) < 1000 else f"{value:,.0f}"
 
 
-class ExactSum:
+#: Every documented record field (docs/records.md) and its kind. The kinds of the first
+#: part are checked line by line as L{recordProblem} checks them (a line that breaks one
+#: is unreadable); the later fields are typed leniently (a wrong type reads as null).
+FIELDS: dict[str, str] = {
+    "timestamp": "timestamp", "status": "status", "streaming": "bool",
+    **{name: "text" for name in _TEXT}, **{name: "count" for name in _COUNTS}, **{name: "number" for name in _NUMBERS},
+    "alias": "lenient text", "attempts": "lenient int", "auth": "lenient text", "limited_by": "lenient text",
+    "reserved_tokens": "lenient int", "limits": "lenient text", "policy": "list", "tags": "list", "audited": "lenient bool",
+}
+#: The SQL type of each kind in the C{records} view (and the export).
+SQL_TYPES = {"timestamp": "VARCHAR", "status": "INTEGER", "bool": "BOOLEAN", "text": "VARCHAR", "count": "BIGINT",
+             "number": "DOUBLE", "lenient text": "VARCHAR", "lenient int": "BIGINT", "lenient bool": "BOOLEAN",
+             "list": "VARCHAR[]"}
+
+#: DuckDB's memory budget for one report: aggregation state beyond it spills to a
+#: temporary directory (exact percentiles keep each latency: 8 bytes per record).
+MEMORY_LIMIT = os.environ.get("LMGATE_REPORT_MEMORY", "1GB")
+
+
+def _raw(name: str) -> str:
+    """The field's JSON text as written (JSON null and a missing field are SQL NULL)."""
+    return f'(CAST("{name}" AS VARCHAR))'
+
+
+def _integral(raw: str) -> str:
+    """SQL: the JSON number text C{raw} is an integer as written (no fraction, no exponent)."""
+    return f"(NOT contains({raw}, '.') AND NOT contains({raw}, 'e') AND NOT contains({raw}, 'E'))"
+
+
+def _valid(name: str, kind: str) -> str | None:
+    """SQL true when the field passes L{recordProblem}'s check for its kind (None: not checked)."""
+    raw = _raw(name)
+    if kind == "timestamp":
+        return f"coalesce(left({raw}, 1) = '\"', false)"
+    if kind == "status":
+        return f"coalesce(try_cast({raw} AS INTEGER) BETWEEN 100 AND 999 AND {_integral(raw)}, false)"
+    if kind == "text":
+        return f"coalesce(left({raw}, 1) = '\"', true)"
+    if kind == "bool":
+        return f"coalesce({raw} IN ('true', 'false'), true)"
+    if kind == "count":
+        return f"({raw} IS NULL OR coalesce(try_cast({raw} AS UBIGINT) <= {MAX_COUNT} AND {_integral(raw)}, false))"
+    if kind == "number":
+        low = "0" if name == "cost_usd" else f"-{MAX_NUMBER:.0f}"
+        return (f"({raw} IS NULL OR coalesce(left({raw}, 1) <> '\"' AND isfinite(try_cast({raw} AS DOUBLE))"
+                f" AND try_cast({raw} AS DOUBLE) BETWEEN {low} AND {MAX_NUMBER:.0f}, false))")
+    return None
+
+
+def _typed(name: str, kind: str) -> str:
+    """SQL: the field as its view column (checked fields are valid here; lenient ones null when mistyped)."""
+    raw = _raw(name)
+    if kind in ("timestamp", "text", "lenient text"):
+        return f"CASE WHEN left({raw}, 1) = '\"' THEN json_extract_string({raw}, '$') END"
+    if kind in ("status", "count", "number"):  # TRY_: the view also types the lines it drops
+        return f"TRY_CAST({raw} AS {SQL_TYPES[kind]})"
+    if kind in ("bool", "lenient bool"):
+        return f"CASE {raw} WHEN 'true' THEN true WHEN 'false' THEN false END"
+    if kind == "lenient int":
+        return f"CASE WHEN {_integral(raw)} THEN try_cast({raw} AS BIGINT) END"
+    return f"CASE WHEN left({raw}, 1) = '[' THEN try_cast(CAST({raw} AS JSON) AS VARCHAR[]) END"
+
+
+def _quote(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _filters(args: argparse.Namespace) -> list[str]:
+    """SQL conditions on the typed columns for the report's filters (as the report always read them)."""
+    where: list[str] = []
+    if getattr(args, "since", None):
+        where.append(f"timestamp >= {_quote(args.since)}")
+    if getattr(args, "until", None):
+        where.append(f"timestamp < {_quote(args.until)}")
+    for option, column in (("owner", "owner"), ("key_id", "lmgate_id"), ("provider", "provider"), ("model", "model")):
+        value = getattr(args, option, None)
+        if value:  # a null value reads as "None", as str(None) did
+            where.append(f"coalesce({column}, 'None') IN ({', '.join(_quote(v) for v in value.split(','))})")
+    if getattr(args, "status", None):
+        wanted = ", ".join(_quote(v) for v in args.status.split(","))
+        where.append(f"(CAST(status AS VARCHAR) IN ({wanted}) OR left(CAST(status AS VARCHAR), 1) || 'xx' IN ({wanted}))")
+    return where
+
+
+def connect() -> tuple[Any, str]:
     """
-    A running sum of floats without rounding drift (Shewchuk's partials, as
-    C{math.fsum} does): a million costs of 0.1 sum to 100000.0, not 100000.00000133288.
-    Memory stays a handful of floats.
+    An in-process DuckDB database for one report: all cores, a bounded memory
+    budget with a temporary directory to spill to, no progress bar; extensions are
+    never fetched (the JSON reader is built in). Returns the connection and its
+    temporary directory, for L{close}.
     """
+    import duckdb
 
-    def __init__(self) -> None:
-        self._partials: list[float] = []
-
-    def add(self, x: float) -> None:
-        kept = 0
-        for y in self._partials:
-            if abs(x) < abs(y):
-                x, y = y, x
-            high = x + y
-            low = y - (high - x)
-            if low:
-                self._partials[kept] = low
-                kept += 1
-            x = high
-        self._partials[kept:] = [x]
-
-    @property
-    def value(self) -> float:
-        return math.fsum(self._partials)
+    temporary = tempfile.mkdtemp(prefix="lmgate-report-")
+    connection = duckdb.connect(":memory:", config={
+        "threads": os.cpu_count() or 1, "memory_limit": MEMORY_LIMIT, "temp_directory": temporary,
+        "autoinstall_known_extensions": False,
+    })
+    connection.execute("SET enable_progress_bar = false")
+    return connection, temporary
 
 
-class Latency:
-    """Latency percentiles from log-spaced buckets (1 % apart): bounded memory, exact count."""
+def close(connection: Any, temporary: str) -> None:
+    """Close a connection from L{connect} and remove its temporary directory."""
+    connection.close()
+    shutil.rmtree(temporary, ignore_errors=True)
 
-    def __init__(self) -> None:
-        self.buckets: dict[int, int] = {}
-        self.count = 0
 
-    def add(self, ms: float) -> None:
-        index = int(math.log(max(ms, 0.001)) / _STEP)
-        self.buckets[index] = self.buckets.get(index, 0) + 1
-        self.count += 1
+def createViews(connection: Any, files: Sequence[str], args: argparse.Namespace | None = None) -> None:
+    """
+    Define, over C{files}, the view C{lines} (every line that is a record or is
+    meant as one: each field's JSON text, C{filename}, and C{ok}: the line passes
+    L{recordProblem}'s checks), the view C{typed} (the same lines, the documented
+    fields typed) and the view C{records} (the readable records that pass C{args}'
+    filters, plus C{day} and C{hour}). Nothing is read until a query runs. The
+    paths are DuckDB file patterns: a name holding C{*}, C{?} or C{[} would be
+    taken as one (the names logrotate and the gateway give never hold one).
+    """
+    columns = "{" + ", ".join(f"{_quote(name)}: 'JSON'" for name in FIELDS) + "}"
+    paths = "[" + ", ".join(_quote(os.path.abspath(f)) for f in files) + "]"
+    checks = [check for check in (_valid(name, kind) for name, kind in FIELDS.items()) if check is not None]
+    connection.execute(
+        f"CREATE VIEW lines AS SELECT *, ({' AND '.join(checks)}) AS ok FROM read_json({paths}, columns={columns},"
+        " format='newline_delimited', ignore_errors=true, filename=true, compression='auto')")
+    typed = ", ".join(f'{_typed(name, kind)} AS "{name}"' for name, kind in FIELDS.items())
+    where = " AND ".join(_filters(args) if args is not None else []) or "true"
+    connection.execute(
+        f"CREATE VIEW typed AS SELECT {typed}, filename, ok FROM lines")
+    connection.execute(
+        "CREATE VIEW records AS SELECT * EXCLUDE (filename, ok), left(timestamp, 10) AS day,"
+        f" replace(left(timestamp, 13), 'T', ' ') || 'h' AS hour FROM typed WHERE ok AND {where}")
+
+
+def locateProblems(path: str) -> list[str]:
+    """
+    The unreadable lines of one file, each named with its line number and what is
+    wrong (L{recordProblem}): read line by line, only for files where the engine
+    counted some. Blank lines are no records and no problems (the engine skips them).
+    """
+    problems: list[str] = []
+    opener: Any = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as raw:
+        for number, line in enumerate(raw, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):  # RecursionError: nesting too deep to parse
+                problems.append(f"{path}: line {number}: not a JSON record")
+                continue
+            problem = recordProblem(record)
+            if problem is not None:
+                problems.append(f"{path}: line {number}: {problem}")
+    return problems
+
+
+class Percentiles:
+    """The exact latency percentiles of a group, for the page (C{percentile(50)}, C{percentile(95)})."""
+
+    def __init__(self, p50: float | None, p95: float | None) -> None:
+        self._values = {50: p50, 95: p95}
 
     def percentile(self, p: float) -> float | None:
-        if not self.count:
-            return None
-        target = p / 100 * self.count
-        seen = 0
-        for index in sorted(self.buckets):
-            seen += self.buckets[index]
-            if seen >= target:
-                return math.exp((index + 0.5) * _STEP)
-        return None  # pragma: no cover
+        return self._values[int(p)]
 
 
 @dataclass
 class Totals:
+    """The figures of one group (or of all records)."""
+
     calls: int = 0
     errors: int = 0
     input: int = 0
     output: int = 0
     cached: int = 0
-    costSum: ExactSum = field(default_factory=ExactSum)
-    costKnown: int = 0
-    latency: Latency = field(default_factory=Latency)
-
-    def add(self, r: dict[str, Any], cost: float | None) -> None:
-        self.calls += 1
-        self.errors += r.get("error") is not None
-        self.input += r.get("input_tokens") or 0
-        self.output += r.get("output_tokens") or 0
-        self.cached += r.get("cached_tokens") or 0
-        if cost is not None:
-            self.costSum.add(cost)
-            self.costKnown += 1
-        latency = r.get("latency_ms")
-        if isinstance(latency, (int, float)):
-            self.latency.add(float(latency))
-
-    @property
-    def cost(self) -> float:
-        """The sum of the known costs, in US dollars."""
-        return self.costSum.value
+    cost: float = 0.0
+    latency: Percentiles = field(default_factory=lambda: Percentiles(None, None))
 
     def row(self) -> dict[str, Any]:
         """The figures for output; the cost at full precision (CSV and JSON are read by programs)."""
@@ -248,74 +350,6 @@ class Totals:
         return {"calls": self.calls, "errors": self.errors, "input_tokens": self.input, "output_tokens": self.output,
                 "cached_tokens": self.cached, "cost_usd": self.cost,
                 "p50_ms": None if p50 is None else round(p50, 1), "p95_ms": None if p95 is None else round(p95, 1)}
-
-
-def keyOf(r: dict[str, Any], name: str) -> str:
-    if name == "key_id":
-        value = r.get("lmgate_id")
-    elif name == "day":
-        value = (r.get("timestamp") or "")[:10]
-    elif name == "hour":
-        value = (r.get("timestamp") or "")[:13].replace("T", " ") + "h"
-    else:
-        value = r.get(name)
-    return "-" if value is None else str(value)
-
-
-class Filter:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.since, self.until = args.since, args.until
-        self.values = {name: set(v.split(",")) for name, v in
-                       (("owner", args.owner), ("lmgate_id", args.key_id), ("provider", args.provider), ("model", args.model)) if v}
-        self.statuses = set(args.status.split(",")) if args.status else None
-
-    def __call__(self, r: dict[str, Any]) -> bool:
-        stamp = r.get("timestamp") or ""
-        if (self.since and stamp < self.since) or (self.until and stamp >= self.until):
-            return False
-        for name, allowed in self.values.items():
-            if str(r.get(name)) not in allowed:
-                return False
-        if self.statuses is not None:
-            status = str(r.get("status"))
-            if status not in self.statuses and status[:1] + "xx" not in self.statuses:
-                return False
-        return True
-
-
-def readRecords(files: Sequence[str], progress: IO[str] | None, problems: list[str]) -> Iterator[dict[str, Any]]:
-    """
-    The usable records of C{files}, in order. A line that is not JSON, or whose
-    record has the wrong shape (L{recordProblem}), is skipped and named in
-    C{problems} with its file and line number.
-    """
-    total = sum(os.path.getsize(f) for f in files) or 1
-    done = 0
-    shown = -1
-    for path in files:
-        opener: Any = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as raw:
-            for number, line in enumerate(raw, 1):
-                try:
-                    record = json.loads(line)
-                except (ValueError, RecursionError):  # RecursionError: nesting too deep to parse
-                    problems.append(f"{path}: line {number}: not a JSON record")
-                    continue
-                problem = recordProblem(record)
-                if problem is not None:
-                    problems.append(f"{path}: line {number}: {problem}")
-                    continue
-                yield record
-            done += os.path.getsize(path)
-        if progress is not None:
-            percent = int(100 * done / total)
-            if percent != shown:
-                shown = percent
-                bar = "#" * (percent // 4)
-                progress.write(f"\rreading {len(files)} files [{bar:<25}] {percent:3d}%")
-                progress.flush()
-    if progress is not None:
-        progress.write("\n")
 
 
 @dataclass
@@ -327,15 +361,10 @@ class Report:
     daily: dict[tuple[str, str | None], Totals] = field(default_factory=dict)
     days: dict[str, Totals] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
-
-    def add(self, r: dict[str, Any], cost: float | None, charts: bool) -> None:
-        key = tuple(keyOf(r, name) for name in self.by)
-        self.groups.setdefault(key, Totals()).add(r, cost)
-        self.total.add(r, cost)
-        if charts:
-            day = keyOf(r, "day")
-            self.daily.setdefault((day, r.get("owner")), Totals()).add(r, cost)
-            self.days.setdefault(day, Totals()).add(r, cost)
+    #: the DuckDB connection, with the view C{records} over the same files and filters;
+    #: open until L{close} (main closes it when done)
+    connection: Any = None
+    temporary: str = ""
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -345,25 +374,116 @@ class Report:
             out.append(row)
         return out
 
+    def close(self) -> None:
+        if self.connection is not None:
+            close(self.connection, self.temporary)
+            self.connection = None
 
-def build(args: argparse.Namespace, progress: IO[str] | None = None) -> Report:
+
+#: SQL for each group name, over the view C{records}: missing values read "-".
+_GROUP_SQL = {"owner": "owner", "key_id": "lmgate_id", "provider": "provider", "model": "model", "day": "day",
+              "hour": "hour", "status": "CAST(status AS VARCHAR)"}
+
+
+def _costSQL(prices: bool) -> str:
+    """
+    The call's cost: its own, else (with C{--prices}) the price table's, computed as
+    L{PriceTable.cost} does from the prices joined in as C{p} (null when the model or
+    the input count is unknown).
+    """
+    if not prices:
+        return "cost_usd"
+    cached, written = "coalesce(cached_tokens, 0)", "coalesce(cache_write_tokens, 0)"
+    return (f"coalesce(cost_usd, round((greatest(0, input_tokens - {cached} - {written}) * p.input + {cached} * p.cached"
+            f" + {written} * p.cache_write + coalesce(output_tokens, 0) * p.output) / 1e6, 9))")
+
+
+def loadPrices(connection: Any, path: str) -> None:
+    """
+    The table C{lmgate_prices} (model, input, cached, cache_write, output: dollars
+    per million tokens) for the models of the records written without a cost, each
+    looked up as the gateway looks it up (L{PriceTable.priceFor}: exact, longest
+    prefix, Bedrock region and version).
+    """
+    from lmgate.ops.prices import PriceTable
+
+    table = PriceTable.load(path)
+    models = [m for (m,) in connection.execute("SELECT DISTINCT model FROM typed WHERE ok AND cost_usd IS NULL AND model IS NOT NULL").fetchall()]
+    connection.execute("CREATE TEMPORARY TABLE lmgate_prices (model VARCHAR, input DOUBLE, cached DOUBLE, cache_write DOUBLE, output DOUBLE)")
+    rows = [(m, price.input, price.cachedInput, price.cacheWrite, price.output) for m in models
+            for price in [table.priceFor(m)] if price is not None]
+    if rows:
+        connection.executemany("INSERT INTO lmgate_prices VALUES (?, ?, ?, ?, ?)", rows)
+
+
+def build(args: argparse.Namespace) -> Report:
+    """
+    The report of C{args} in one scan of the files: the groups, the total and the
+    unreadable lines per file (and for C{--html} the figures per day and owner) are
+    grouping sets of one query. Percentiles are exact: C{quantile_cont} (linear
+    between the two nearest latencies). Costs are summed with C{fsum} (compensated).
+    """
     files = statsFiles(args.paths)
     report = Report(tuple(args.by))
-    keep = Filter(args)
-    prices = None
-    if args.prices:
-        from lmgate.ops.prices import PriceTable
-
-        prices = PriceTable.load(args.prices)
-    charts = bool(args.html)
-    for record in readRecords(files, progress, report.problems):
-        if not keep(record):
-            continue
-        cost = record.get("cost_usd")
-        if cost is None and prices is not None:
-            cost = prices.cost(record.get("model"), record.get("input_tokens"), record.get("output_tokens"),
-                               record.get("cached_tokens"), record.get("cache_write_tokens"))
-        report.add(record, cost if isinstance(cost, (int, float)) else None, charts)
+    connection, report.temporary = connect()
+    report.connection = connection
+    if not files:
+        return report
+    createViews(connection, files, args)
+    hasPrices = bool(getattr(args, "prices", None))
+    if hasPrices:  # one more scan, for the models without costs
+        loadPrices(connection, args.prices)
+    where = " AND ".join(_filters(args)) or "true"
+    keys = [f"CASE WHEN ok THEN coalesce({_GROUP_SQL[name]}, '-') END AS g{i}" for i, name in enumerate(report.by)]
+    sets = ["(" + ", ".join(f"g{i}" for i in range(len(report.by))) + ")", "()", "(bad_file)"]
+    if args.html:
+        sets += ["(chart_day, chart_owner)", "(chart_day)"]
+    query = f"""
+        WITH scanned AS (
+            SELECT *, left(timestamp, 10) AS day, replace(left(timestamp, 13), 'T', ' ') || 'h' AS hour,
+                   {_costSQL(hasPrices)} AS cost
+            FROM typed {"LEFT JOIN lmgate_prices p USING (model)" if hasPrices else ""} WHERE NOT ok OR ({where}))
+        SELECT grouping({', '.join(f'g{i}' for i in range(len(report.by)))}) AS notGroups,
+               grouping(bad_file) AS notBad, {'grouping(chart_day), grouping(chart_owner),' if args.html else '0, 0,'}
+               {', '.join(f'g{i}' for i in range(len(report.by)))}, bad_file,
+               {'chart_day, chart_owner,' if args.html else 'NULL, NULL,'}
+               count(*) FILTER (WHERE ok), count(error) FILTER (WHERE ok),
+               coalesce(sum(input_tokens) FILTER (WHERE ok), 0), coalesce(sum(output_tokens) FILTER (WHERE ok), 0),
+               coalesce(sum(cached_tokens) FILTER (WHERE ok), 0), coalesce(fsum(cost) FILTER (WHERE ok), 0.0),
+               quantile_cont(latency_ms, [0.5, 0.95]) FILTER (WHERE ok), count(*) FILTER (WHERE NOT ok)
+        FROM (SELECT *, {', '.join(keys)}, CASE WHEN NOT ok THEN filename END AS bad_file,
+                     CASE WHEN ok THEN day END AS chart_day, CASE WHEN ok THEN owner END AS chart_owner FROM scanned)
+        GROUP BY GROUPING SETS ({', '.join(sets)})"""
+    badFiles: dict[str, int] = {}
+    cursor = connection.execute(query)
+    width = len(report.by)
+    while True:
+        batch = cursor.fetchmany(10000)
+        if not batch:
+            break
+        for row in batch:
+            notGroups, notBad, notDay, notOwner = row[0], row[1], row[2], row[3]
+            key, badFile, day, owner = tuple(row[4:4 + width]), row[4 + width], row[5 + width], row[6 + width]
+            calls, errors, inTokens, outTokens, cached, cost, quantiles, bad = row[7 + width:]
+            p50, p95 = quantiles if quantiles is not None else (None, None)
+            totals = Totals(calls, errors, int(inTokens), int(outTokens), int(cached), float(cost), Percentiles(p50, p95))
+            if notGroups == 0:
+                if calls:
+                    report.groups[key] = totals
+            elif notBad == 0:
+                if badFile is not None:
+                    badFiles[badFile] = bad
+            elif args.html and notDay == 0 and notOwner == 0:
+                if day is not None:
+                    report.daily[(day, owner)] = totals
+            elif args.html and notDay == 0:
+                if day is not None:
+                    report.days[day] = totals
+            else:
+                report.total = totals
+    for path in files:
+        if os.path.abspath(path) in badFiles:
+            report.problems += locateProblems(path)
     return report
 
 
@@ -431,6 +551,83 @@ def renderJSON(report: Report) -> str:
                        "unreadable_lines": len(report.problems)}, indent=2) + "\n"
 
 
+def readOnly(connection: Any, files: Sequence[str]) -> None:
+    """
+    Close the database to everything but reading C{files}: no other file can be
+    read or written (C{COPY}, C{ATTACH}, table functions on other paths), no
+    extension installed or loaded, and no setting changed back (locked).
+    """
+    paths = "[" + ", ".join(_quote(os.path.abspath(f)) for f in files) + "]"
+    connection.execute(f"SET allowed_paths = {paths}")
+    connection.execute("SET enable_external_access = false")
+    connection.execute("SET lock_configuration = true")
+
+
+class QueryError(Exception):
+    """An C{--sql} query that is refused or fails: the message names the problem."""
+
+
+def runQuery(connection: Any, files: Sequence[str], sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """
+    Run one read-only query over the view C{records}: a single C{SELECT} (or
+    C{WITH ... SELECT}); anything else is refused before it runs.
+
+    @raise QueryError: the query is not a single SELECT, or DuckDB rejects it.
+    """
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise QueryError(_firstLine(e)) from None
+    if len(statements) != 1:
+        raise QueryError(f"one SELECT query, not {len(statements)} statements")
+    if statements[0].type != duckdb.StatementType.SELECT:
+        raise QueryError(f"only a SELECT query is run, not {statements[0].type.name}")
+    readOnly(connection, files)
+    try:
+        cursor = connection.execute(sql)
+        names = [d[0] for d in cursor.description or []]
+        return names, cursor.fetchall()
+    except duckdb.Error as e:
+        raise QueryError(_firstLine(e)) from None
+
+
+def _firstLine(error: BaseException) -> str:
+    """DuckDB's message on one line."""
+    return " ".join(str(error).split())
+
+
+def _plain(value: Any) -> Any:
+    """A query result's value as JSON can carry it (dates, decimals and others as text)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def renderQuery(names: list[str], rows: list[tuple[Any, ...]], form: str) -> str:
+    """An C{--sql} result as an aligned table, CSV (made safe like the report's) or JSON (a list of objects)."""
+    if form == "json":
+        return json.dumps([{n: _plain(v) for n, v in zip(names, row)} for row in rows], indent=2) + "\n"
+    if form == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\r\n")
+        writer.writerow(names)
+        for row in rows:
+            writer.writerow([csvSafe(_plain(v) if not isinstance(v, (list, dict)) else json.dumps(_plain(v))) for v in row])
+        return out.getvalue()
+    cells = [[_cell(v if not isinstance(v, (list, tuple, dict)) else json.dumps(_plain(v))) for v in row] for row in rows]
+    widths = [max([len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) and bool(rows) for i in range(len(names))]
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if numeric[i] else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+    return "\n".join([line([printable(n).upper() for n in names]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells]) + "\n"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lmgate report", description="Summarise LMGate's usage records.")
     parser.add_argument("paths", nargs="*", default=["var/stats/stats.jsonl"],
@@ -447,6 +644,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained page with charts")
     parser.add_argument("--prices", metavar="FILE", help="a price table for records written without cost_usd")
     parser.add_argument("--config", metavar="FILE", help="the gateway's lmgate.yaml: also each usage-limit rule's use per day and month")
+    parser.add_argument("--sql", metavar="QUERY", help="run one read-only SELECT over the view records and print its result")
     args = parser.parse_args(argv)
     args.by = [b.strip() for b in args.by.split(",") if b.strip()]
     bad = [b for b in args.by if b not in GROUPS]
@@ -456,6 +654,18 @@ def main(argv: list[str]) -> int:
     if not files:
         sys.stderr.write(f"lmgate report: no stats files at {', '.join(args.paths)}\n")
         return 1
+    if args.sql is not None:
+        connection, temporary = connect()
+        try:
+            createViews(connection, files, args)
+            names, rows = runQuery(connection, files, args.sql)
+        except QueryError as e:
+            sys.stderr.write(f"lmgate report: --sql: {e}\n")
+            return 2
+        finally:
+            close(connection, temporary)
+        sys.stdout.write(renderQuery(names, rows, args.format))
+        return 0
     if args.config:
         from lmgate.ops.report_limits import LimitsFileError, limitRules
 
@@ -464,30 +674,31 @@ def main(argv: list[str]) -> int:
         except LimitsFileError as e:
             sys.stderr.write(f"lmgate report: {e}\n")
             return 2
-    large = sum(os.path.getsize(f) for f in files) > 50 * 1024 * 1024
-    progress = sys.stderr if sys.stderr.isatty() and large else None
-    report = build(args, progress)
-    for problem in report.problems[:10]:
-        sys.stderr.write(f"lmgate report: {problem}\n")
-    if len(report.problems) > 10:
-        sys.stderr.write(f"lmgate report: {len(report.problems) - 10} more unreadable lines\n")
-    limits = None
-    if args.config:
-        from lmgate.ops.report_limits import limitUse, recordsConnection
+    report = build(args)
+    try:
+        for problem in report.problems[:10]:
+            sys.stderr.write(f"lmgate report: {problem}\n")
+        if len(report.problems) > 10:
+            sys.stderr.write(f"lmgate report: {len(report.problems) - 10} more unreadable lines\n")
+        limits = None
+        if args.config:
+            from lmgate.ops.report_limits import limitUse
 
-        connection = getattr(report, "connection", None)
-        limits = limitUse(recordsConnection(files, args) if connection is None else connection, args.config)
-    render = {"table": renderTable, "csv": renderCSV, "json": renderJSON}[args.format]
-    text = render(report)
-    if limits is not None:
-        from lmgate.ops.report_limits import withLimits
+            limits = limitUse(report.connection, args.config)
+        render = {"table": renderTable, "csv": renderCSV, "json": renderJSON}[args.format]
+        text = render(report)
+        if limits is not None:
+            from lmgate.ops.report_limits import withLimits
 
-        text = withLimits(text, args.format, limits)
-    sys.stdout.write(text)
-    if args.html:
-        from lmgate.ops.report_html import renderHTML
+            text = withLimits(text, args.format, limits)
+        sys.stdout.write(text)
+        if args.html:
+            from lmgate.ops.report_html import renderHTML
 
-        with open(args.html, "w", encoding="utf-8") as f:
-            f.write(renderHTML(report, args, limits))
-        sys.stderr.write(f"lmgate report: wrote {args.html}\n")
+            with open(args.html, "w", encoding="utf-8") as f:
+                f.write(renderHTML(report, args, limits))
+            sys.stderr.write(f"lmgate report: wrote {args.html}\n")
+    finally:
+        report.close()
     return 0
+

@@ -12,7 +12,6 @@ fields a rule can match on; each of those few groups is then matched in Python.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass
@@ -207,41 +206,3 @@ def _table(uses: Sequence[LimitDay], period: str) -> str:
     if not cells:
         lines.append(f"(no record matches a rule with tokens_per_{period} or usd_per_{period})")
     return "\n".join(lines) + "\n"
-
-
-#: The record's fields the limits' use needs, typed as docs/records.md says.
-_FIELDS = {"timestamp": "VARCHAR", "lmgate_id": "VARCHAR", "owner": "VARCHAR", "provider": "VARCHAR", "model": "VARCHAR",
-           "alias": "VARCHAR", "status": "BIGINT", "total_tokens": "BIGINT", "cost_usd": "DOUBLE", "limited_by": "VARCHAR"}
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def recordsConnection(files: Sequence[str], args: argparse.Namespace) -> Any:
-    """
-    A DuckDB connection with a C{records} view of C{files} (rotated and C{.gz}
-    ones included; lines that are not records skipped), keeping only the records
-    the report's filters keep (C{--since}, C{--until}, C{--owner}, C{--key-id},
-    C{--provider}, C{--model}, C{--status}).
-    """
-    import duckdb
-
-    columns = "{" + ", ".join(f"{_literal(name)}: {_literal(kind)}" for name, kind in _FIELDS.items()) + "}"
-    where = ["timestamp IS NOT NULL", "status IS NOT NULL"]
-    if args.since:
-        where.append(f"timestamp >= {_literal(args.since)}")
-    if args.until:
-        where.append(f"timestamp < {_literal(args.until)}")
-    for column, value in (("owner", args.owner), ("lmgate_id", args.key_id), ("provider", args.provider), ("model", args.model)):
-        if value:
-            where.append(f"{column} IN ({', '.join(_literal(v) for v in value.split(','))})")
-    if args.status:
-        wanted = ", ".join(_literal(v) for v in args.status.split(","))
-        where.append(f"(CAST(status AS VARCHAR) IN ({wanted}) OR substr(CAST(status AS VARCHAR), 1, 1) || 'xx' IN ({wanted}))")
-    connection = duckdb.connect()
-    connection.execute(
-        f"CREATE VIEW records AS SELECT * FROM read_json([{', '.join(_literal(f) for f in files)}], "
-        f"format='newline_delimited', columns={columns}, ignore_errors=true) WHERE {' AND '.join(where)}"
-    )
-    return connection
