@@ -307,6 +307,57 @@ class RuleTests(Harness):
         self.assertEqual((record.policy, record.tags), (["tag", "cap"], ["seen"]))
 
 
+    def test_sameCallerOtherBodies(self) -> None:
+        """
+        What the rules make of one caller, route, path and model is kept, but
+        every call's own body is still checked against the caps, in rule order:
+        a small body passes, a large one is refused by the first rule whose cap
+        it passes, the next small one passes again; another model, or another
+        key, is judged afresh.
+        """
+        self.usePolicy(
+            {
+                "rules": [
+                    {"name": "tag", "tags": ["seen"]},
+                    {"name": "in-cap", "max_input_tokens": 60},
+                    {"name": "out-cap", "max_output_tokens": 50, "tags": ["capped"]},
+                    {"name": "minis", "allow_models": ["gpt-4o-mini"]},
+                ]
+            },
+            bytesPerToken=4.0,
+        )
+        for out, expected in ((10, None), (51, "out-cap"), (10, None), (50, None), (51, "out-cap")):
+            before = len(self.upstream.sent)
+            transport = self.send(call("openai", "gpt-4o-mini", out=out))
+            if expected is None:
+                self.assertEqual(len(self.upstream.sent), before + 1, out)
+                self.channel.connectionLost(Exception("gone"))
+                self.assertEqual((self.sink.records[-1].policy, self.sink.records[-1].tags), (["tag", "in-cap", "out-cap", "minis"], ["seen", "capped"]))
+            else:
+                self.assertEqual(refusal(transport)[0], 400)
+                self.assertEqual((self.sink.records[-1].policy, self.sink.records[-1].tags), (["tag", "in-cap", "out-cap"], ["seen", "capped"]))
+        long = json.dumps({"model": "gpt-4o-mini", "max_tokens": 1, "messages": [{"role": "user", "content": "x" * 300}]}).encode()
+        request = b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (ALLOWED_KEY, len(long), long)
+        self.check("openai", request, 400, SHAPES["openai"][1], "over the 60 allowed", "in-cap")
+        self.assertEqual(self.sink.records[-1].policy, ["tag", "in-cap"])
+        self.check("openai", call("openai", "gpt-4o", out=10), 403, SHAPES["openai"][0], "`gpt-4o` is not allowed", "minis")
+        self.check("openai", call("openai", "gpt-4o", out=51), 400, SHAPES["openai"][1], "output tokens", "out-cap")  # the cap comes first
+
+    def test_manyCallersStayBounded(self) -> None:
+        """The kept judgements are bounded: past the bound they are made afresh, and calls are judged the same."""
+        from lmgate.policy import engine
+
+        self.patch(engine, "PLAN_CACHE_SIZE", 3)
+        self.usePolicy({"rules": [{"name": "minis", "allow_models": ["gpt-4o-mini"]}]})
+        policy = self.gateway.policy
+        assert policy is not None
+        for i in range(10):
+            self.check("openai", call("openai", f"gpt-{i}"), 403, SHAPES["openai"][0], f"`gpt-{i}` is not allowed", "minis")
+            self.assertLessEqual(len(policy._plans), 3)
+        self.send(call("openai", "gpt-4o-mini"))
+        self.assertEqual(len(self.upstream.sent), 1)
+
+
 class MatchTests(SynchronousTestCase):
     """Each match field, on a call's context directly."""
 

@@ -63,7 +63,7 @@ class _Facts:
     output cap, the input estimate.
     """
 
-    __slots__ = ("key", "owner", "provider", "method", "path", "alias", "_context", "_format", "_document", "_model", "_parsed", "_cap")
+    __slots__ = ("key", "owner", "provider", "method", "path", "alias", "unread", "_context", "_format", "_document", "_model", "_parsed", "_cap")
 
     def __init__(self, context: CallContext, format: str, key: str, owner: str, provider: str) -> None:
         self._context, self._format = context, format
@@ -71,6 +71,8 @@ class _Facts:
         self.method = context.method.decode("latin-1").upper()
         self.path = context.rest.decode("latin-1")
         self.alias = context.alias
+        #: The body was spooled to a file, not read (over 1 MiB): its model and caps are unknown.
+        self.unread = context.body is None and bool(context.bodySize)
         self._parsed = False
         self._document: Any = None
         self._model: str | None = None
@@ -163,6 +165,31 @@ def _exceeded(rule: str, message: str) -> Refusal:
     return Refusal("policy_exceeded", f"Refused by the gateway's policy rule `{rule}`: {message}", POLICY_DENIED, rule)
 
 
+#: Rule plans kept (one per key, route, method, path, alias and model seen); past it they are made afresh.
+PLAN_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """
+    What the rules make of a call given who calls what, before its body's size
+    caps: the matching rules in order (up to and including the first that
+    refuses it whatever its body), their names, tags and audit mark, which of
+    them have caps (indexes) and the smallest caps, and where and how the call
+    is refused (C{refusedAt} = the number of rules when it is not).
+    """
+
+    rules: tuple[_Rule, ...]
+    names: tuple[str, ...]
+    tags: tuple[str, ...]
+    audit: bool
+    capped: tuple[int, ...]
+    minInput: int | None
+    minOutput: int | None
+    refusedAt: int
+    refusal: Refusal | None
+
+
 class Policy:
     """
     The rules and plugins in effect (replaced whole on reload).
@@ -188,6 +215,9 @@ class Policy:
         )
         self._bytesPerToken, self._clock, self._rateLog = bytesPerToken, clock, rateLog
         self.active = bool(self._rules or self.plugins)
+        #: Whether any rule looks at the model (its match, or an allow list): else the plans ignore it.
+        self._modelMatters = any(r.rule.match.model is not None or r.rule.allowModels is not None for r in self._rules)
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
 
     # -- deciding --------------------------------------------------------------
 
@@ -197,28 +227,7 @@ class Policy:
         if entry is None or provider is None:
             return None
         facts = _Facts(context, provider.format, entry.id, entry.owner, provider.name)
-        names: list[str] = []
-        tags: list[str] = []
-        audit = False
-        refusal = None
-        matched: dict[int, bool] = {}
-        allowed: dict[int, bool] = {}
-        for rule in self._rules:
-            hit = matched.get(rule.matchIndex)
-            if hit is None:
-                hit = matched[rule.matchIndex] = rule.matches(facts)
-            if not hit:
-                continue
-            names.append(rule.name)
-            for tag in rule.tags:
-                if tag not in tags:
-                    tags.append(tag)
-            audit = audit or rule.rule.audit
-            refusal = self._check(rule, facts, context, allowed)
-            if refusal is not None:
-                break
-        if names:
-            self._note(context, names, tags, audit)
+        refusal = self._applyRules(facts, context) if self._rules else None
         if refusal is not None:
             return refusal
         if facts.parsed and context.requestedModel is None and context.alias is None:
@@ -226,6 +235,72 @@ class Policy:
         if not self.plugins:
             return None
         return self._runPlugins(self._view(context, facts), context, 0)
+
+    def _applyRules(self, facts: _Facts, context: CallContext) -> Refusal | None:
+        """
+        The rules, in order, on one call. What depends only on who calls what
+        (key, owner, route, method, path, alias, model, and whether the body
+        could be read) is worked out once
+        per such combination and kept (L{_Plan}); only the size caps, which
+        depend on the body, are checked on every call.
+        """
+        model = facts.model if self._modelMatters else None
+        cacheKey = (facts.key, facts.owner, facts.provider, context.method, context.rest, facts.alias, model, facts.unread)
+        plan = self._plans.get(cacheKey)
+        if plan is None:
+            if len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.clear()  # bounded: many distinct paths or models start it afresh
+            plan = self._plans[cacheKey] = self._plan(facts)
+        refusedAt, refusal = plan.refusedAt, plan.refusal
+        if plan.capped and not self._withinCaps(plan, facts, context):
+            for index in plan.capped:
+                if index >= refusedAt:
+                    break
+                capRefusal = self._checkCaps(plan.rules[index].rule, facts, context)
+                if capRefusal is not None:
+                    refusedAt, refusal = index, capRefusal
+                    break
+        if refusedAt == len(plan.rules):
+            if not plan.names:
+                return None
+            if context.policy or context.tags:
+                self._note(context, plan.names, plan.tags, plan.audit)
+            else:  # the common case: the plan's names and tags (each once already) as they are
+                context.policy, context.tags = plan.names, plan.tags
+                context.audit = context.audit or plan.audit
+            return None
+        ruleSet = plan.rules[: refusedAt + 1]
+        tags = [tag for rule in ruleSet for tag in rule.tags]
+        self._note(context, [rule.name for rule in ruleSet], tags, any(rule.rule.audit for rule in ruleSet))
+        return refusal
+
+    def _plan(self, facts: _Facts) -> _Plan:
+        """The rules matching these facts, in order, up to the first that refuses them whatever the body."""
+        matched: dict[int, bool] = {}
+        allowed: dict[int, bool] = {}
+        rules: list[_Rule] = []
+        refusal: Refusal | None = None
+        for rule in self._rules:
+            hit = matched.get(rule.matchIndex)
+            if hit is None:
+                hit = matched[rule.matchIndex] = rule.matches(facts)
+            if not hit:
+                continue
+            rules.append(rule)
+            refusal = self._checkFacts(rule, facts, allowed)
+            if refusal is not None:
+                break
+        tags: list[str] = []
+        for rule in rules:
+            tags.extend(t for t in rule.tags if t not in tags)
+        capped = tuple(i for i, rule in enumerate(rules) if rule.rule.maxInputTokens is not None or rule.rule.maxOutputTokens is not None)
+        inputs = [r.rule.maxInputTokens for r in rules if r.rule.maxInputTokens is not None]
+        outputs = [r.rule.maxOutputTokens for r in rules if r.rule.maxOutputTokens is not None]
+        refusedAt = len(rules) - 1 if refusal is not None else len(rules)
+        return _Plan(
+            tuple(rules), tuple(r.name for r in rules), tuple(tags), any(r.rule.audit for r in rules),
+            capped, min(inputs) if inputs else None, min(outputs) if outputs else None, refusedAt, refusal,
+        )
 
     @staticmethod
     def _note(context: CallContext, names: Sequence[str], tags: Sequence[str], audit: bool) -> None:
@@ -238,8 +313,12 @@ class Policy:
         if audit:
             context.audit = True
 
-    def _check(self, compiled: _Rule, facts: _Facts, context: CallContext, allowedBefore: dict[int, bool]) -> Refusal | None:
-        """The refusal a matching rule gives the call, or None. @param allowedBefore: C{allow_models} lists this call passed."""
+    def _checkFacts(self, compiled: _Rule, facts: _Facts, allowedBefore: dict[int, bool]) -> Refusal | None:
+        """
+        The refusal a matching rule gives whatever the body says beyond its
+        model (C{deny}, C{allow_models}), or None. @param allowedBefore:
+        C{allow_models} lists this call passed.
+        """
         rule = compiled.rule
         if rule.deny is not None:
             return _denied(rule.name, rule.deny)
@@ -248,7 +327,7 @@ class Policy:
             model = facts.model
             if model is None:
                 if facts.method not in MODEL_FREE_METHODS:
-                    if context.body is None and context.bodySize:
+                    if facts.unread:
                         why = "the request body is too large for LMGate to read the model it names, and this key may use only some models."
                     else:
                         why = "the request names no model, and this key may use only some models."
@@ -256,6 +335,18 @@ class Policy:
             elif allowed(model) is None:
                 return _denied(rule.name, f"the model `{model}` is not allowed for this key.")
             allowedBefore[compiled.allowIndex] = True
+        return None
+
+    def _withinCaps(self, plan: _Plan, facts: _Facts, context: CallContext) -> bool:
+        """Whether the call is within the smallest caps of the plan's rules (then no cap refuses it: the common case, in one test)."""
+        if plan.minInput is not None and math.ceil(context.bodySize / self._bytesPerToken) > plan.minInput:
+            return False
+        if plan.minOutput is not None and (facts.unread or facts.outputCap > plan.minOutput):
+            return False
+        return True
+
+    def _checkCaps(self, rule: PolicyRule, facts: _Facts, context: CallContext) -> Refusal | None:
+        """The refusal a matching rule's size caps give this call's body, or None."""
         if rule.maxInputTokens is not None:
             estimate = math.ceil(context.bodySize / self._bytesPerToken)
             if estimate > rule.maxInputTokens:
