@@ -121,6 +121,7 @@ class RedisStore(Service):
         maxCoolOff: float = 30.0,
         queueLimit: int = 10_000,
         retryInterval: float = 1.0,
+        settleDelay: float = 0.005,
         timeOffset: float = 0.0,
         tlsOptions: Any = None,
         connect: Callable[[], Any] | None = None,
@@ -133,6 +134,9 @@ class RedisStore(Service):
             failed probe, up to C{maxCoolOff}.
         @param queueLimit: settlements kept while Redis is failing; the oldest is dropped beyond.
         @param retryInterval: seconds between attempts to apply queued settlements.
+        @param settleDelay: seconds a settlement waits for others to share its
+            script call (a reservation is then held that much longer: never
+            too lenient).
         @param timeOffset: seconds added to Redis's clock (tests only).
         @param tlsOptions: an C{IOpenSSLClientConnectionCreator} for C{rediss://}
             (default: the system's trust roots, checked against the host).
@@ -170,6 +174,7 @@ class RedisStore(Service):
         self._retry = LoopingCall(self._flush)
         self._retry.clock = clock
         self._retryInterval = retryInterval
+        self._settleDelay = settleDelay
         self.observeLatency: Callable[[float], None] | None = None
         self.observeError: Callable[[str], None] | None = None
 
@@ -332,14 +337,15 @@ class RedisStore(Service):
 
     def settle(self, settlement: Settlement) -> None:
         """
-        Queue it, and send the queue at the end of this reactor turn: the
-        settlements of one turn (a busy worker ends many calls in one) go in
-        one script call, in order (never raises, never waits). While Redis
+        Queue it, and send the queue C{settleDelay} seconds later: the
+        settlements of those milliseconds go in one script call, in order
+        (never raises, never waits), and a call's own admission does not wait
+        in Redis behind the settlement of the call before it. While Redis
         fails they wait in the queue for the retry.
         """
         self._enqueue(settlement)
         if self._soon is None and not self._flushing and self.circuitState == CLOSED and self._redis is not None:
-            self._soon = self._clock.callLater(0, self._flushSoon)
+            self._soon = self._clock.callLater(self._settleDelay, self._flushSoon)
 
     def _flushSoon(self) -> None:
         self._soon = None
