@@ -275,8 +275,8 @@ class RedisStore(Service):
             log.info("Redis answers again: circuit closed")
         if self.observeLatency is not None:
             self.observeLatency(self._clock.seconds() - started)
-        if self._queue and not self._flushing:
-            self._flush()
+        if self._queue and not self._flushing and self._soon is None:
+            self._flush()  # what waited while Redis failed (a batch due soon goes then)
         return result
 
     def _failed(self, f: Failure, script: _Script) -> Failure:
