@@ -152,6 +152,16 @@ class _Rule:
         return True
 
 
+def _visibleHeaders(context: CallContext) -> tuple[tuple[str, str], ...]:
+    """The request headers a plugin is shown: lower-case names, text values, no credential."""
+    return tuple(
+        (lower, value.decode("latin-1"))
+        for name, values in context.headers.getAllRawHeaders()
+        if (lower := name.decode("latin-1").lower()) not in _CREDENTIAL_HEADERS
+        for value in values
+    )
+
+
 def _why(reason: Failure) -> str:
     """One line saying what a plugin raised."""
     return f"{getattr(reason.type, '__name__', 'Exception')}: {reason.getErrorMessage()}"
@@ -373,12 +383,7 @@ class Policy:
             path=facts.path,
             model=facts.model,
             alias=facts.alias,
-            headers=tuple(
-                (lower, value.decode("latin-1"))
-                for name, values in context.headers.getAllRawHeaders()
-                if (lower := name.decode("latin-1").lower()) not in _CREDENTIAL_HEADERS
-                for value in values
-            ),
+            headers=lambda: _visibleHeaders(context),  # copied only if a plugin reads them
             body=context.body,
             bodySize=context.bodySize,
             requestId=context.requestId,

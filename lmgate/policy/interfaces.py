@@ -11,16 +11,16 @@ C{verifyObject}). docs/policy.md shows a complete plugin and its test.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
 
-class PolicyCall(NamedTuple):
+class PolicyCall:
     """
     A read-only view of a call, for a plugin deciding on it before it is sent
-    (a named tuple: made for every call, it costs less than a frozen dataclass).
+    (made for every call: the headers are copied only when a plugin reads them).
 
     @ivar keyId: the caller's allow-list id (the record's C{lmgate_id}).
     @ivar owner: the caller's owner (allow-list).
@@ -31,24 +31,49 @@ class PolicyCall(NamedTuple):
         or None when it named none.
     @ivar alias: the model alias the client used, or None.
     @ivar headers: the request headers, lower-case names, every credential
-        header removed.
+        header removed: a tuple of C{(name, value)} text pairs.
     @ivar body: the request body as the client sent it (an alias's model
         rewritten), or None when LMGate spooled it to a file (over 1 MiB).
     @ivar bodySize: the request body's size in bytes.
     @ivar requestId: the call's id (its record's C{request_id}).
     """
 
-    keyId: str
-    owner: str
-    provider: str
-    method: str
-    path: str
-    model: str | None
-    alias: str | None
-    headers: tuple[tuple[str, str], ...]
-    body: bytes | None
-    bodySize: int
-    requestId: str
+    __slots__ = ("keyId", "owner", "provider", "method", "path", "model", "alias", "_headers", "body", "bodySize", "requestId")
+
+    def __init__(
+        self,
+        keyId: str,
+        owner: str,
+        provider: str,
+        method: str,
+        path: str,
+        model: str | None,
+        alias: str | None,
+        headers: tuple[tuple[str, str], ...] | Callable[[], tuple[tuple[str, str], ...]],
+        body: bytes | None,
+        bodySize: int,
+        requestId: str,
+    ) -> None:
+        """
+        @param headers: the headers, or a function making them (called once,
+            when a plugin first reads them).
+        """
+        self.keyId, self.owner, self.provider, self.method, self.path = keyId, owner, provider, method, path
+        self.model, self.alias, self._headers = model, alias, headers
+        self.body, self.bodySize, self.requestId = body, bodySize, requestId
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        headers = self._headers
+        if callable(headers):
+            headers = self._headers = headers()
+        return headers
+
+    def __repr__(self) -> str:
+        return (
+            f"PolicyCall(keyId={self.keyId!r}, owner={self.owner!r}, provider={self.provider!r}, method={self.method!r}, "
+            f"path={self.path!r}, model={self.model!r}, alias={self.alias!r}, bodySize={self.bodySize!r}, requestId={self.requestId!r})"
+        )
 
 
 @dataclass(frozen=True)
