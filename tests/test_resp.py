@@ -265,6 +265,22 @@ class AuthTests(TestCase):
 
         return Deferred.fromCoroutine(run())
 
+    def test_eager(self) -> Deferred[None]:
+        """The connection to Redis sends each command at once (an eager transport), not on the reactor's next turn."""
+        from lmgate.relay.eager import EagerClient
+
+        async def run() -> None:
+            store = RedisStore(parseRedisUrl(f"redis://gw:s3cret@127.0.0.1:{self.server.port}/0"), reactor, timeout=2.0)
+            store.startService()
+            self.addCleanup(store.stopService)
+            result = store.admit("r1", [Figure("k", "rule", "requests_per_minute", 5)], 0, 0, 60)
+            assert isinstance(result, Deferred)
+            await result
+            protocol = store._redis._protocol
+            self.assertIsInstance(protocol.transport, EagerClient)
+
+        return Deferred.fromCoroutine(run())
+
     def test_wrongPassword(self) -> Deferred[None]:
         """A refused AUTH: the admission fails with StoreUnavailable within its deadline (the caller decides open or closed)."""
 

@@ -29,6 +29,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from lmgate.relay.eager import makeEager
+
 log = Logger()
 
 #: A reply as the store reads it: text (bulk and simple strings, decoded as
@@ -183,6 +185,9 @@ class RedisProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        # Each command is sent at once, not on the reactor's next turn: an
+        # admission waits for its answer, so the turn would be added to every call.
+        makeEager(self.transport)
         self._watchdog = LoopingCall(self._watch)
         self._watchdog.clock = self._clock
         self._watchdog.start(max(0.01, self.replyTimeout / 2), now=False)

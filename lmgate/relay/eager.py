@@ -19,7 +19,8 @@ C{holdWrites()} / C{releaseWrites()} gather the writes of one step (a
 response's head and first body bytes) into one send.
 
 Only the connections from clients are made eager: that is where each relayed
-event is written. Measured under C{wrk -c50} (bench/RESULTS.md), eager writes on
+event is written. So is the usage limits' connection to Redis (its commands
+are awaited by the calls they admit: a turn's delay would be every call's). Measured under C{wrk -c50} (bench/RESULTS.md), eager writes on
 the client side alone, or on the upstream side alone, cost nothing, while both
 at once lowered the requests per second by a fifth; the upstream side stays
 Twisted's, where a request's head and body are gathered by the reactor turn.
@@ -84,7 +85,11 @@ class EagerServer(_EagerWrites, tcp.Server):
     """An accepted TCP connection that writes eagerly."""
 
 
-_EAGER: dict[type, type] = {tcp.Server: EagerServer}
+class EagerClient(_EagerWrites, tcp.Client):
+    """A TCP connection LMGate made (to Redis) that writes eagerly."""
+
+
+_EAGER: dict[type, type] = {tcp.Server: EagerServer, tcp.Client: EagerClient}
 
 
 def makeEager(transport: Any) -> bool:
