@@ -508,3 +508,71 @@ class EngineCheckTests(SynchronousTestCase):
         createViews(connection, [path], None)
         engine = [ok for (ok,) in connection.execute("SELECT ok FROM lines").fetchall()]
         self.assertEqual(list(zip(lines, engine)), [(line, recordProblem(json.loads(line)) is None) for line in lines])
+
+    #: Field values for L{test_theEngineAgreesOnEveryKind}: each goes into an otherwise good line.
+    EDGES = [
+        # text fields: a non-string the direct reader would write as text, and real strings that look like one
+        '"owner": 3', '"owner": -0', '"owner": 1.5', '"owner": 1e400', '"owner": true', '"owner": false', '"owner": {}',
+        '"owner": {"a": 1}', '"owner": [1]', '"owner": []', '"owner": NaN', '"owner": -Infinity', '"owner": "3"',
+        '"owner": "true"', '"owner": "[x]"', '"owner": "{"', '"owner": "NaN"', '"owner": "inf"', '"owner": "-1"',
+        '"owner": ""', '"owner": "\\u0041"', '"owner": "\\u0000x"', '"owner": "n"', '"owner": "Infinity!"',
+        '"client": 127', '"client": "127.0.0.1"', '"client": "::1"', '"client": "10.5"', '"timestamp": 5',
+        '"timestamp": "2026"', '"timestamp": true', '"timestamp": null', '"timestamp": ["x"]', '"model": null',
+        '"error": ""', '"error": 0', '"lmgate_id": {}', '"request_id": "123"', '"key": "\\"quoted\\""',
+        # counts, numbers, status and streaming
+        '"input_tokens": "10"', '"input_tokens": 1.5', '"input_tokens": 1.0', '"input_tokens": 1e3',
+        '"input_tokens": 1E3', '"input_tokens": -0', '"input_tokens": -1', '"input_tokens": true',
+        '"input_tokens": 9007199254740992', '"input_tokens": 9007199254740993', '"input_tokens": 123456789012345678901',
+        '"input_tokens": [1]', '"request_bytes": 0', '"latency_ms": "1.5"', '"latency_ms": true', '"latency_ms": 1e400',
+        '"latency_ms": NaN', '"latency_ms": -5', '"latency_ms": 1e-7', '"ttfb_ms": "1"', '"cost_usd": -0.0',
+        '"cost_usd": -0.01', '"cost_usd": 1e12', '"cost_usd": 1.000001e12', '"cost_usd": 5.3e-05', '"cost_usd": {}',
+        '"status": "200"', '"status": 200.0', '"status": 2e2', '"status": 99', '"status": 1000', '"status": true',
+        '"status": null', '"streaming": 1', '"streaming": "true"', '"streaming": null', '"streaming": true',
+        '"unknown": [1]', '"\\u006fwner": 3', '"\\u006fwner": "a"',
+    ]
+
+    def test_theEngineAgreesOnEveryKind(self) -> None:
+        """Line by line, on edge cases of every checked kind (a string, a count, a number, the status, a
+        boolean), the engine's ok agrees with recordProblem: a value the typed reader would convert (3 into
+        the text '3', "10" into the count 10, 1.5 or 1.0 into an integer, true into 1) is never taken as good,
+        and the typed columns hold the line's own values."""
+        from lmgate.ops.report import close, connect, createViews, recordProblem
+
+        base = '{"timestamp": "2026-11-20T10:00:00.000Z", "status": 200, "owner": "o", %s}'
+        lines = []
+        for edge in self.EDGES:
+            key = edge.split(":")[0]
+            line = base.replace(f"{key}: ", '"_": ') if key in base else base
+            lines.append(line.replace('"owner": "o", ', "") % edge if key == '"\\u006fwner"' else line % edge)
+        path = os.path.abspath(self.mktemp()) + ".jsonl"
+        with open(path, "w") as f:
+            f.writelines(line + "\n" for line in lines)
+        connection, temporary = connect()
+        self.addCleanup(close, connection, temporary)
+        createViews(connection, [path], None)
+        engine = [ok for (ok,) in connection.execute("SELECT ok FROM typed").fetchall()]
+        self.assertEqual(list(zip(lines, engine)), [(line, recordProblem(json.loads(line)) is None) for line in lines])
+        rows = connection.execute("SELECT owner, status, input_tokens, latency_ms, cost_usd FROM records").fetchall()
+        records = [json.loads(line) for line in lines if recordProblem(json.loads(line)) is None]
+        self.assertEqual(rows, [(r.get("owner"), r["status"], r.get("input_tokens"), r.get("latency_ms"),
+                                 r.get("cost_usd")) for r in records])
+
+    def test_oneBadLineAmongGoodOnes(self) -> None:
+        """A file of good records with one line of a wrong type (a count written as a string or as 1.0, an
+        owner as a number, the status as 200.0) sums the good records only, and names the bad line."""
+        good = makeRecords(300)
+        for bad in ('"input_tokens": "10"', '"input_tokens": 1.0', '"owner": 3', '"status": 200.0', '"client": []'):
+            key = bad.split(":")[0]
+            broken = json.dumps(good[7]).replace(key + ": ", '"_": ', 1)[:-1] + ", " + bad + "}"
+            path = os.path.join(os.path.abspath(self.mktemp()), "stats.jsonl")
+            os.makedirs(os.path.dirname(path))
+            with open(path, "w") as f:
+                f.writelines(line + "\n" for line in [json.dumps(r) for r in good[:100]] + [broken]
+                             + [json.dumps(r) for r in good[100:]])
+            out, err = io.StringIO(), io.StringIO()
+            with redirect_stdout(out), redirect_stderr(err):
+                self.assertEqual(main([path, "--format", "json"]), 0)
+            data = json.loads(out.getvalue())
+            self.assertEqual((data["total"]["calls"], data["total"]["input_tokens"], data["unreadable_lines"]),
+                             (300, sum(r["input_tokens"] or 0 for r in good), 1), bad)
+            self.assertIn(f"{path}: line 101: ", err.getvalue())

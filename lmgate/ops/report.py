@@ -194,23 +194,41 @@ def _integral(raw: str) -> str:
     return f"(NOT contains({raw}, '.') AND NOT contains({raw}, 'e') AND NOT contains({raw}, 'E'))"
 
 
+def _quoted(raw: str) -> str:
+    """SQL: the JSON text C{raw} is a string (its first byte is C{"}), by comparison: no function call per line."""
+    return f"({raw} >= '\"' AND {raw} < '#')"
+
+
+#: The kinds whose value is cast once per line (C{"_t_name"} in the view C{lines}): the
+#: check and the typed column both use it.
+_CAST = ("status", "count", "number")
+
+
 def _valid(name: str, kind: str) -> str | None:
-    """SQL true when the field passes L{recordProblem}'s check for its kind (None: not checked)."""
-    raw = _raw(name)
+    """
+    SQL true when the field passes L{recordProblem}'s check for its kind (None: not checked).
+
+    This runs on every field of every line, so it compares rather than calls: a
+    string is JSON text starting with C{"}; an integer is a value (cast once) that
+    is written back as the same text (the reader writes JSON numbers canonically:
+    C{1.0}, C{1e3} and C{"7"} are not their integer's text); a number is a value
+    within its bounds (a string, C{true}, C{NaN} or an infinity casts to null or
+    falls outside).
+    """
+    raw, value = _raw(name), f'"_t_{name}"'
     if kind == "timestamp":
-        return f"coalesce(left({raw}, 1) = '\"', false)"
+        return f"coalesce({_quoted(raw)}, false)"
     if kind == "status":
-        return f"coalesce(try_cast({raw} AS INTEGER) BETWEEN 100 AND 999 AND {_integral(raw)}, false)"
+        return f"coalesce({value} BETWEEN 100 AND 999 AND CAST({value} AS VARCHAR) = {raw}, false)"
     if kind == "text":
-        return f"coalesce(left({raw}, 1) = '\"', true)"
+        return f"({raw} IS NULL OR {_quoted(raw)})"
     if kind == "bool":
         return f"coalesce({raw} IN ('true', 'false'), true)"
     if kind == "count":
-        return f"({raw} IS NULL OR coalesce(try_cast({raw} AS UBIGINT) <= {MAX_COUNT} AND {_integral(raw)}, false))"
+        return f"({raw} IS NULL OR coalesce({value} BETWEEN 0 AND {MAX_COUNT} AND CAST({value} AS VARCHAR) = {raw}, false))"
     if kind == "number":
         low = "0" if name == "cost_usd" else f"-{MAX_NUMBER:.0f}"
-        return (f"({raw} IS NULL OR coalesce(left({raw}, 1) <> '\"' AND isfinite(try_cast({raw} AS DOUBLE))"
-                f" AND try_cast({raw} AS DOUBLE) BETWEEN {low} AND {MAX_NUMBER:.0f}, false))")
+        return f"({raw} IS NULL OR coalesce({value} BETWEEN {low} AND {MAX_NUMBER:.0f}, false))"
     return None
 
 
@@ -218,9 +236,9 @@ def _typed(name: str, kind: str) -> str:
     """SQL: the field as its view column (checked fields are valid here; lenient ones null when mistyped)."""
     raw = _raw(name)
     if kind in ("timestamp", "text", "lenient text"):
-        return f"CASE WHEN left({raw}, 1) = '\"' THEN json_extract_string({raw}, '$') END"
-    if kind in ("status", "count", "number"):  # TRY_: the view also types the lines it drops
-        return f"TRY_CAST({raw} AS {SQL_TYPES[kind]})"
+        return f"CASE WHEN {_quoted(raw)} THEN json_extract_string({raw}, '$') END"
+    if kind in _CAST:  # cast in the view lines (TRY_: the view also types the lines it drops)
+        return f'"_t_{name}"'
     if kind in ("bool", "lenient bool"):
         return f"CASE {raw} WHEN 'true' THEN true WHEN 'false' THEN false END"
     if kind == "lenient int":
@@ -277,7 +295,8 @@ def close(connection: Any, temporary: str) -> None:
 def createViews(connection: Any, files: Sequence[str], args: argparse.Namespace | None = None) -> None:
     """
     Define, over C{files}, the view C{lines} (every line that is a record or is
-    meant as one: each field's JSON text, C{filename}, and C{ok}: the line passes
+    meant as one: each field's JSON text, C{filename}, each count, number and the
+    status cast once as C{_t_<field>}, and C{ok}: the line passes
     L{recordProblem}'s checks), the view C{typed} (the same lines, the documented
     fields typed) and the view C{records} (the readable records that pass C{args}'
     filters, plus C{day} and C{hour}). Nothing is read until a query runs. The
@@ -287,9 +306,12 @@ def createViews(connection: Any, files: Sequence[str], args: argparse.Namespace 
     columns = "{" + ", ".join(f"{_quote(name)}: 'JSON'" for name in FIELDS) + "}"
     paths = "[" + ", ".join(_quote(os.path.abspath(f)) for f in files) + "]"
     checks = [check for check in (_valid(name, kind) for name, kind in FIELDS.items()) if check is not None]
+    casts = ", ".join(f'TRY_CAST({_raw(name)} AS {SQL_TYPES[kind]}) AS "_t_{name}"'
+                      for name, kind in FIELDS.items() if kind in _CAST)
     connection.execute(
-        f"CREATE VIEW lines AS SELECT *, ({' AND '.join(checks)}) AS ok FROM read_json({paths}, columns={columns},"
-        " format='newline_delimited', ignore_errors=true, filename=true, compression='auto')")
+        f"CREATE VIEW lines AS SELECT *, ({' AND '.join(checks)}) AS ok FROM (SELECT *, {casts}"
+        f" FROM read_json({paths}, columns={columns}, format='newline_delimited', ignore_errors=true, filename=true,"
+        " compression='auto'))")
     typed = ", ".join(f'{_typed(name, kind)} AS "{name}"' for name, kind in FIELDS.items())
     where = " AND ".join(_filters(args) if args is not None else []) or "true"
     connection.execute(
