@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import cached_property
 from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
 
@@ -63,16 +64,18 @@ class RuleMatch:
     model: tuple[str, ...] | None = None
     alias: tuple[str, ...] | None = None
 
+    @cached_property
+    def _tests(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The fields this match sets, with their values: what each call is tested on (worked out once)."""
+        return tuple((field, values) for field in MATCH_KEYS if (values := getattr(self, field)) is not None)
+
     def matches(self, facts: Mapping[str, str | None]) -> bool:
         """
         Whether a call with these C{facts} (C{key}, C{owner}, C{provider},
         C{model}, C{alias}) is one the rule applies to. The limiter asks it of
         each call, the report of each record's fields: both count the same calls.
         """
-        for field in MATCH_KEYS:
-            values: tuple[str, ...] | None = getattr(self, field)
-            if values is None:
-                continue
+        for field, values in self._tests:
             value = facts[field]
             if value is None:
                 return False
