@@ -15,154 +15,26 @@ or JSON, and with C{--html FILE} writes a self-contained page with charts.
 from __future__ import annotations
 
 import argparse
-import csv
 import gzip
-import io
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 from typing import IO, Any, Iterator, Sequence
 
-GROUPS = ("owner", "key_id", "provider", "model", "day", "hour", "status")
-_RELATIVE = re.compile(r"^(\d+)([mhdw])$")
+# What did not change with the engine is the product's own code, imported, not copied.
+from lmgate.ops.report import (  # noqa: E402
+    GROUPS,
+    parseWhen,
+    recordProblem,
+    renderCSV,
+    renderJSON,
+    renderTable,
+    statsFiles,
+)
+
 _STEP = math.log(1.01)  # latency buckets 1 % apart
-
-
-def parseWhen(text: str, now: datetime | None = None) -> str:
-    """An ISO date/datetime or a relative span (30m, 24h, 7d, 2w) as an ISO UTC timestamp prefix."""
-    now = now or datetime.now(timezone.utc)
-    match = _RELATIVE.match(text.strip())
-    if match:
-        amount, unit = int(match.group(1)), match.group(2)
-        delta = {"m": timedelta(minutes=amount), "h": timedelta(hours=amount), "d": timedelta(days=amount), "w": timedelta(weeks=amount)}[unit]
-        return (now - delta).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-    try:
-        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a date, a datetime or a span like 24h / 7d: {text!r}") from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def statsFiles(paths: Sequence[str]) -> list[str]:
-    """
-    The files to read: a directory gives every C{*.jsonl*} file in it; a stats
-    file gives itself and its rotated and per-worker siblings.
-    """
-    found: list[str] = []
-    for path in paths:
-        if os.path.isdir(path):
-            found += [os.path.join(path, n) for n in sorted(os.listdir(path)) if ".jsonl" in n]
-            continue
-        directory, name = os.path.split(path)
-        stem = name.split(".jsonl")[0]
-        if os.path.isdir(directory or "."):
-            siblings = [n for n in sorted(os.listdir(directory or ".")) if n.startswith(stem) and ".jsonl" in n]
-            found += [os.path.join(directory, n) for n in siblings]
-        if not found and os.path.exists(path):
-            found.append(path)
-    return list(dict.fromkeys(found))
-
-
-#: The largest count a record may carry: beyond it a number is not a real count (and
-#: 2**53 is where JSON readers that use doubles stop being exact).
-MAX_COUNT = 2**53
-#: The largest magnitude of a cost or a latency; anything past it is not a call's.
-MAX_NUMBER = 1e12
-
-_TEXT = ("request_id", "lmgate_id", "owner", "key", "provider", "method", "endpoint", "model", "usage_source",
-         "upstream_request_id", "client", "error")
-_COUNTS = ("input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens", "total_tokens",
-           "request_bytes", "response_bytes")
-_NUMBERS = ("latency_ms", "ttfb_ms", "cost_usd")
-
-
-def _shown(value: Any) -> str:
-    """A value for a problem line: its JSON-ish repr, control characters escaped, cut short."""
-    text = printable(repr(value)) if not isinstance(value, int) or abs(value) < 10**40 else f"an integer of {len(str(abs(value)))} digits"
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def recordProblem(record: Any) -> str | None:
-    """
-    Why a parsed JSON line cannot be summed as a usage record, or None when it can.
-
-    A record is an object with a C{timestamp} (string) and a C{status} (an HTTP status
-    code); every other documented field it carries is null or of its documented type
-    (docs/records.md): counts are integers from 0 to 2**53, costs and latencies finite
-    numbers (costs not negative). Fields the report does not know are ignored, so
-    records can grow new fields.
-    """
-    if not isinstance(record, dict):
-        return f"not a JSON object ({type(record).__name__})"
-    stamp = record.get("timestamp")
-    if not isinstance(stamp, str):
-        return "timestamp: missing" if stamp is None else f"timestamp: not a string ({_shown(stamp)})"
-    status = record.get("status")
-    if status is None:
-        return "status: missing"
-    if type(status) is not int or not 100 <= status <= 999:
-        return f"status: not an HTTP status ({_shown(status)})"
-    for name in _TEXT:
-        value = record.get(name)
-        if value is not None and not isinstance(value, str):
-            return f"{name}: not a string ({_shown(value)})"
-    streaming = record.get("streaming")
-    if streaming is not None and not isinstance(streaming, bool):
-        return f"streaming: not true or false ({_shown(streaming)})"
-    for name in _COUNTS:
-        value = record.get(name)
-        if value is not None and (type(value) is not int or not 0 <= value <= MAX_COUNT):
-            return f"{name}: not a count ({_shown(value)})"
-    for name in _NUMBERS:
-        value = record.get(name)
-        if value is None:
-            continue
-        if type(value) not in (int, float) or not math.isfinite(value) or abs(value) > MAX_NUMBER:
-            return f"{name}: not a finite number ({_shown(value)})"
-        if name == "cost_usd" and value < 0:
-            return f"cost_usd: negative ({_shown(value)})"
-    return None
-
-
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
-
-
-def printable(text: str) -> str:
-    """
-    C{text} with control characters (C0, C1, line separators and the invisible
-    direction marks) written as C{\\xNN} / C{\\uNNNN}: a value from a record cannot
-    move the cursor, recolour the terminal, break a table row or reorder what it shows.
-    """
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
-
-
-def formatMoney(value: float) -> str:
-    """
-    US dollars with the digits that matter: cents from a dollar up (C{12.35},
-    C{1,234.50}), three significant digits below (C{0.0123}, C{0.000277}); never
-    C{0.00} for a cost that is not zero.
-    """
-    if value == 0:
-        return "0.00"
-    if abs(value) >= 1:
-        return f"{value:,.2f}"
-    if abs(value) < 1e-9:
-        return f"{value:.2e}"
-    decimals = 2 - math.floor(math.log10(abs(value)))
-    text = f"{value:.{decimals}f}".rstrip("0")
-    whole, _, fraction = text.partition(".")
-    return f"{whole}.{fraction:0<2}"
-
-
-def formatMs(value: float) -> str:
-    """A latency in milliseconds: one decimal under a second (C{12.6}), whole milliseconds above (C{1,235})."""
-    return f"{value:,.1f}" if abs(round(value, 1)) < 1000 else f"{value:,.0f}"
 
 
 class ExactSum:
@@ -369,70 +241,6 @@ def build(args: argparse.Namespace, progress: IO[str] | None = None) -> Report:
                                record.get("cached_tokens"), record.get("cache_write_tokens"))
         report.add(record, cost if isinstance(cost, (int, float)) else None, charts)
     return report
-
-
-COLUMNS = ("calls", "errors", "input_tokens", "output_tokens", "cached_tokens", "cost_usd", "p50_ms", "p95_ms")
-
-
-def _cell(value: Any, column: str = "") -> str:
-    """One value as the table and the page show it: money and latency by their own rules, text printable."""
-    if value is None:
-        return "-"
-    if column == "cost_usd":
-        return formatMoney(value)
-    if column in ("p50_ms", "p95_ms"):
-        return formatMs(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.6g}"
-    return printable(str(value))
-
-
-_FORMULA = ("=", "+", "-", "@", "\t", "\r", "\n")
-
-
-def csvSafe(value: Any) -> Any:
-    """
-    A CSV cell that a spreadsheet will not run: text starting with C{= + - @}, a
-    tab or a line break gets a leading C{'} (a group named C{=HYPERLINK(...)} stays
-    text). Numbers, and the lone C{-} that stands for a missing value, stay as they are.
-    """
-    if isinstance(value, str) and value.startswith(_FORMULA) and value != "-":
-        return "'" + value
-    return value
-
-
-def renderTable(report: Report) -> str:
-    header = list(report.by) + list(COLUMNS)
-    rows = [[_cell(r.get(c), c) for c in header] for r in report.rows()]
-    total = report.total.row()
-    rows.append(["TOTAL"] + [""] * (len(report.by) - 1) + [_cell(total[c], c) for c in COLUMNS])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.upper().ljust(w) if i < len(report.by) else h.upper().rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    for r in rows:
-        lines.append("  ".join(c.ljust(w) if i < len(report.by) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(lines) + "\n"
-
-
-def renderCSV(report: Report) -> str:
-    """
-    The rows as CSV: RFC 4180 line endings (CRLF), so that a value holding a bare
-    carriage return is quoted rather than splitting its row; text cells made safe by
-    L{csvSafe}.
-    """
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(report.by) + list(COLUMNS), lineterminator="\r\n")
-    writer.writeheader()
-    for row in report.rows():
-        writer.writerow({name: csvSafe(value) for name, value in row.items()})
-    return out.getvalue()
-
-
-def renderJSON(report: Report) -> str:
-    return json.dumps({"by": list(report.by), "groups": report.rows(), "total": report.total.row(),
-                       "unreadable_lines": len(report.problems)}, indent=2) + "\n"
 
 
 def main(argv: list[str]) -> int:

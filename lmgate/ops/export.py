@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from lmgate.ops.report import FIELDS, close, connect, createViews, locateProblems, parseWhen, statsFiles
+from lmgate.ops.report import FIELDS, addFilters, close, connect, createViews, locateProblems, statsFiles
 
 
 def selectList(form: str) -> str:
@@ -36,13 +36,7 @@ def main(argv: list[str]) -> int:
                         help="stats files or directories, as lmgate report takes them (default var/stats/stats.jsonl)")
     parser.add_argument("--format", choices=("parquet", "csv"), default="parquet")
     parser.add_argument("--output", "-o", required=True, metavar="FILE", help="the file to write (replaced if it exists)")
-    parser.add_argument("--since", type=parseWhen, help="from this time: 2026-11-01, 2026-11-01T08:00, or 24h / 7d ago")
-    parser.add_argument("--until", type=parseWhen, help="before this time (same forms)")
-    parser.add_argument("--owner", help="only these owners (comma-separated)")
-    parser.add_argument("--key-id", help="only these allow-list ids")
-    parser.add_argument("--provider", help="only these providers")
-    parser.add_argument("--model", help="only these models")
-    parser.add_argument("--status", help="only these statuses: codes or classes (200,4xx)")
+    addFilters(parser)
     args = parser.parse_args(argv)
     files = statsFiles(args.paths)
     if not files:

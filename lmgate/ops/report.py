@@ -650,10 +650,8 @@ def renderQuery(names: list[str], rows: list[tuple[Any, ...]], form: str) -> str
     return "\n".join([line([printable(n).upper() for n in names]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells]) + "\n"
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lmgate report", description="Summarise LMGate's usage records.")
-    parser.add_argument("paths", nargs="*", default=["var/stats/stats.jsonl"],
-                        help="stats files or directories (default var/stats/stats.jsonl and its rotated files)")
+def addFilters(parser: argparse.ArgumentParser) -> None:
+    """The options that choose records (C{lmgate report} and C{lmgate export} take the same)."""
     parser.add_argument("--since", type=parseWhen, help="from this time: 2026-11-01, 2026-11-01T08:00, or 24h / 7d ago")
     parser.add_argument("--until", type=parseWhen, help="before this time (same forms)")
     parser.add_argument("--owner", help="only these owners (comma-separated)")
@@ -661,6 +659,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--provider", help="only these providers")
     parser.add_argument("--model", help="only these models")
     parser.add_argument("--status", help="only these statuses: codes or classes (200,4xx)")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lmgate report", description="Summarise LMGate's usage records.")
+    parser.add_argument("paths", nargs="*", default=["var/stats/stats.jsonl"],
+                        help="stats files or directories (default var/stats/stats.jsonl and its rotated files)")
+    addFilters(parser)
     parser.add_argument("--by", default="owner", help=f"group by any of {', '.join(GROUPS)} (comma-separated; default owner)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained page with charts")
