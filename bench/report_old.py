@@ -26,7 +26,7 @@ from typing import IO, Any, Iterator, Sequence
 # What did not change with the engine is the product's own code, imported, not copied.
 from lmgate.ops.report import (  # noqa: E402
     GROUPS,
-    parseWhen,
+    addFilters,
     recordProblem,
     renderCSV,
     renderJSON,
@@ -247,13 +247,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lmgate report", description="Summarise LMGate's usage records.")
     parser.add_argument("paths", nargs="*", default=["var/stats/stats.jsonl"],
                         help="stats files or directories (default var/stats/stats.jsonl and its rotated files)")
-    parser.add_argument("--since", type=parseWhen, help="from this time: 2026-11-01, 2026-11-01T08:00, or 24h / 7d ago")
-    parser.add_argument("--until", type=parseWhen, help="before this time (same forms)")
-    parser.add_argument("--owner", help="only these owners (comma-separated)")
-    parser.add_argument("--key-id", help="only these allow-list ids")
-    parser.add_argument("--provider", help="only these providers")
-    parser.add_argument("--model", help="only these models")
-    parser.add_argument("--status", help="only these statuses: codes or classes (200,4xx)")
+    addFilters(parser)
     parser.add_argument("--by", default="owner", help=f"group by any of {', '.join(GROUPS)} (comma-separated; default owner)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained page with charts")
