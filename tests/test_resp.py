@@ -111,6 +111,27 @@ class ProtocolTests(SynchronousTestCase):
         self.assertIsInstance(got[1], RedisError)
         self.assertEqual(str(got[1]), "NOSCRIPT gone")
 
+    def test_gatheredWhileBusy(self) -> None:
+        """
+        On an eager connection, a command on an idle connection goes out at
+        once; those made while others wait for answers go out together at the
+        end of the reactor's turn (one write), in order.
+        """
+        protocol, transport, clock = connected()
+        protocol._eager = True  # what makeEager says of a plain TCP connection
+        first = protocol.execute("EVALSHA", "a", 0)
+        self.assertEqual(transport.value(), encodeCommand(["EVALSHA", "a", 0]))
+        transport.clear()
+        second, third = protocol.execute("EVALSHA", "b", 0), protocol.execute("EVALSHA", "c", 0)
+        self.assertEqual(transport.value(), b"")
+        clock.advance(0)
+        self.assertEqual(transport.value(), encodeCommand(["EVALSHA", "b", 0]) + encodeCommand(["EVALSHA", "c", 0]))
+        protocol.dataReceived(b"+1\r\n+2\r\n+3\r\n")
+        self.assertEqual([self.successResultOf(d) for d in (first, second, third)], ["1", "2", "3"])
+        transport.clear()
+        protocol.execute("PING")  # idle again: at once
+        self.assertEqual(transport.value(), encodeCommand(["PING"]))
+
     def test_cancelledTakesItsReply(self) -> None:
         """A command its caller gave up on still takes its own reply: the next command gets the next one."""
         protocol, _, _ = connected()

@@ -180,14 +180,20 @@ class RedisProtocol(Protocol):
         self._lastProgress = 0.0
         self._watchdog: LoopingCall | None = None
         self.connected = False
+        self._eager = False
+        self._gathered: list[bytes] = []
+        self._gathering: Any = None
         self._refusal = "not connected to Redis"
         self.onLost: Callable[[], None] | None = None
 
     def connectionMade(self) -> None:
         self.connected = True
-        # Each command is sent at once, not on the reactor's next turn: an
-        # admission waits for its answer, so the turn would be added to every call.
-        makeEager(self.transport)
+        # A command on an idle connection is sent at once, not on the reactor's
+        # next turn (an admission waits for its answer: the turn would be added
+        # to every call); while others wait for answers, the commands of one
+        # turn are gathered into one write (one system call, and one wake-up
+        # of Redis, for a busy worker's many admissions).
+        self._eager = makeEager(self.transport)
         self._watchdog = LoopingCall(self._watch)
         self._watchdog.clock = self._clock
         self._watchdog.start(max(0.01, self.replyTimeout / 2), now=False)
@@ -205,11 +211,23 @@ class RedisProtocol(Protocol):
             return fail(RedisConnectionError(self._refusal))
         data = encodeCommand(args)
         d: Deferred[Reply] = Deferred()
-        if not self._waiting:
+        idle = not self._waiting
+        if idle:
             self._lastProgress = self._clock.seconds()
         self._waiting.append(d)
-        self.transport.write(data)  # type: ignore[union-attr]
+        if idle or not self._eager:
+            self.transport.write(data)  # type: ignore[union-attr]
+        else:
+            self._gathered.append(data)
+            if self._gathering is None:
+                self._gathering = self._clock.callLater(0, self._sendGathered)
         return d
+
+    def _sendGathered(self) -> None:
+        self._gathering = None
+        gathered, self._gathered = self._gathered, []
+        if gathered and self.connected:
+            self.transport.write(b"".join(gathered))  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -241,6 +259,10 @@ class RedisProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError("lost"))) -> None:
         self.connected = False
+        if self._gathering is not None:
+            self._gathering.cancel()
+            self._gathering = None
+        self._gathered = []
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()
         waiting, self._waiting = self._waiting, deque()
