@@ -319,6 +319,27 @@ class SemanticsTests(RedisCase):
         self.assertTrue((await self.admitted(store, "c", [rpm(1)])).admitted)  # a fresh, full bucket
 
     @deferred
+    async def test_figuresWrittenAgainWhenGone(self) -> None:
+        """
+        A store writes a counter's figures (what show and reset read) once, then
+        only where they are gone: after a reset, after they expired, or when the
+        rule's limit changed, the next admission writes them again at once.
+        """
+        store = self.store()
+        await self.admitted(store, "a", [rpm(5)])
+        await self.admitted(store, "b", [rpm(5)])  # figures as written: not written again
+        self.assertEqual([(s.figure.limit, s.used) for s in await store.show([C])], [(5, 2)])
+        await store.reset([C])
+        self.assertEqual(await store.show([C]), [])
+        await self.admitted(store, "c", [rpm(5)])
+        self.assertEqual([(s.figure.limit, s.used) for s in await store.show([C])], [(5, 1)])
+        self.server.command("DEL", f"lmgate:f:{C}")  # expired
+        await self.admitted(store, "d", [rpm(5)])
+        self.assertEqual([(s.figure.limit, s.used) for s in await store.show([C])], [(5, 2)])
+        await self.admitted(store, "e", [rpm(9)])  # the rule changed on reload
+        self.assertEqual([(s.figure.limit, s.used) for s in await store.show([C])], [(9, 3)])
+
+    @deferred
     async def test_prefixesAreSeparate(self) -> None:
         """Two gateways with different prefixes on one Redis database never see each other's counters."""
         one, two = self.store(), self.store(prefix="other:")

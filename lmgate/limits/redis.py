@@ -55,6 +55,11 @@ SHOW = _Script("show", redisscripts.SHOW)
 RESET = _Script("reset", redisscripts.RESET)
 SCRIPTS = (ADMIT, SETTLE, RENEW, SHOW, RESET)
 
+#: Seconds an admission's figures (the C{f:} keys: each figure's limit and rule,
+#: for show and reset) are taken as written by this store: within them the
+#: script writes only those that are gone, saving three Redis commands a counter.
+FIGURES_REFRESH = 30.0
+
 #: Every admission's answer (the script sends no states with it).
 ADMITTED = Decision(True)
 
@@ -175,6 +180,9 @@ class RedisStore(Service):
         self._retry.clock = clock
         self._retryInterval = retryInterval
         self._settleDelay = settleDelay
+        #: Figure lists (as sent) whose C{f:} keys this store wrote, and when: for
+        #: FIGURES_REFRESH seconds the script writes them only where they are gone.
+        self._written: dict[str, float] = {}
         self.observeLatency: Callable[[float], None] | None = None
         self.observeError: Callable[[str], None] | None = None
 
@@ -311,11 +319,18 @@ class RedisStore(Service):
     def admit(self, requestId: str, figures: Sequence[Figure], tokens: int, nanoUsd: int, leaseSeconds: float) -> Deferred[Decision]:
         """Admit against every figure or none, in one script (L{ILimitStore.admit})."""
         packed = json.dumps([[f.counter, f.rule, f.kind, f.limit] for f in figures], separators=(",", ":"))
-        args: list[object] = [requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000)), packed]
+        now = self._clock.seconds()
+        known = self._written.get(packed)
+        writeFigures = known is None or now - known >= FIGURES_REFRESH
+        args: list[object] = [requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000)), packed, "1" if writeFigures else "0"]
         d = self._call(ADMIT, args)
 
         def decide(answer: str) -> Decision:
             if answer == "1":
+                if writeFigures:
+                    if len(self._written) >= 10_000:
+                        self._written.clear()  # bounded: the figures are written again, once each
+                    self._written[packed] = now
                 return ADMITTED
             reply = [int(x) for x in answer.split(",")]
             states = tuple(

@@ -170,7 +170,9 @@ end
 """
 
 #: ARGV: prefix, offset, request id, tokens, nano-dollars, lease ms, the
-#: figures as JSON [[counter, rule, kind, limit], ...]. Answers C{1} when
+#: figures as JSON [[counter, rule, kind, limit], ...], and C{0} when the
+#: caller wrote these counters' figures (the C{f:} keys) lately as they are
+#: (C{1}, or absent: write them). Answers C{1} when
 #: admitted (the states after an admission are read by no one: computing and
 #: sending them cost more than the rest of the reply); when refused, integers
 #: joined by commas: 0, the refusing figure's index (1-based), retry after ms
@@ -222,18 +224,27 @@ for i = 1, n do
   end
   local meta = metas[counter]
   if not meta then
-    meta = {ttl = 1000, fields = {}}
+    meta = {ttl = 1000, figures = {}}
     metas[counter] = meta
     table.insert(metaOrder, counter)
   end
   meta.ttl = math.max(meta.ttl, ttl)
-  table.insert(meta.fields, kind)
-  table.insert(meta.fields, fmt(limit) .. '|' .. rule)
+  table.insert(meta.figures, i)
 end
+-- ARGV[8] '0': the caller wrote these figures lately, as they are: only a
+-- counter whose figures are gone (expired, reset) gets them again.
+local metaKnown = ARGV[8] == '0'
 for _, counter in ipairs(metaOrder) do
   local key, meta = P .. 'f:' .. counter, metas[counter]
-  redis.call('HSET', key, unpack(meta.fields))
-  keepLonger(key, meta.ttl)
+  if not metaKnown or redis.call('EXISTS', key) == 0 then
+    local fields = {}
+    for _, i in ipairs(meta.figures) do
+      table.insert(fields, figures[i][3])
+      table.insert(fields, fmt(figures[i][4]) .. '|' .. figures[i][2])
+    end
+    redis.call('HSET', key, unpack(fields))
+    keepLonger(key, meta.ttl)
+  end
 end
 if #entries > 0 then
   local r = P .. 'r:' .. rid
