@@ -2,15 +2,15 @@
 A lean Redis client for the usage-limits store: RESP2 over one Twisted
 connection, commands pipelined, replies matched to callers in order.
 
-The store needs five commands (C{EVALSHA}, C{EVAL}, C{SCRIPT LOAD}, C{SCAN},
-and C{AUTH}/C{SELECT} when connecting), every one on the path of a call: each
-admission waits for one reply. A general client pays for what the store never
-uses on every command: txredisapi, measured on the same admissions and
-settlements (bench/RESULTS.md, 2026-12-01), spent about 250 µs of CPU per
-admission and settlement, mostly building each argument, an C{inlineCallbacks}
-generator per command and a reply timer per command. Here a command is one
-C{bytes.join}, a reply one slice of the buffer and one callback; the only
-timer is the connection's watchdog.
+The store needs a handful of commands (C{EVALSHA} and C{EVAL} for every
+admission and settlement, C{SCRIPT LOAD}, C{SCAN}, and C{AUTH}/C{SELECT} when
+connecting); each admission waits for one reply. A general client pays for
+what the store never uses on every command: txredisapi, measured on the same
+admissions and settlements (bench/RESULTS.md, 2026-12-01), spent about 250 µs
+of CPU per admission and settlement, mostly building each argument, an
+C{inlineCallbacks} generator per command and a reply timer per command. Here a
+command is one C{bytes.join}, a reply one slice of the buffer and one callback;
+no command has a timer of its own (the connection has one watchdog).
 
 Deadlines are the caller's (the store adds its own timeout to each call); the
 watchdog only drops a connection on which Redis stopped answering altogether,
