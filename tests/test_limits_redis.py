@@ -340,6 +340,27 @@ class SemanticsTests(RedisCase):
         self.assertEqual([(s.figure.limit, s.used) for s in await store.show([C])], [(9, 3)])
 
     @deferred
+    async def test_settlementsShareOneScriptCall(self) -> None:
+        """
+        Settlements made within the settle delay go to Redis in one script call,
+        in order, even when an admission is answered meanwhile (its answer does
+        not send the batch early).
+        """
+        store = self.store(settleDelay=0.5)
+        for rid in "abc":
+            await self.admitted(store, rid, [tpd(1000)], tokens=100)
+        self.server.command("CONFIG", "RESETSTAT")
+        store.settle(Settlement("a", 10, None, True))
+        await self.admitted(store, "d", [tpd(1000)], tokens=100)
+        store.settle(Settlement("b", 20, None, True))
+        store.settle(Settlement("c", 30, None, True))
+        await waitFor(clock, lambda: store.queued == 0)
+        stats = self.server.command("INFO", "commandstats")
+        calls = int(stats.split(b"cmdstat_evalsha:calls=")[1].split(b",")[0])
+        self.assertEqual(calls, 2)  # the admission of d, and one settlement call
+        self.assertEqual(await self.states(store), {"tokens_per_day": (60, 100, 840)})
+
+    @deferred
     async def test_prefixesAreSeparate(self) -> None:
         """Two gateways with different prefixes on one Redis database never see each other's counters."""
         one, two = self.store(), self.store(prefix="other:")
