@@ -15,12 +15,13 @@ import time
 from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.task import Clock
 from twisted.internet.interfaces import IReactorTime
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from lmgate.limits.redis import CLOSED, OPEN, CircuitOpen, RedisSettings, RedisStore, parseRedisUrl
+from lmgate.limits.redis import CLOSED, OPEN, SETTLE, CircuitOpen, RedisSettings, RedisStore, parseRedisUrl
 from lmgate.limits.store import NANO, Decision, Figure, ILimitStore, Settlement, StoreUnavailable
 from tests.redisserver import RedisServer, skipUnlessRedis, startRedis, waitFor
 
@@ -91,6 +92,86 @@ class ParseRedisUrlTests(SynchronousTestCase):
             with self.assertRaises(ValueError) as caught:
                 parseRedisUrl(url)
             self.assertIn(says, str(caught.exception), url)
+
+
+class _ScriptedRedis:
+    """A Redis client whose answers the test gives: each command waits in C{sent} until answered."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[tuple[object, ...], Deferred[Any]]] = []
+
+    def execute(self, *args: object) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.sent.append((args, d))
+        return d
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+    def settlements(self) -> list[list[str]]:
+        """The request ids of each settle script call sent so far."""
+        out = []
+        for args, _ in self.sent:
+            if args[0] == "EVALSHA" and args[1] == SETTLE.sha:
+                out.append([str(a) for a in args[6::4]])
+        return out
+
+    def answer(self, index: int, reply: object) -> None:
+        self.sent[index][1].callback(reply)
+
+
+class SettlementBatchingTests(SynchronousTestCase):
+    """How settlements are gathered into script calls, on a fake clock and a scripted connection."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.redis = _ScriptedRedis()
+        self.store = RedisStore(parseRedisUrl("redis://r1"), self.clock, settleDelay=0.005, connect=lambda: self.redis)
+        self.store.startService()
+        for i, (args, d) in enumerate(list(self.redis.sent)):
+            d.callback("sha")  # SCRIPT LOAD
+
+    def test_queuedDuringABatchWaitTheDelay(self) -> None:
+        """
+        Settlements made while a batch is in flight wait the settle delay when it
+        is answered, so that steady traffic still shares script calls (sent at
+        once, each answer would send the one or two queued meanwhile: a script
+        call per settlement).
+        """
+        self.store.settle(Settlement("a", 1, None, True))
+        self.clock.advance(0.005)
+        self.assertEqual(self.redis.settlements(), [["a"]])
+        self.store.settle(Settlement("b", 1, None, True))
+        self.redis.answer(-1, 1)
+        self.assertEqual(self.redis.settlements(), [["a"]])  # b waits for others
+        self.store.settle(Settlement("c", 1, None, True))
+        self.clock.advance(0.005)
+        self.assertEqual(self.redis.settlements(), [["a"], ["b", "c"]])
+        self.redis.answer(-1, 2)
+        self.assertEqual(self.store.queued, 0)
+
+    def test_backlogSentBatchAfterBatch(self) -> None:
+        """A backlog of full batches (queued while Redis failed) goes batch after batch without waiting."""
+        for i in range(250):
+            self.store._enqueue(Settlement(f"r{i}", 1, None, True))
+        self.store._flush()
+        self.redis.answer(-1, 100)
+        self.assertEqual([len(ids) for ids in self.redis.settlements()], [100, 100])
+        self.redis.answer(-1, 100)
+        self.assertEqual([len(ids) for ids in self.redis.settlements()], [100, 100])  # 50 left: they wait the delay
+        self.clock.advance(0.005)
+        self.assertEqual([len(ids) for ids in self.redis.settlements()], [100, 100, 50])
+
+    def test_stopSendsEverything(self) -> None:
+        """Stopping sends every queued settlement, batch after batch, whatever the size of the last."""
+        for i in range(150):
+            self.store._enqueue(Settlement(f"r{i}", 1, None, True))
+        stopped = self.store.stopService()
+        self.redis.answer(-1, 100)
+        self.assertEqual([len(ids) for ids in self.redis.settlements()], [100, 50])
+        self.redis.answer(-1, 50)
+        self.assertEqual(self.store.queued, 0)
+        self.successResultOf(stopped)
 
 
 class RedisCase(TestCase):

@@ -55,6 +55,9 @@ SHOW = _Script("show", redisscripts.SHOW)
 RESET = _Script("reset", redisscripts.RESET)
 SCRIPTS = (ADMIT, SETTLE, RENEW, SHOW, RESET)
 
+#: Settlements sent in one script call at most.
+SETTLE_BATCH = 100
+
 #: Seconds an admission's figures (the C{f:} keys: each figure's limit and rule,
 #: for show and reset) are taken as written by this store: within them the
 #: script writes only those that are gone, saving three Redis commands a counter.
@@ -209,7 +212,7 @@ class RedisStore(Service):
         redis, self._redis = self._redis, None
         if redis is None:
             return succeed(None)
-        flushed = self._sendQueued(redis) if self._queue else succeed(None)
+        flushed = self._sendQueued(redis, final=True) if self._queue else succeed(None)
 
         def disconnect(_: object) -> Deferred[None]:
             d: Deferred[None] = redis.stop()
@@ -450,9 +453,17 @@ class RedisStore(Service):
 
         d.addBoth(done)
 
-    def _sendQueued(self, redis: Any) -> Deferred[None]:
-        """Send the queue's head in batches of 100, each after the previous one answered; stop at a failure."""
-        batch = [self._queue[i] for i in range(min(100, len(self._queue)))]
+    def _sendQueued(self, redis: Any, final: bool = False) -> Deferred[None]:
+        """
+        Send the queue's head in batches of C{SETTLE_BATCH}, each after the
+        previous one answered, while full batches wait (a backlog from while
+        Redis failed), or all of it when C{final} (the store stops); stop at a
+        failure. Settlements queued while a batch was
+        in flight wait the settle delay, as any other: sent at once, each
+        answer would send the one or two queued meanwhile, and under steady
+        traffic every settlement would get a script call of its own.
+        """
+        batch = [self._queue[i] for i in range(min(SETTLE_BATCH, len(self._queue)))]
         args: list[object] = [len(batch)]
         for s in batch:
             args += _settlementArgs(s)
@@ -462,8 +473,10 @@ class RedisStore(Service):
             for _s in batch:
                 if self._queue and self._queue[0] is _s:
                     self._queue.popleft()
-            if self._queue:
-                return self._sendQueued(redis)
+            if len(self._queue) >= SETTLE_BATCH or (final and self._queue):
+                return self._sendQueued(redis, final)
+            if self._queue and self._soon is None and self._redis is not None:
+                self._soon = self._clock.callLater(self._settleDelay, self._flushSoon)
             return None
 
         return d.addCallbacks(applied, lambda f: None)
