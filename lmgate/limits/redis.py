@@ -19,7 +19,6 @@ are idempotent per request id, so a retry is always safe).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import deque
 from typing import Any, Callable, Sequence
 
@@ -183,9 +182,12 @@ class RedisStore(Service):
         self._retry.clock = clock
         self._retryInterval = retryInterval
         self._settleDelay = settleDelay
-        #: Figure lists (as sent) whose C{f:} keys this store wrote, and when: for
+        #: Figure lists whose C{f:} keys this store wrote, and when: for
         #: FIGURES_REFRESH seconds the script writes them only where they are gone.
-        self._written: dict[str, float] = {}
+        self._written: dict[tuple[Figure, ...], float] = {}
+        #: Each figure list's script arguments, made once (a call's figures are
+        #: one of a few lists: a rule's, per key or owner).
+        self._flat: dict[tuple[Figure, ...], tuple[object, ...]] = {}
         self.observeLatency: Callable[[float], None] | None = None
         self.observeError: Callable[[str], None] | None = None
 
@@ -321,12 +323,16 @@ class RedisStore(Service):
 
     def admit(self, requestId: str, figures: Sequence[Figure], tokens: int, nanoUsd: int, leaseSeconds: float) -> Deferred[Decision]:
         """Admit against every figure or none, in one script (L{ILimitStore.admit})."""
-        packed = json.dumps([[f.counter, f.rule, f.kind, f.limit] for f in figures], separators=(",", ":"))
+        packed = tuple(figures)
+        flat = self._flat.get(packed)
+        if flat is None:
+            if len(self._flat) >= 10_000:
+                self._flat.clear()  # bounded: made again, once each
+            flat = self._flat[packed] = _flatFigures(figures)
         now = self._clock.seconds()
         known = self._written.get(packed)
         writeFigures = known is None or now - known >= FIGURES_REFRESH
-        args: list[object] = [requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000)), packed, "1" if writeFigures else "0"]
-        d = self._call(ADMIT, args)
+        d = self._call(ADMIT, (requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000)), "1" if writeFigures else "0", *flat))
 
         def decide(answer: str) -> Decision:
             if answer == "1":
@@ -480,6 +486,14 @@ class RedisStore(Service):
             return None
 
         return d.addCallbacks(applied, lambda f: None)
+
+
+def _flatFigures(figures: Sequence[Figure]) -> tuple[object, ...]:
+    """The admit script's figure arguments: their number, then counter, rule, kind and limit of each, as bytes."""
+    flat: list[object] = [len(figures)]
+    for f in figures:
+        flat += (f.counter.encode("utf-8"), f.rule.encode("utf-8"), f.kind.encode("ascii"), b"%d" % f.limit)
+    return tuple(flat)
 
 
 def _settlementArgs(s: Settlement) -> list[object]:

@@ -16,8 +16,8 @@ Key layout (C{P} = the prefix, C{lmgate:} by default; docs/limits.md):
   - C{P c:<counter>}: sorted set of request ids scored by lease expiry (ms).
   - C{P w:<counter>:<kind>:<window>}: hash C{used}, C{reserved}; the window is
     C{YYYY-MM-DD} or C{YYYY-MM} (UTC).
-  - C{P r:<request id>}: hash C{e}: the JSON list of [key, kind, amount, limit]
-    the admission touched, so the settlement applies to the same keys.
+  - C{P r:<request id>}: hash, each state key the admission reserved in ->
+    C{<kind>|<amount>|<limit>}, so the settlement applies to the same keys.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ local function readState(kind, key, ends, limit, now, prune)
   local h = redis.call('HMGET', key, 'used', 'reserved')
   local used = tonumber(h[1] or '0')
   local reserved = tonumber(h[2] or '0')
-  return {used, reserved, math.max(0, limit - used - reserved), (ends - now) / 1000, used + reserved}
+  return {used, reserved, math.max(0, limit - used - reserved), (ends - now) / 1000, used + reserved, not h[1] and not h[2]}
 end
 local function fits(kind, st, amount, limit)
   local s = shape(kind)
@@ -150,8 +150,8 @@ local function fits(kind, st, amount, limit)
   return st[5] + amount <= limit
 end
 -- An admission's reply is one string (comma-separated integers, milliseconds
--- for times), its figures one JSON argument: one element each to encode and
--- parse on the gateway's side, whatever the number of figures.
+-- for times): one element to parse on the gateway's side, whatever the number
+-- of figures.
 local function retryAfter(kind, st, amount, limit)
   local s = shape(kind)
   if s == 'bucket' then return math.ceil((amount - st[5]) * 60000 / limit) end
@@ -169,25 +169,36 @@ local function pushState(out, st)
 end
 """
 
-#: ARGV: prefix, offset, request id, tokens, nano-dollars, lease ms, the
-#: figures as JSON [[counter, rule, kind, limit], ...], and C{0} when the
-#: caller wrote these counters' figures (the C{f:} keys) lately as they are
-#: (C{1}, or absent: write them). Answers C{1} when
-#: admitted (the states after an admission are read by no one: computing and
-#: sending them cost more than the rest of the reply); when refused, integers
-#: joined by commas: 0, the refusing figure's index (1-based), retry after ms
-#: (-1 if unknown), then for each figure: used, reserved, remaining, reset ms.
+#: ARGV: prefix, offset, request id, tokens, nano-dollars, lease ms, C{0}
+#: when the caller wrote these counters' figures (the C{f:} keys) lately as
+#: they are (C{1}: write them), the number of figures n, then n × (counter,
+#: rule, kind, limit): flat, so that neither side encodes or decodes JSON.
+#: Answers C{1} when admitted (the states after an admission are read by no
+#: one: computing and sending them cost more than the rest of the reply); when
+#: refused, integers joined by commas: 0, the refusing figure's index
+#: (1-based), retry after ms (-1 if unknown), then for each figure: used,
+#: reserved, remaining, reset ms.
+#:
+#: The call's C{r:} hash names each state key it reserved in (its field) with
+#: C{kind|amount|limit} (its value), the amounts and limits as the gateway
+#: sent them: the settlement reads it with one C{HGETALL}.
 ADMIT = COMMON + r"""
-local rid, tokens, nano, lease = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local given = cjson.decode(ARGV[7])
-local n = #given
+local rid, tokensText, nanoText, lease = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local tokens, nano = tonumber(tokensText), tonumber(nanoText)
+local n = tonumber(ARGV[8])
 local now = nowMs()
 local figures = {}
 for i = 1, n do
-  local counter, rule, kind, limit = given[i][1], given[i][2], given[i][3], tonumber(given[i][4])
+  local b = 8 + (i - 1) * 4
+  local counter, rule, kind, limitText = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
+  local limit = tonumber(limitText)
   local key, ends = stateKey(counter, kind, now)
   local st = readState(kind, key, ends, limit, now, true)
-  figures[i] = {counter, rule, kind, limit, key, ends, st, amountOf(kind, tokens, nano)}
+  local amount, amountText = 1, '1'
+  if kind ~= 'requests_per_minute' and kind ~= 'concurrent' then
+    if string.sub(kind, 1, 4) == 'usd_' then amount, amountText = nano, nanoText else amount, amountText = tokens, tokensText end
+  end
+  figures[i] = {counter, rule, kind, limit, key, ends, st, amount, amountText, limitText}
 end
 for i = 1, n do
   local f = figures[i]
@@ -201,7 +212,7 @@ local entries = {}
 local reservationTtl = 0
 local metas, metaOrder = {}, {}
 for i = 1, n do
-  local counter, rule, kind, limit, key, ends, st, amount = unpack(figures[i])
+  local counter, rule, kind, limit, key, ends, st, amount, amountText, limitText = unpack(figures[i])
   local s = shape(kind)
   local ttl
   if s == 'bucket' then
@@ -215,11 +226,14 @@ for i = 1, n do
   else
     redis.call('HINCRBY', key, 'reserved', amount)
     ttl = ends - now + WINDOW_MARGIN
-    redis.call('PEXPIRE', key, ttl)
+    -- a window lives until it ends (and a margin): its expiry is set once,
+    -- when the admission creates it
+    if st[6] then redis.call('PEXPIRE', key, ttl) end
     reservationTtl = math.max(reservationTtl, ends - now + RESERVATION_MARGIN)
   end
   if kind ~= 'requests_per_minute' then
-    table.insert(entries, {key, kind, fmt(amount), fmt(limit)})
+    table.insert(entries, key)
+    table.insert(entries, kind .. '|' .. amountText .. '|' .. limitText)
     if s == 'bucket' then reservationTtl = math.max(reservationTtl, RESERVATION_MARGIN) end
   end
   local meta = metas[counter]
@@ -231,16 +245,16 @@ for i = 1, n do
   meta.ttl = math.max(meta.ttl, ttl)
   table.insert(meta.figures, i)
 end
--- ARGV[8] '0': the caller wrote these figures lately, as they are: only a
+-- ARGV[7] '0': the caller wrote these figures lately, as they are: only a
 -- counter whose figures are gone (expired, reset) gets them again.
-local metaKnown = ARGV[8] == '0'
+local metaKnown = ARGV[7] == '0'
 for _, counter in ipairs(metaOrder) do
   local key, meta = P .. 'f:' .. counter, metas[counter]
   if not metaKnown or redis.call('EXISTS', key) == 0 then
     local fields = {}
     for _, i in ipairs(meta.figures) do
       table.insert(fields, figures[i][3])
-      table.insert(fields, fmt(figures[i][4]) .. '|' .. figures[i][2])
+      table.insert(fields, figures[i][10] .. '|' .. figures[i][2])
     end
     redis.call('HSET', key, unpack(fields))
     keepLonger(key, meta.ttl)
@@ -248,7 +262,7 @@ for _, counter in ipairs(metaOrder) do
 end
 if #entries > 0 then
   local r = P .. 'r:' .. rid
-  redis.call('HSET', r, 'e', cjson.encode(entries))
+  redis.call('HSET', r, unpack(entries))
   redis.call('PEXPIRE', r, reservationTtl)
 end
 return '1'
@@ -266,12 +280,14 @@ for i = 1, n do
   local b = 3 + (i - 1) * 4
   local rid, tokens, nano, reached = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), ARGV[b + 4] == '1'
   local r = P .. 'r:' .. rid
-  local e = redis.call('HGET', r, 'e')
-  if e then
+  local e = redis.call('HGETALL', r)
+  if #e > 0 then
     applied = applied + 1
     redis.call('DEL', r)
-    for _, entry in ipairs(cjson.decode(e)) do
-      local key, kind, amount, limit = entry[1], entry[2], tonumber(entry[3]), tonumber(entry[4])
+    for j = 1, #e, 2 do
+      local key = e[j]
+      local kind, amountText, limitText = string.match(e[j + 1], '^([^|]*)|([^|]*)|(.*)$')
+      local amount, limit = tonumber(amountText), tonumber(limitText)
       local s = shape(kind)
       local real = amountOf(kind, tokens, nano)
       if real == nil then
@@ -302,14 +318,13 @@ local now = nowMs()
 local renewed = 0
 for i = 4, #ARGV do
   local rid = ARGV[i]
-  local e = redis.call('HGET', P .. 'r:' .. rid, 'e')
-  if e then
-    for _, entry in ipairs(cjson.decode(e)) do
-      if entry[2] == 'concurrent' and redis.call('ZSCORE', entry[1], rid) then
-        redis.call('ZADD', entry[1], 'XX', now + lease, rid)
-        keepLonger(entry[1], math.ceil(lease) + 1000)
-        renewed = renewed + 1
-      end
+  local e = redis.call('HGETALL', P .. 'r:' .. rid)
+  for j = 1, #e, 2 do
+    local key = e[j]
+    if string.sub(e[j + 1], 1, 11) == 'concurrent|' and redis.call('ZSCORE', key, rid) then
+      redis.call('ZADD', key, 'XX', now + lease, rid)
+      keepLonger(key, math.ceil(lease) + 1000)
+      renewed = renewed + 1
     end
   end
 end
