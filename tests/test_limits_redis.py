@@ -21,7 +21,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from lmgate.limits.redis import CLOSED, OPEN, SETTLE, CircuitOpen, RedisSettings, RedisStore, parseRedisUrl
+from lmgate.limits.resp import ReplyParser
+from lmgate.limits.redis import ADMIT, CLOSED, OPEN, SETTLE, CircuitOpen, RedisSettings, RedisStore, parseRedisUrl
 from lmgate.limits.store import NANO, Decision, Figure, ILimitStore, Settlement, StoreUnavailable
 from tests.redisserver import RedisServer, skipUnlessRedis, startRedis, waitFor
 
@@ -105,6 +106,10 @@ class _ScriptedRedis:
         self.sent.append((args, d))
         return d
 
+    def send(self, data: bytes) -> Deferred[Any]:
+        (args,) = ReplyParser().feed(data)  # a command is an array of bulk strings
+        return self.execute(*args)
+
     def stop(self) -> Deferred[None]:
         return succeed(None)
 
@@ -161,6 +166,59 @@ class SettlementBatchingTests(SynchronousTestCase):
         self.assertEqual([len(ids) for ids in self.redis.settlements()], [100, 100])  # 50 left: they wait the delay
         self.clock.advance(0.005)
         self.assertEqual([len(ids) for ids in self.redis.settlements()], [100, 100, 50])
+
+    def test_deadlines(self) -> None:
+        """
+        Each call fails at its own deadline (the store's timeout after it was
+        made) if Redis has not answered by then, and not before; answered calls
+        are untouched; once the store stops, no timer is left.
+        """
+        store = RedisStore(parseRedisUrl("redis://r1"), self.clock, timeout=0.1, connect=lambda: self.redis)
+        store.startService()
+        for _, d in self.redis.sent:
+            if not d.called:
+                d.callback("sha")
+        sent = len(self.redis.sent)
+        first = store.admit("a", [rpm(5)], 1, 0, 60)
+        self.clock.advance(0.06)
+        second = store.admit("b", [rpm(5)], 1, 0, 60)
+        third = store.admit("c", [rpm(5)], 1, 0, 60)
+        self.redis.answer(sent + 2, "1")  # c answered in time
+        self.assertEqual([args[1] for args, _ in self.redis.sent[sent:]], [ADMIT.sha] * 3)
+        self.clock.advance(0.039)
+        self.assertNoResult(first)
+        self.clock.advance(0.001)
+        self.failureResultOf(first, StoreUnavailable)
+        self.assertNoResult(second)
+        self.assertTrue(self.successResultOf(third).admitted)
+        self.clock.advance(0.059)
+        self.assertNoResult(second)
+        self.clock.advance(0.001)
+        self.assertIn("did not answer within 0.1 s", self.failureResultOf(second, StoreUnavailable).getErrorMessage())
+        self.assertEqual(store.failures, 2)
+        stopped = gatherResults([store.stopService(), self.store.stopService()])
+        for _, d in self.redis.sent:
+            if not d.called:
+                d.callback(0)  # the releases of a and b, sent when stopping
+        self.successResultOf(stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_deadlineOfACallMadeWhileOthersExpire(self) -> None:
+        """A call made by a timed-out call's callbacks (its release) gets a deadline of its own."""
+        store = RedisStore(parseRedisUrl("redis://r1"), self.clock, timeout=0.1, settleDelay=0.005, connect=lambda: self.redis)
+        store.startService()
+        for _, d in self.redis.sent:
+            if not d.called:
+                d.callback("sha")
+        admitted = store.admit("a", [rpm(5)], 1, 0, 60)
+        self.clock.advance(0.1)
+        self.failureResultOf(admitted, StoreUnavailable)
+        self.assertEqual(store.queued, 1)  # its release waits for the retry
+        self.clock.advance(1.0)  # the retry sends it
+        self.assertEqual(self.redis.settlements(), [["a"]])
+        self.clock.advance(0.1)
+        self.assertEqual(store.failures, 2)  # the release timed out too
+        self.assertEqual(store.queued, 1)
 
     def test_stopSendsEverything(self) -> None:
         """Stopping sends every queued settlement, batch after batch, whatever the size of the last."""

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lmgate.limits import redisscripts
-from lmgate.limits.resp import RedisClient, RedisConnectionError, RedisError
+from lmgate.limits.resp import RedisClient, RedisConnectionError, RedisError, encodeArgs
 from lmgate.limits.settings import RedisSettings, parseRedisUrl
 from lmgate.limits.store import Decision, Figure, FigureState, ILimitStore, Settlement, StoreUnavailable
 
@@ -93,6 +93,66 @@ def _connect(reactor: Any, settings: RedisSettings, replyTimeout: float, tlsOpti
                          password=settings.password, db=settings.db or 0)
     client.start()
     return client
+
+
+class _Deadlines:
+    """
+    The deadline of every call a store makes, on one timer instead of one
+    each (C{Deferred.addTimeout} makes and cancels a timer per call): the
+    calls have the same timeout and are made in order, so they fall due in
+    order. A call still waiting at its deadline is cancelled (the store turns
+    that into C{twisted.internet.defer.TimeoutError}); a late reply is dropped
+    by the connection (its Deferred was called).
+    """
+
+    def __init__(self, clock: IReactorTime, timeout: float) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._pending: deque[tuple[float, Deferred[Any]]] = deque()
+        self._timer: Any = None
+        self._expiring = False
+        #: The call being cancelled because its deadline passed, while it is.
+        self.timedOut: Deferred[Any] | None = None
+
+    def watch(self, d: Deferred[Any], started: float) -> None:
+        """Fail C{d} if it is still waiting C{timeout} seconds after C{started} (now, or a moment ago)."""
+        self._pending.append((started + self._timeout, d))
+        if self._timer is None and not self._expiring:
+            self._timer = self._clock.callLater(max(0.0, started + self._timeout - self._clock.seconds()), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._expiring = True  # a failed call's callbacks may make calls: they are watched below
+        try:
+            now = self._clock.seconds()
+            pending = self._pending
+            while pending:
+                due, d = pending[0]
+                if d.called and not d.paused:  # answered (paused: waiting on a command sent later, as after a reconnection)
+                    pending.popleft()
+                    continue
+                if due > now:
+                    break
+                pending.popleft()
+                # cancelled, as addTimeout does (a command still waiting for
+                # the connection is withdrawn); the call turns that into a
+                # timeout while timedOut names it
+                self.timedOut = d
+                try:
+                    d.cancel()
+                finally:
+                    self.timedOut = None
+        finally:
+            self._expiring = False
+        if self._pending:
+            self._timer = self._clock.callLater(max(0.0, self._pending[0][0] - self._clock.seconds()), self._expire)
+
+    def stop(self) -> None:
+        """Forget every deadline (the store stopped: its connection is gone)."""
+        self._pending.clear()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
 
 @implementer(ILimitStore)
@@ -182,12 +242,20 @@ class RedisStore(Service):
         self._retry.clock = clock
         self._retryInterval = retryInterval
         self._settleDelay = settleDelay
+        self._deadlines = _Deadlines(clock, timeout)
+        #: Each script's first arguments, encoded once: EVALSHA (and EVAL, for
+        #: NOSCRIPT) with the script, no keys, the prefix and the time offset.
+        self._heads = {
+            script.name: (encodeArgs(("EVALSHA", script.sha, 0, prefix, self._offsetMs)),
+                          encodeArgs(("EVAL", script.source, 0, prefix, self._offsetMs)))
+            for script in SCRIPTS
+        }
         #: Figure lists whose C{f:} keys this store wrote, and when: for
         #: FIGURES_REFRESH seconds the script writes them only where they are gone.
         self._written: dict[tuple[Figure, ...], float] = {}
         #: Each figure list's script arguments, made once (a call's figures are
         #: one of a few lists: a rule's, per key or owner).
-        self._flat: dict[tuple[Figure, ...], tuple[object, ...]] = {}
+        self._flat: dict[tuple[Figure, ...], tuple[bytes, int]] = {}
         self.observeLatency: Callable[[float], None] | None = None
         self.observeError: Callable[[str], None] | None = None
 
@@ -219,6 +287,7 @@ class RedisStore(Service):
         def disconnect(_: object) -> Deferred[None]:
             d: Deferred[None] = redis.stop()
             d.addErrback(lambda f: None)
+            d.addBoth(lambda _: self._deadlines.stop())
             return d
 
         return flushed.addBoth(disconnect)
@@ -254,28 +323,32 @@ class RedisStore(Service):
             return True
         return False
 
-    def _call(self, script: _Script, args: Sequence[object], redis: Any = None) -> Deferred[Any]:
+    def _call(self, script: _Script, args: Sequence[object], redis: Any = None, tail: bytes = b"", tailCount: int = 0) -> Deferred[Any]:
         """
-        Run C{script} (EVALSHA; EVAL on NOSCRIPT) with a deadline, through the breaker.
+        Run C{script} (EVALSHA; EVAL on NOSCRIPT) with a deadline, through the
+        breaker, with C{args} after the prefix and the time offset, then
+        C{tailCount} more arguments already encoded as C{tail} (L{encodeArgs}).
         Fails with L{StoreUnavailable}.
         """
         if redis is None:
             if not self._available():
                 return fail(CircuitOpen("Redis circuit open: not calling Redis for now"))
             redis = self._ensureConnected()
-        argv = [self._prefix, self._offsetMs, *args]
+        count = b"*%d\r\n" % (5 + len(args) + tailCount)
+        body = encodeArgs(args) + tail
         started = self._clock.seconds()
-        d: Deferred[Any] = redis.execute("EVALSHA", script.sha, 0, *argv)
+        d: Deferred[Any] = redis.send(count + self._heads[script.name][0] + body)
+        self._deadlines.watch(d, started)
 
         def noScript(f: Failure) -> Any:
-            # NOSCRIPT: Redis restarted or flushed its scripts; EVAL loads it again.
+            # NOSCRIPT: Redis restarted or flushed its scripts; EVAL loads it
+            # again (within the same deadline: d waits on it).
             if f.check(RedisError) and f.getErrorMessage().startswith("NOSCRIPT"):
-                return redis.execute("EVAL", script.source, 0, *argv)
+                return redis.send(count + self._heads[script.name][1] + body)
             return f
 
         d.addErrback(noScript)
-        d.addTimeout(self._timeout, self._clock)
-        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(started,), errbackArgs=(script,))
+        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(started,), errbackArgs=(script, d))
         return d
 
     def _succeeded(self, result: Any, started: float) -> Any:
@@ -292,10 +365,10 @@ class RedisStore(Service):
             self._flush()  # what waited while Redis failed (a batch due soon goes then)
         return result
 
-    def _failed(self, f: Failure, script: _Script) -> Failure:
-        if f.check(CancelledError):
+    def _failed(self, f: Failure, script: _Script, d: Deferred[Any]) -> Failure:
+        if f.check(CancelledError) and self._deadlines.timedOut is not d:
             return f  # the caller gave up (its client left): no word on Redis's health
-        if f.check(DeferredTimeout):
+        if f.check(CancelledError, DeferredTimeout):
             kind, why = "timeout", f"Redis did not answer within {self._timeout} s"
         elif f.check(RedisConnectionError, ConnectionError) or not f.check(RedisError, StoreUnavailable):
             kind, why = "connection", f"Redis connection failed: {f.getErrorMessage()}"
@@ -332,7 +405,7 @@ class RedisStore(Service):
         now = self._clock.seconds()
         known = self._written.get(packed)
         writeFigures = known is None or now - known >= FIGURES_REFRESH
-        d = self._call(ADMIT, (requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000)), "1" if writeFigures else "0", *flat))
+        d = self._call(ADMIT, (requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000)), "1" if writeFigures else "0"), None, *flat)
 
         def decide(answer: str) -> Decision:
             if answer == "1":
@@ -488,12 +561,12 @@ class RedisStore(Service):
         return d.addCallbacks(applied, lambda f: None)
 
 
-def _flatFigures(figures: Sequence[Figure]) -> tuple[object, ...]:
-    """The admit script's figure arguments: their number, then counter, rule, kind and limit of each, as bytes."""
+def _flatFigures(figures: Sequence[Figure]) -> tuple[bytes, int]:
+    """The admit script's figure arguments, encoded (L{encodeArgs}): their number, then counter, rule, kind and limit of each; and how many."""
     flat: list[object] = [len(figures)]
     for f in figures:
-        flat += (f.counter.encode("utf-8"), f.rule.encode("utf-8"), f.kind.encode("ascii"), b"%d" % f.limit)
-    return tuple(flat)
+        flat += (f.counter, f.rule, f.kind, f.limit)
+    return encodeArgs(flat), len(flat)
 
 
 def _settlementArgs(s: Settlement) -> list[object]:

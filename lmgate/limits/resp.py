@@ -60,15 +60,24 @@ def _arg(value: object) -> bytes:
     return str(value).encode("utf-8")
 
 
-def encodeCommand(args: Sequence[object]) -> bytes:
-    """One command as RESP: an array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
+def encodeArgs(args: Sequence[object]) -> bytes:
+    """
+    Arguments as RESP bulk strings, without the array's header: a caller
+    that sends many commands alike encodes their constant arguments once
+    and joins (L{encodeCommand} makes a whole command).
+    """
+    parts: list[bytes] = []
     append = parts.append
     for value in args:
         kind = type(value)
         data = value.encode("utf-8") if kind is str else b"%d" % value if kind is int else _arg(value)  # type: ignore[attr-defined,str-format]
         append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+def encodeCommand(args: Sequence[object]) -> bytes:
+    """One command as RESP: an array of bulk strings."""
+    return b"*%d\r\n%s" % (len(args), encodeArgs(args))
 
 
 class _Incomplete(Exception):
@@ -209,7 +218,12 @@ class RedisProtocol(Protocol):
         """Send one command; a Deferred of its reply (L{RedisError} for an error reply)."""
         if not self.connected:
             return fail(RedisConnectionError(self._refusal))
-        data = encodeCommand(args)
+        return self.send(encodeCommand(args))
+
+    def send(self, data: bytes) -> Deferred[Reply]:
+        """Send one command already encoded (L{encodeCommand}); a Deferred of its reply."""
+        if not self.connected:
+            return fail(RedisConnectionError(self._refusal))
         d: Deferred[Reply] = Deferred()
         idle = not self._waiting
         if idle:
@@ -398,11 +412,15 @@ class RedisClient:
 
     def execute(self, *args: object) -> Deferred[Reply]:
         """One command's reply, on the live connection or the next one."""
+        return self.send(encodeCommand(args))
+
+    def send(self, data: bytes) -> Deferred[Reply]:
+        """One command already encoded (L{encodeCommand}): its reply, on the live connection or the next one."""
         protocol = self._protocol
         if protocol is not None and protocol.connected:
-            return protocol.execute(*args)
+            return protocol.send(data)
         if not self._running:
             return fail(RedisConnectionError("the Redis client is stopped"))
         waiter: Deferred[RedisProtocol] = Deferred(lambda d: self._waiters.remove(d))
         self._waiters.append(waiter)
-        return waiter.addCallback(lambda p: p.execute(*args))
+        return waiter.addCallback(lambda p: p.send(data))
