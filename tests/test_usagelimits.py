@@ -20,6 +20,7 @@ from lmgate.errors import ConfigError
 from lmgate.gate.admission import CallContext, Refusal
 from lmgate.gate.providers import Provider
 from lmgate.gate.shapes import errorResponse
+from lmgate.limits import limiter as limiterModule
 from lmgate.limits.limiter import Held, Limiter, goDuration, outputCap
 from lmgate.limits.memory import MemoryStore, windowOf
 from lmgate.limits.settings import NANO, LimitsSettings, parseUsageLimits
@@ -355,6 +356,64 @@ class LimiterTests(SynchronousTestCase):
         self.assertEqual((refused.status, refused.recordError, ctx.limitedBy), (429, "rate_limited", "small"))
         self.assertIn("can never be admitted", refused.message)
         self.assertEqual(refused.headers, ())
+
+    def test_neverFitsNamesTheFirstRuleInOrder(self) -> None:
+        """
+        With several figures a reservation can never fit, the refusal names the
+        first in rule order (kept plans compare against each kind's smallest
+        limit first, then look for it in order), and a call that fits them all
+        is admitted with the same plan.
+        """
+        limiter = limiterWith([
+            {"name": "roomy", "tokens_per_day": 10**6, "usd_per_day": 100},
+            {"name": "tight", "tokens_per_minute": 1000, "usd_per_day": 0.000001},
+            {"name": "tighter", "tokens_per_minute": 50},
+        ])
+        refused = limiter.admit(context(b'{"model":"gpt-4o-mini","max_tokens":100}'))
+        assert isinstance(refused, Refusal)
+        self.assertEqual((refused.rule, refused.recordError), ("tight", "budget_exceeded"))
+        refused = limiter.admit(context(b'{"model":"unpriced","max_tokens":100}'))  # no dollars reserved
+        assert isinstance(refused, Refusal)
+        self.assertEqual((refused.rule, refused.recordError), ("tighter", "rate_limited"))
+        self.assertIsNone(limiter.admit(context(b'{"model":"unpriced","max_tokens":1}')))
+
+    def test_plansFollowTheCallAndTheSettings(self) -> None:
+        """
+        What the rules make of a caller, route, model and alias is kept, but a
+        call with another key, owner, model or alias is judged afresh, and new
+        rules or new prices (a reload) take effect on the next call.
+        """
+        limiter = limiterWith([{"name": "minis", "match": {"model": "gpt-4o-*"}, "per": "key", "requests_per_minute": 1}])
+        self.assertIsNone(limiter.admit(context(b'{"model":"gpt-4o-mini"}')))
+        self.assertIsInstance(limiter.admit(context(b'{"model":"gpt-4o-mini"}')), Refusal)
+        self.assertIsNone(limiter.admit(context(b'{"model":"other"}')))  # another model: no rule
+        self.assertIsNone(limiter.admit(context(b'{"model":"gpt-4o-mini"}', keyId="k2")))  # its own counter
+        aliased = context(b'{"model":"gpt-4o-mini"}', keyId="k3")
+        aliased.alias = "fast"
+        self.assertIsNone(limiter.admit(aliased))
+        self.assertIsInstance(limiter.admit(context(b'{"model":"gpt-4o-mini"}', keyId="k3")), Refusal)
+        limiter.setRules(parseUsageLimits({"rules": [{"name": "minis", "match": {"model": "other"}, "requests_per_minute": 1}]}))
+        self.assertIsNone(limiter.admit(context(b'{"model":"gpt-4o-mini"}')))  # the new rules: no match
+        budget = limiterWith([{"name": "b", "usd_per_day": 1}])
+        ctx = context(b'{"model":"gpt-4o-mini","max_tokens":10}')
+        budget.admit(ctx)
+        assert isinstance(ctx.reservation, Held)
+        self.assertGreater(ctx.reservation.nanoUsd, 0)
+        budget.prices = PriceTable({})
+        ctx = context(b'{"model":"gpt-4o-mini","max_tokens":10}')
+        budget.admit(ctx)
+        assert isinstance(ctx.reservation, Held)
+        self.assertEqual(ctx.reservation.nanoUsd, 0)  # the new table has no price for it
+
+    def test_planCacheIsBounded(self) -> None:
+        """Past PLAN_CACHE_SIZE kinds of call the kept plans are cleared, and calls are still judged right."""
+        self.patch(limiterModule, "PLAN_CACHE_SIZE", 3)
+        limiter = limiterWith([{"name": "r", "per": "key", "requests_per_minute": 1}])
+        for i in range(10):
+            self.assertIsNone(limiter.admit(context(b"{}", keyId=f"k{i}")))
+            self.assertLessEqual(len(limiter._plans), 3)
+        for i in range(10):
+            self.assertIsInstance(limiter.admit(context(b"{}", keyId=f"k{i}")), Refusal)
 
     def test_settlementAtTheRecord(self) -> None:
         """The record's total replaces the reservation; a second settle does nothing."""

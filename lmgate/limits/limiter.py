@@ -115,6 +115,32 @@ def outputCap(document: Any, default: int) -> int:
 
 #: Counters whose figures a rule keeps made (cleared past it).
 _BUILT_LIMIT = 100_000
+#: Plans (L{Limiter._plan}) kept; past it they are cleared and made again.
+PLAN_CACHE_SIZE = 4096
+
+
+class _Plan:
+    """
+    What the rules make of one kind of call (L{Limiter._plan}).
+
+    @ivar figures: every matching rule's figures, in rule order (empty: no rule matches).
+    @ivar closed: whether a matching rule fails closed.
+    @ivar price: the model's price (dollar reservations), or None.
+    @ivar fewestCalls: the smallest limit among the figures that count calls;
+        C{fewestTokens}, C{fewestNanoUsd} the same for tokens and nano-dollars
+        (a reservation over one of them can never be admitted).
+    """
+
+    __slots__ = ("figures", "closed", "price", "fewestCalls", "fewestTokens", "fewestNanoUsd")
+
+    def __init__(self, figures: tuple[Figure, ...], closed: bool, price: Any) -> None:
+        self.figures, self.closed, self.price = figures, closed, price
+        self.fewestCalls = min((f.limit for f in figures if f.kind in ("requests_per_minute", "concurrent")), default=math.inf)
+        self.fewestTokens = min((f.limit for f in figures if f.kind in _TOKEN_KINDS), default=math.inf)
+        self.fewestNanoUsd = min((f.limit for f in figures if f.kind.startswith("usd_")), default=math.inf)
+
+
+_TOKEN_KINDS = ("tokens_per_minute", "tokens_per_day", "tokens_per_month")
 
 
 class _Rule:
@@ -173,7 +199,8 @@ class Limiter:
     """
 
     def __init__(self, settings: LimitsSettings, store: ILimitStore, clock: IReactorTime, prices: Any = None) -> None:
-        self._store, self._clock, self.prices = store, clock, prices
+        self._plans: dict[tuple[str, str, str, str | None, str | None], _Plan] = {}
+        self._store, self._clock, self._prices = store, clock, prices
         self._local = store if not store.shared else MemoryStore(clock)
         self.rateLog = RateLimitedLog(log, clock)
         #: Admitted calls not yet settled: their request ids, by the store that holds them (renewed leases).
@@ -186,12 +213,23 @@ class Limiter:
     def store(self) -> ILimitStore:
         return self._store
 
+    @property
+    def prices(self) -> Any:
+        """The price table dollar reservations are made at (set again on reload)."""
+        return self._prices
+
+    @prices.setter
+    def prices(self, prices: Any) -> None:
+        self._prices = prices
+        self._plans.clear()
+
     def setRules(self, settings: LimitsSettings) -> None:
         """Put the rules (and estimates) of C{settings} into effect: at start-up, and on reload."""
         self.settings = settings
         closed = settings.onStoreError == "closed"
         self._rules = [_Rule(rule, closed) for rule in settings.rules]
         self.leaseSeconds = settings.leaseSeconds
+        self._plans.clear()
 
     @property
     def active(self) -> bool:
@@ -221,25 +259,32 @@ class Limiter:
 
                 model = requestModel(provider.format, context.rest, None)
             context.requestedModel = model
-        facts = {"key": entry.id, "owner": entry.owner, "provider": provider.name, "model": model, "alias": context.alias}
-        rules = [rule for rule in self._rules if rule.matches(facts)]
-        if not rules:
+        alias = context.alias
+        plans = self._plans
+        plan = plans.get((entry.id, entry.owner, provider.name, model, alias))
+        if plan is None:
+            plan = self._plan(entry.id, entry.owner, provider.name, model, alias)
+        figures = plan.figures
+        if not figures:
             return None
         settings = self.settings
-        tokens = math.ceil(context.bodySize / settings.bytesPerToken)
-        if context.bodySize and not _EMBEDDINGS.search(context.rest):
+        bodySize = context.bodySize
+        tokens = math.ceil(bodySize / settings.bytesPerToken)
+        if bodySize and not _EMBEDDINGS.search(context.rest):
             tokens += outputCap(document, settings.outputTokens)  # no body (a GET), or embeddings: no output
-        nanoUsd = self._nanoUsd(model, context.bodySize, tokens)
+        price = plan.price
+        if price is None:
+            nanoUsd = 0
+        else:
+            inputTokens = min(tokens, math.ceil(bodySize / settings.bytesPerToken))
+            nanoUsd = int(math.ceil((inputTokens * price.input + (tokens - inputTokens) * price.output) * NANO / 1_000_000))
         context.reservedTokens = tokens
-        figures: list[Figure] = []
-        for rule in rules:
-            figures.extend(rule.figuresFor(entry.id, entry.owner))
-        for figure in figures:
-            kind = figure.kind
-            if (nanoUsd if kind.startswith("usd_") else tokens if kind != "requests_per_minute" and kind != "concurrent" else 1) > figure.limit:
-                context.limits = "shared" if self._store.shared else "local"
-                return self._never(context, figure, tokens, nanoUsd)
-        closed = any(rule.closed for rule in rules)
+        if tokens > plan.fewestTokens or nanoUsd > plan.fewestNanoUsd or plan.fewestCalls < 1:
+            for figure in figures:  # the first, in rule order, that this call can never fit
+                if figure.amount(tokens, nanoUsd) > figure.limit:
+                    context.limits = "shared" if self._store.shared else "local"
+                    return self._never(context, figure, tokens, nanoUsd)
+        closed = plan.closed
         requestId = context.requestId
         try:
             answer = self._store.admit(requestId, figures, tokens, nanoUsd, self.leaseSeconds)
@@ -251,15 +296,25 @@ class Limiter:
         waiting.addErrback(self._storeFailed, context, figures, tokens, nanoUsd, closed)
         return waiting
 
-    def _nanoUsd(self, model: str | None, bodyBytes: int, tokens: int) -> int:
-        """The dollars a reservation of C{tokens} stands for at the model's prices (input at the input price for the body's share)."""
-        prices = self.prices
-        price = prices.priceFor(model) if prices is not None else None
-        if price is None:
-            return 0
-        inputTokens = min(tokens, math.ceil(bodyBytes / self.settings.bytesPerToken))
-        outputTokens = tokens - inputTokens
-        return int(math.ceil((inputTokens * price.input + outputTokens * price.output) * NANO / 1_000_000))
+    def _plan(self, keyId: str, owner: str, provider: str, model: str | None, alias: str | None) -> "_Plan":
+        """
+        What the rules make of calls of this key, owner, route, model and alias
+        (the rules they match, those rules' figures on their counters, the
+        model's price), worked out once and kept (bounded: cleared past
+        L{PLAN_CACHE_SIZE}; cleared when the rules or the prices change).
+        The reservation, which depends on each call's body, is not kept.
+        """
+        facts = {"key": keyId, "owner": owner, "provider": provider, "model": model, "alias": alias}
+        rules = [rule for rule in self._rules if rule.matches(facts)]
+        figures: list[Figure] = []
+        for rule in rules:
+            figures.extend(rule.figuresFor(keyId, owner))
+        prices = self._prices
+        plan = _Plan(tuple(figures), any(rule.closed for rule in rules), prices.priceFor(model) if prices is not None and rules else None)
+        if len(self._plans) >= PLAN_CACHE_SIZE:
+            self._plans.clear()
+        self._plans[(keyId, owner, provider, model, alias)] = plan
+        return plan
 
     def _decided(self, decision: Decision, context: CallContext, store: ILimitStore, tokens: int, nanoUsd: int) -> Refusal | None:
         context.limits = "shared" if store.shared else "local"
