@@ -129,6 +129,9 @@ class AliasDaemonTests(TestCase):
             ],
         )
         self.assertEqual(records[2]["error"], "model_not_found")
+        # request_bytes: what the client sent (docs/records.md), not the body rewritten for the target
+        self.assertEqual([r["request_bytes"] for r in records], [len(ALIASED), len(plainBody), 40, len(ALIASED)])
+        self.assertNotEqual(len(viaAlias.body), len(ALIASED))
 
 
 EMBEDDING = {

@@ -242,8 +242,9 @@ class Targets:
             if self._unifiedRest is not None:
                 context.rest = unifiedPath(self._unifiedRest, provider.openaiPath)
             context.target, context.provider, context.requestedModel = target, provider, target.model
+            # bodySize stays what the client sent (the record's request_bytes,
+            # the reservation); the rewritten body is sent from memory
             context.body = self._found.rewrite(self._body, target.model)
-            context.bodySize = len(context.body)
             return True
         return False
 
