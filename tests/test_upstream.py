@@ -326,6 +326,24 @@ class _RaisingResolver:
         raise LookupError("unknown encoding: idna")
 
 
+@implementer(IHostnameResolver)
+class _SilentResolver:
+    """A resolver that begins and never answers, as one behind an unreachable name server does."""
+
+    def resolveHostName(self, receiver: Any, *args: Any, **kwargs: Any) -> IHostResolution:
+        resolution = _Unanswered()
+        receiver.resolutionBegan(resolution)
+        return resolution
+
+
+@implementer(IHostResolution)
+class _Unanswered:
+    name = "upstream.invalid"
+
+    def cancel(self) -> None:
+        pass
+
+
 class _RaisingPool(RelayPool):
     def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:
         raise RuntimeError("the pool broke")
@@ -346,11 +364,27 @@ class BeforeConnectingTests(TestCase):
         [record] = await gate.sink.waitFor(1)
         self.assertEqual((record.status, record.error), (502, "upstream_unreachable"))
 
-    def relayWith(self, gate: Any, pool: Any = None, resolver: Any = None) -> None:
+    def relayWith(self, gate: Any, pool: Any = None, resolver: Any = None, connectTimeout: float = 5) -> None:
         pool = pool or RelayPool(reactor, persistent=True)
         self.addCleanup(pool.closeCachedConnections)
-        agent = RelayAgent(reactor, pool, BrowserLikePolicyForHTTPS(), connectTimeout=5, resolver=resolver)
+        agent = RelayAgent(reactor, pool, BrowserLikePolicyForHTTPS(), connectTimeout=connectTimeout, resolver=resolver)
         gate.gateway.upstream = Upstream(agent, pool)
+
+    async def test_resolutionBoundedByTheConnectTimeout(self) -> None:
+        """
+        A name resolution that never answers is bounded by timeouts.connect, as
+        connecting is: 504 upstream_timeout after it, not after
+        timeouts.response (30 s here: the test's own 10 s limit fails it).
+        """
+        gate = startGateway(self, upstreamURL="http://upstream.invalid:1", responseTimeout=30)
+        self.relayWith(gate, resolver=_SilentResolver(), connectTimeout=0.2)
+        response, body, _ = await call(self, gate.url + CHAT)
+        self.assertEqual(response.code, 504)
+        self.assertEqual(json.loads(body)["error"]["code"], "upstream_timeout")
+        [record] = await gate.sink.waitFor(1)
+        self.assertEqual((record.status, record.error), (504, "upstream_timeout"))
+
+    test_resolutionBoundedByTheConnectTimeout.timeout = 10  # type: ignore[attr-defined]
 
     async def test_codecCannotBeLoaded(self) -> None:
         """getaddrinfo raising something other than socket.gaierror (the idna codec could not be

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
@@ -23,9 +24,12 @@ from twisted.internet.interfaces import (
     IConsumer,
     IHostnameResolver,
     IHostResolution,
-    ITCPTransport,
+    IProtocol,
+    IProtocolFactory,
     IReactorPluggableNameResolver,
     IResolutionReceiver,
+    IStreamClientEndpoint,
+    ITCPTransport,
 )
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.ssl import platformTrust
@@ -301,6 +305,39 @@ class _ResolvingWith:
         return getattr(self._reactor, name)
 
 
+@implementer(IStreamClientEndpoint)
+class _ConnectWithin:
+    """
+    An endpoint whose whole C{connect}, name resolution included, fails with
+    C{twisted.internet.error.TimeoutError} (504 C{upstream_timeout}) past
+    C{timeout} seconds: C{HostnameEndpoint}'s own timeout bounds each
+    connection attempt but not the resolution before them, so a resolver that
+    hangs held calls until C{timeouts.response}.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint, clock: Any, timeout: float) -> None:
+        self._endpoint, self._clock, self._timeout = endpoint, clock, timeout
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        connecting = self._endpoint.connect(protocolFactory)
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            connecting.cancel()
+
+        deadline = self._clock.callLater(self._timeout, expire)
+
+        def done(result: Any) -> Any:
+            if deadline.active():
+                deadline.cancel()
+            if expired and isinstance(result, Failure):
+                return Failure(error.TimeoutError(string=f"connecting took longer than {self._timeout:g} s"))
+            return result
+
+        return connecting.addBoth(done)
+
+
 @implementer(IAgent)
 class RelayAgent:
     """
@@ -345,7 +382,9 @@ class RelayAgent:
         if parsed.scheme not in (b"http", b"https"):
             raise SchemeNotSupported(f"unsupported scheme: {parsed.scheme!r}")
         host = parsed.host.decode("ascii")
-        endpoint: Any = HostnameEndpoint(self._reactor, host, parsed.port, timeout=self._connectTimeout)
+        endpoint: Any = _ConnectWithin(
+            HostnameEndpoint(self._reactor, host, parsed.port, timeout=self._connectTimeout), self._reactor, self._connectTimeout
+        )
         if parsed.scheme == b"https":
             endpoint = wrapClientTLS(self._policy.creatorForNetloc(parsed.host, parsed.port), endpoint)
         hostHeader = b"[" + parsed.host + b"]" if b":" in parsed.host else parsed.host
