@@ -386,6 +386,28 @@ class BeforeConnectingTests(TestCase):
 
     test_resolutionBoundedByTheConnectTimeout.timeout = 10  # type: ignore[attr-defined]
 
+    async def test_lateResolutionAfterTheTimeout(self) -> None:
+        """
+        The system resolver answering after the connection attempt gave up:
+        the call already had its 504, and the late addresses are dropped
+        quietly (the attempt was cancelled: no error logged, nothing connects).
+        """
+        late: list[Deferred[Any]] = []
+
+        def slowly(*args: Any) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            late.append(d)
+            return d
+
+        gate = startGateway(self, upstreamURL="http://upstream.invalid:1", responseTimeout=30)
+        self.relayWith(gate, resolver=ReportingResolver(reactor, slowly), connectTimeout=0.2)
+        response, body, _ = await call(self, gate.url + CHAT)
+        self.assertEqual((response.code, json.loads(body)["error"]["code"]), (504, "upstream_timeout"))
+        late[0].callback([(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 1))])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    test_lateResolutionAfterTheTimeout.timeout = 10  # type: ignore[attr-defined]
+
     async def test_codecCannotBeLoaded(self) -> None:
         """getaddrinfo raising something other than socket.gaierror (the idna codec could not be
         loaded): 502 at once, not a 504 after C{timeouts.response}."""
