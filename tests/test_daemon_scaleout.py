@@ -321,7 +321,7 @@ class RedisFaultTests(TestCase):
         limits = [r["limits"] for r in self.records()]
         self.assertEqual(limits[0], "shared")
         self.assertIn("local", limits)
-        self.assertIn(b"lmgate:b:roomy|key=app:requests_per_minute", self.redis.command("KEYS", "*roomy*"))
+        self.assertIn(b"lmgate:s:roomy|key=app", self.redis.command("KEYS", "*roomy*"))
         self.assertEqual(await daemon.stop(), 0)
 
     async def test_killedClosed(self) -> None:

@@ -424,6 +424,21 @@ class SemanticsTests(RedisCase):
         self.assertEqual(await self.states(tomorrow), {"tokens_per_day": (0, 0, 1000)})
 
     @deferred
+    async def test_settlementAfterTheNextDayBegan(self) -> None:
+        """
+        Once the next day has begun counting, a call reserved the day before
+        settles nowhere: the new day's window neither gains its usage nor loses
+        its reservation (the old day is no longer counted against anything).
+        """
+        today, tomorrow = self.store(), self.store(timeOffset=86400)
+        await self.admitted(today, "a", [tpd(1000)], tokens=500)
+        await self.admitted(tomorrow, "b", [tpd(1000)], tokens=300)
+        await self.settled(tomorrow, Settlement("a", 200, None, True))
+        self.assertEqual(await self.states(tomorrow), {"tokens_per_day": (0, 300, 700)})
+        await self.settled(tomorrow, Settlement("b", 100, None, True))
+        self.assertEqual(await self.states(tomorrow), {"tokens_per_day": (100, 0, 900)})
+
+    @deferred
     async def test_calendarWindows(self) -> None:
         """Windows are UTC calendar days and months (a leap day; its month ends on 1 March)."""
         leapNoon = 1709208000  # 2024-02-29T12:00:00Z
@@ -432,15 +447,14 @@ class SemanticsTests(RedisCase):
         resets = {s.figure.kind: s.reset for s in await store.show([C])}
         self.assertNear(resets["tokens_per_day"], 12 * 3600, delta=5)
         self.assertNear(resets["usd_per_month"], 12 * 3600, delta=5)
-        keys = self.server.command("KEYS", "*w:*")
-        self.assertIn(b"tokens_per_day:2024-02-29", keys)
-        self.assertIn(b"usd_per_month:2024-02", keys)
+        self.assertEqual(self.server.command("HGET", f"lmgate:s:{C}", "tokens_per_day.w"), b"$10\r\n2024-02-29\r\n")
+        self.assertEqual(self.server.command("HGET", f"lmgate:s:{C}", "usd_per_month.w"), b"$7\r\n2024-02\r\n")
         newYear = 1735646400  # 2024-12-31T12:00:00Z
         store = self.store(timeOffset=newYear - time.time())
         self.assertTrue((await self.admitted(store, "b", [usdMonth(10)], nanoUsd=1)).admitted)
         resets = {s.figure.kind: s.reset for s in await store.show([C])}
         self.assertNear(resets["usd_per_month"], 12 * 3600, delta=5)
-        self.assertIn(b"usd_per_month:2024-12", self.server.command("KEYS", "*w:*"))
+        self.assertEqual(self.server.command("HGET", f"lmgate:s:{C}", "usd_per_month.w"), b"$7\r\n2024-12\r\n")
 
     @deferred
     async def test_showAndResetWithoutConfig(self) -> None:
@@ -460,9 +474,9 @@ class SemanticsTests(RedisCase):
     @deferred
     async def test_figuresWrittenAgainWhenGone(self) -> None:
         """
-        A store writes a counter's figures (what show and reset read) once, then
-        only where they are gone: after a reset, after they expired, or when the
-        rule's limit changed, the next admission writes them again at once.
+        A counter's figures (what show and reset read) are written by the first
+        admission, then again at once where they are gone (after a reset, or a
+        field removed) or changed (the rule's limit changed).
         """
         store = self.store()
         await self.admitted(store, "a", [rpm(5)])
@@ -472,7 +486,7 @@ class SemanticsTests(RedisCase):
         self.assertEqual(await store.show([C]), [])
         await self.admitted(store, "c", [rpm(5)])
         self.assertEqual([(s.figure.limit, s.used) for s in await store.show([C])], [(5, 1)])
-        self.server.command("DEL", f"lmgate:f:{C}")  # expired
+        self.server.command("HDEL", f"lmgate:s:{C}", "requests_per_minute.f")  # gone (an operator's hand)
         await self.admitted(store, "d", [rpm(5)])
         self.assertEqual([(s.figure.limit, s.used) for s in await store.show([C])], [(5, 2)])
         await self.admitted(store, "e", [rpm(9)])  # the rule changed on reload
@@ -512,15 +526,21 @@ class SemanticsTests(RedisCase):
         """Every key the store writes has an expiry fitting its kind."""
         store = self.store()
         await self.admitted(store, "a", [rpm(60), conc(2), tpd(100)], tokens=1, lease=30)
-        ttls = {}
-        for key in self.server.command("KEYS", "*").split(b"\r\n"):
-            if key.startswith(b"lmgate:"):
-                ttls[key.decode().split(":")[1]] = int(self.server.command("PTTL", key.decode()).strip(b":\r\n"))
-        self.assertTrue(0 < ttls["b"] <= 2000, ttls)  # one request of 60/min refills in 1 s
-        self.assertTrue(30000 < ttls["c"] <= 31000, ttls)
-        self.assertTrue(3600_000 < ttls["w"] <= 86400_000 + 3600_000, ttls)
-        self.assertTrue(86400_000 < ttls["r"] <= 2 * 86400_000, ttls)
-        self.assertTrue(ttls["f"] >= ttls["w"] - 1000, ttls)  # read a moment apart
+        await self.admitted(store, "b", [rpm(60, "bucket-only")])
+        await self.admitted(store, "c", [conc(2, "leases-only")], lease=30)
+
+        def ttl(key: str) -> int:
+            return int(self.server.command("PTTL", key).strip(b":\r\n"))
+
+        # a counter's state lives as long as its longest-lived figure: the day window here
+        self.assertTrue(3600_000 < ttl(f"lmgate:s:{C}") <= 86400_000 + 3600_000)
+        self.assertTrue(0 < ttl("lmgate:s:bucket-only") <= 2000)  # one request of 60/min refills in 1 s
+        self.assertTrue(30000 < ttl("lmgate:s:leases-only") <= 31000)
+        self.assertTrue(30000 < ttl(f"lmgate:c:{C}") <= 31000)
+        self.assertTrue(86400_000 < ttl("lmgate:r:a") <= 2 * 86400_000)
+        keys = {k for k in self.server.command("KEYS", "lmgate:*").split(b"\r\n")[2::2] if k}
+        self.assertEqual(keys, {f"lmgate:s:{C}".encode(), f"lmgate:c:{C}".encode(), b"lmgate:r:a", b"lmgate:s:bucket-only",
+                                b"lmgate:s:leases-only", b"lmgate:c:leases-only", b"lmgate:r:c"})
 
     @deferred
     async def test_twoStoresNeverOverAdmit(self) -> None:

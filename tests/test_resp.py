@@ -280,7 +280,7 @@ class AuthTests(TestCase):
             decision = await self.admit(f"redis://gw:s3cret@127.0.0.1:{self.server.port}/3", 2.0)
             self.assertTrue(decision.admitted)  # type: ignore[attr-defined]
             self.assertEqual(
-                _raw(self.server.port, b"AUTH gw s3cret", b"SELECT 3", b"EXISTS lmgate:b:k:requests_per_minute", b"SELECT 0", b"DBSIZE"),
+                _raw(self.server.port, b"AUTH gw s3cret", b"SELECT 3", b"EXISTS lmgate:s:k", b"SELECT 0", b"DBSIZE"),
                 [b"+OK", b"+OK", b":1", b"+OK", b":0"],
             )
 

@@ -57,11 +57,6 @@ SCRIPTS = (ADMIT, SETTLE, RENEW, SHOW, RESET)
 #: Settlements sent in one script call at most.
 SETTLE_BATCH = 100
 
-#: Seconds an admission's figures (the C{f:} keys: each figure's limit and rule,
-#: for show and reset) are taken as written by this store: within them the
-#: script writes only those that are gone, saving three Redis commands a counter.
-FIGURES_REFRESH = 30.0
-
 #: Every admission's answer (the script sends no states with it).
 ADMITTED = Decision(True)
 
@@ -250,9 +245,6 @@ class RedisStore(Service):
                           encodeArgs(("EVAL", script.source, 0, prefix, self._offsetMs)))
             for script in SCRIPTS
         }
-        #: Figure lists whose C{f:} keys this store wrote, and when: for
-        #: FIGURES_REFRESH seconds the script writes them only where they are gone.
-        self._written: dict[tuple[Figure, ...], float] = {}
         #: Each figure list's script arguments, made once (a call's figures are
         #: one of a few lists: a rule's, per key or owner).
         self._flat: dict[tuple[Figure, ...], tuple[bytes, int]] = {}
@@ -402,17 +394,10 @@ class RedisStore(Service):
             if len(self._flat) >= 10_000:
                 self._flat.clear()  # bounded: made again, once each
             flat = self._flat[packed] = _flatFigures(figures)
-        now = self._clock.seconds()
-        known = self._written.get(packed)
-        writeFigures = known is None or now - known >= FIGURES_REFRESH
-        d = self._call(ADMIT, (requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000)), "1" if writeFigures else "0"), None, *flat)
+        d = self._call(ADMIT, (requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000))), None, *flat)
 
         def decide(answer: str) -> Decision:
             if answer == "1":
-                if writeFigures:
-                    if len(self._written) >= 10_000:
-                        self._written.clear()  # bounded: the figures are written again, once each
-                    self._written[packed] = now
                 return ADMITTED
             reply = [int(x) for x in answer.split(",")]
             states = tuple(
@@ -473,9 +458,9 @@ class RedisStore(Service):
         return self._call(RESET, list(counters)).addCallback(int)
 
     def counters(self) -> Deferred[list[str]]:
-        """Every counter this prefix holds (SCAN over the figure keys; bounded)."""
+        """Every counter this prefix holds (SCAN over the counters' state keys; bounded)."""
         redis = self._ensureConnected()
-        marker = self._prefix + "f:"
+        marker = self._prefix + "s:"
         pattern = _globEscape(marker) + "*"
         found: set[str] = set()
         result: Deferred[list[str]] = Deferred()
@@ -562,10 +547,23 @@ class RedisStore(Service):
 
 
 def _flatFigures(figures: Sequence[Figure]) -> tuple[bytes, int]:
-    """The admit script's figure arguments, encoded (L{encodeArgs}): their number, then counter, rule, kind and limit of each; and how many."""
-    flat: list[object] = [len(figures)]
+    """
+    The admit script's figure arguments, encoded (L{encodeArgs}), and how
+    many: the number of counters, then for each run of figures on one counter
+    (a rule's): the counter, the rule, the number of figures, and kind and
+    limit of each.
+    """
+    runs: list[list[Figure]] = []
     for f in figures:
-        flat += (f.counter, f.rule, f.kind, f.limit)
+        if runs and runs[-1][0].counter == f.counter and runs[-1][0].rule == f.rule:
+            runs[-1].append(f)
+        else:
+            runs.append([f])
+    flat: list[object] = [len(runs)]
+    for run in runs:
+        flat += (run[0].counter, run[0].rule, len(run))
+        for f in run:
+            flat += (f.kind, f.limit)
     return encodeArgs(flat), len(flat)
 
 

@@ -8,31 +8,47 @@ Every script takes C{ARGV[1]} = the key prefix and C{ARGV[2]} = an offset in
 milliseconds added to C{TIME} (0 in service; tests use it to stand on either
 side of a window boundary or past a lease without waiting).
 
-Key layout (C{P} = the prefix, C{lmgate:} by default; docs/limits.md):
+Key layout (C{P} = the prefix, C{lmgate:} by default; docs/limits.md): one
+hash per counter holds everything but its leases, so an admission reads and
+writes each counter once, whatever its number of figures.
 
-  - C{P f:<counter>}: hash, kind -> C{<limit>|<rule>}: each figure as last admitted.
-  - C{P b:<counter>:<kind>}: hash C{tk} (taken from the bucket at C{ts}), C{ts}
-    (ms): a token bucket; absent = full.
+  - C{P s:<counter>}: hash. For each figure kind C{K} the counter has:
+    C{K.f} = C{<limit>|<rule>} (the figure as last admitted: what show and
+    reset read); a token bucket (C{requests_per_minute}, C{tokens_per_minute}):
+    C{K.t} taken from it at C{K.s} (ms; nothing taken = full); a calendar window
+    (C{tokens_per_day}, ...): C{K.w} its id (C{YYYY-MM-DD} or C{YYYY-MM}, UTC),
+    C{K.u} used, C{K.r} reserved (an older id: the window has turned, both 0).
+    It expires when its longest-lived state would be gone.
   - C{P c:<counter>}: sorted set of request ids scored by lease expiry (ms).
-  - C{P w:<counter>:<kind>:<window>}: hash C{used}, C{reserved}; the window is
-    C{YYYY-MM-DD} or C{YYYY-MM} (UTC).
-  - C{P r:<request id>}: hash, each state key the admission reserved in ->
-    C{<kind>|<amount>|<limit>}, so the settlement applies to the same keys.
+  - C{P r:<request id>}: hash, counter -> what the admission reserved there,
+    C{K|amount|limit[|window]} joined by C{;}, so the settlement applies to the
+    same figures (and to the window it reserved in).
 """
 
 from __future__ import annotations
 
-#: Functions every script shares.
+#: What every script shares: the time, the calendar, a figure's shape and state.
 COMMON = r"""
 local P = ARGV[1]
-local function nowMs()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
-end
-local function fmt(x) return string.format('%.17g', x) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
 local DAY = 86400000
 local WINDOW_MARGIN = 3600000
 local RESERVATION_MARGIN = DAY
+local SHAPE = {requests_per_minute = 'b', tokens_per_minute = 'b', concurrent = 'l',
+               tokens_per_day = 'd', usd_per_day = 'd', tokens_per_month = 'm', usd_per_month = 'm'}
+-- Each kind's field names in a counter's state: its figure, then its state
+-- (constants: no string is built per call).
+local FIELDS = {
+  requests_per_minute = {'requests_per_minute.f', 'requests_per_minute.t', 'requests_per_minute.s'},
+  tokens_per_minute = {'tokens_per_minute.f', 'tokens_per_minute.t', 'tokens_per_minute.s'},
+  concurrent = {'concurrent.f'},
+  tokens_per_day = {'tokens_per_day.f', 'tokens_per_day.w', 'tokens_per_day.u', 'tokens_per_day.r'},
+  tokens_per_month = {'tokens_per_month.f', 'tokens_per_month.w', 'tokens_per_month.u', 'tokens_per_month.r'},
+  usd_per_day = {'usd_per_day.f', 'usd_per_day.w', 'usd_per_day.u', 'usd_per_day.r'},
+  usd_per_month = {'usd_per_month.f', 'usd_per_month.w', 'usd_per_month.u', 'usd_per_month.r'},
+}
+local function fmt(x) return string.format('%.17g', x) end
 local function civil(z)
   z = z + 719468
   local era = math.floor(z / 146097)
@@ -55,111 +71,53 @@ local function daysFromCivil(y, m, d)
   local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
   return era * 146097 + doe - 719468
 end
-local function calendarWindow(kind, now)
-  local day = math.floor(now / DAY)
-  local y, m, d = civil(day)
-  if string.sub(kind, -8) == '_per_day' then
-    return string.format('%04d-%02d-%02d', y, m, d), (day + 1) * DAY
-  end
-  local ny, nm = y, m + 1
-  if nm > 12 then ny, nm = y + 1, 1 end
-  return string.format('%04d-%02d', y, m), daysFromCivil(ny, nm, 1) * DAY
-end
--- Each script call asks for the same day's and month's window again for
--- every figure: worked out once.
+-- The current day's and month's window (id, end in ms), worked out once per script.
 local windows = {}
-local function window(kind, now)
-  local per = string.sub(kind, -8) == '_per_day' and 'd' or 'm'
-  local known = windows[per]
+local function window(shape)
+  local known = windows[shape]
   if not known then
-    local id, ends = calendarWindow(kind, now)
-    known = {id, ends}
-    windows[per] = known
+    local day = math.floor(now / DAY)
+    local y, m, d = civil(day)
+    if shape == 'd' then
+      known = {string.format('%04d-%02d-%02d', y, m, d), (day + 1) * DAY}
+    else
+      local ny, nm = y, m + 1
+      if nm > 12 then ny, nm = y + 1, 1 end
+      known = {string.format('%04d-%02d', y, m), daysFromCivil(ny, nm, 1) * DAY}
+    end
+    windows[shape] = known
   end
   return known[1], known[2]
 end
-local function shape(kind)
-  if kind == 'requests_per_minute' or kind == 'tokens_per_minute' then return 'bucket' end
-  if kind == 'concurrent' then return 'lease' end
-  return 'window'
-end
-local function stateKey(counter, kind, now)
-  local s = shape(kind)
-  if s == 'bucket' then return P .. 'b:' .. counter .. ':' .. kind, nil end
-  if s == 'lease' then return P .. 'c:' .. counter, nil end
-  local id, ends = window(kind, now)
-  return P .. 'w:' .. counter .. ':' .. kind .. ':' .. id, ends
-end
-local function amountOf(kind, tokens, nano)
-  if kind == 'requests_per_minute' or kind == 'concurrent' then return 1 end
-  if string.sub(kind, 1, 4) == 'usd_' then return nano end
-  return tokens
-end
 -- A bucket keeps what was taken from it (not its level), so a changed limit
 -- keeps what was counted and only changes the capacity and the refill rate.
-local function bucketLevel(key, limit, now)
-  local h = redis.call('HMGET', key, 'tk', 'ts')
-  if not h[1] then return limit end
-  local elapsed = math.max(0, now - tonumber(h[2]))
-  return limit - math.max(0, tonumber(h[1]) - elapsed * limit / 60000)
-end
-local function writeBucket(key, limit, level, now)
-  local taken = limit - level
-  if taken <= 0 then
-    redis.call('DEL', key)
-    return 0
-  end
-  redis.call('HSET', key, 'tk', fmt(taken), 'ts', now)
-  local ttl = math.ceil(taken * 60000 / limit) + 1000
-  redis.call('PEXPIRE', key, ttl)
-  return ttl
-end
-local function bucketState(lv, limit)
-  local used = math.max(0, math.ceil(limit - lv - 1e-9))
-  return {used, 0, math.max(0, math.floor(lv + 1e-9)), (limit - lv) * 60 / limit, lv}
-end
--- {used, reserved, remaining, reset seconds, fill}; fill: bucket level, lease count, window used+reserved
-local function readState(kind, key, ends, limit, now, prune)
-  local s = shape(kind)
-  if s == 'bucket' then
-    return bucketState(bucketLevel(key, limit, now), limit)
-  end
-  if s == 'lease' then
-    local count
-    if prune then
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-      count = redis.call('ZCARD', key)
-    else
-      count = redis.call('ZCOUNT', key, '(' .. now, '+inf')
-    end
-    local reset = 0
-    if count >= limit and count > 0 then
-      local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-      reset = math.max(0, (tonumber(last[2]) - now) / 1000)
-    end
-    return {count, 0, math.max(0, limit - count), reset, count}
-  end
-  local h = redis.call('HMGET', key, 'used', 'reserved')
-  local used = tonumber(h[1] or '0')
-  local reserved = tonumber(h[2] or '0')
-  return {used, reserved, math.max(0, limit - used - reserved), (ends - now) / 1000, used + reserved, not h[1] and not h[2]}
-end
-local function fits(kind, st, amount, limit)
-  local s = shape(kind)
-  if s == 'bucket' then return st[5] + 1e-9 >= amount end
-  return st[5] + amount <= limit
-end
--- An admission's reply is one string (comma-separated integers, milliseconds
--- for times): one element to parse on the gateway's side, whatever the number
--- of figures.
-local function retryAfter(kind, st, amount, limit)
-  local s = shape(kind)
-  if s == 'bucket' then return math.ceil((amount - st[5]) * 60000 / limit) end
-  if s == 'lease' then return -1 end
-  return math.ceil(st[4] * 1000)
+local function bucketLevel(taken, stamp, limit)
+  if not taken then return limit end
+  local elapsed = math.max(0, now - tonumber(stamp))
+  return limit - math.max(0, tonumber(taken) - elapsed * limit / 60000)
 end
 local function keepLonger(key, ttl)
   if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+-- A figure's state {used, reserved, remaining, reset seconds, fill} from its
+-- fields (fill: bucket level, lease count, window used + reserved).
+local function bucketState(level, limit)
+  local used = math.max(0, math.ceil(limit - level - 1e-9))
+  return {used, 0, math.max(0, math.floor(level + 1e-9)), (limit - level) * 60 / limit, level}
+end
+local function windowState(shape, id, used, reserved, limit)
+  local current, ends = window(shape)
+  if id ~= current then used, reserved = 0, 0 end
+  used, reserved = tonumber(used or '0'), tonumber(reserved or '0')
+  return {used, reserved, math.max(0, limit - used - reserved), (ends - now) / 1000, used + reserved}
+end
+local function leaseState(key, count, limit)
+  local reset = 0
+  if count >= limit and count > 0 then
+    local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    reset = math.max(0, (tonumber(last[2]) - now) / 1000)
+  end
+  return {count, 0, math.max(0, limit - count), reset, count}
 end
 local function pushState(out, st)
   table.insert(out, string.format('%d', st[1]))
@@ -169,114 +127,135 @@ local function pushState(out, st)
 end
 """
 
-#: ARGV: prefix, offset, request id, tokens, nano-dollars, lease ms, C{0}
-#: when the caller wrote these counters' figures (the C{f:} keys) lately as
-#: they are (C{1}: write them), the number of figures n, then n × (counter,
-#: rule, kind, limit): flat, so that neither side encodes or decodes JSON.
-#: Answers C{1} when admitted (the states after an admission are read by no
-#: one: computing and sending them cost more than the rest of the reply); when
-#: refused, integers joined by commas: 0, the refusing figure's index
-#: (1-based), retry after ms (-1 if unknown), then for each figure: used,
-#: reserved, remaining, reset ms.
-#:
-#: The call's C{r:} hash names each state key it reserved in (its field) with
-#: C{kind|amount|limit} (its value), the amounts and limits as the gateway
-#: sent them: the settlement reads it with one C{HGETALL}.
+#: ARGV: prefix, offset, request id, tokens, nano-dollars, lease ms, the number
+#: of counters, then for each counter: its name, its rule, its number of figures
+#: n, then n × (kind, limit); plain arguments, so that neither side encodes or
+#: decodes JSON. Answers C{1} when admitted (the states after an admission are
+#: read by no one: computing and sending them cost more than the rest of the
+#: reply); when refused, integers joined by commas: 0, the refusing figure's
+#: index (1-based, over all counters), retry after ms (-1 if unknown), then for
+#: each figure: used, reserved, remaining, reset ms.
 ADMIT = COMMON + r"""
 local rid, tokensText, nanoText, lease = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
 local tokens, nano = tonumber(tokensText), tonumber(nanoText)
-local n = tonumber(ARGV[8])
-local now = nowMs()
-local figures = {}
-for i = 1, n do
-  local b = 8 + (i - 1) * 4
-  local counter, rule, kind, limitText = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
-  local limit = tonumber(limitText)
-  local key, ends = stateKey(counter, kind, now)
-  local st = readState(kind, key, ends, limit, now, true)
-  local amount, amountText = 1, '1'
-  if kind ~= 'requests_per_minute' and kind ~= 'concurrent' then
-    if string.sub(kind, 1, 4) == 'usd_' then amount, amountText = nano, nanoText else amount, amountText = tokens, tokensText end
-  end
-  figures[i] = {counter, rule, kind, limit, key, ends, st, amount, amountText, limitText}
-end
-for i = 1, n do
-  local f = figures[i]
-  if not fits(f[3], f[7], f[8], f[4]) then
-    local out = {'0', tostring(i), string.format('%d', retryAfter(f[3], f[7], f[8], f[4]))}
-    for j = 1, n do pushState(out, figures[j][7]) end
-    return table.concat(out, ',')
-  end
-end
-local entries = {}
-local reservationTtl = 0
-local metas, metaOrder = {}, {}
-for i = 1, n do
-  local counter, rule, kind, limit, key, ends, st, amount, amountText, limitText = unpack(figures[i])
-  local s = shape(kind)
-  local ttl
-  if s == 'bucket' then
-    ttl = writeBucket(key, limit, st[5] - amount, now)
-  elseif s == 'lease' then
-    redis.call('ZADD', key, now + lease, rid)
-    local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-    ttl = math.ceil(tonumber(last[2]) - now) + 1000
-    redis.call('PEXPIRE', key, ttl)
-    reservationTtl = math.max(reservationTtl, math.ceil(lease) + RESERVATION_MARGIN)
-  else
-    redis.call('HINCRBY', key, 'reserved', amount)
-    ttl = ends - now + WINDOW_MARGIN
-    -- a window lives until it ends (and a margin): its expiry is set once,
-    -- when the admission creates it
-    if st[6] then redis.call('PEXPIRE', key, ttl) end
-    reservationTtl = math.max(reservationTtl, ends - now + RESERVATION_MARGIN)
-  end
-  if kind ~= 'requests_per_minute' then
-    table.insert(entries, key)
-    table.insert(entries, kind .. '|' .. amountText .. '|' .. limitText)
-    if s == 'bucket' then reservationTtl = math.max(reservationTtl, RESERVATION_MARGIN) end
-  end
-  local meta = metas[counter]
-  if not meta then
-    meta = {ttl = 1000, figures = {}}
-    metas[counter] = meta
-    table.insert(metaOrder, counter)
-  end
-  meta.ttl = math.max(meta.ttl, ttl)
-  table.insert(meta.figures, i)
-end
--- ARGV[7] '0': the caller wrote these figures lately, as they are: only a
--- counter whose figures are gone (expired, reset) gets them again.
-local metaKnown = ARGV[7] == '0'
-for _, counter in ipairs(metaOrder) do
-  local key, meta = P .. 'f:' .. counter, metas[counter]
-  if not metaKnown or redis.call('EXISTS', key) == 0 then
-    local fields = {}
-    for _, i in ipairs(meta.figures) do
-      table.insert(fields, figures[i][3])
-      table.insert(fields, figures[i][10] .. '|' .. figures[i][2])
+local groups, states, refused = {}, {}, nil
+local a = 8
+for g = 1, tonumber(ARGV[7]) do
+  local counter, rule, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  local state, leases = P .. 's:' .. counter, nil
+  local figures, fields = {}, {}
+  for i = 1, n do
+    local kind, limitText = ARGV[a], ARGV[a + 1]
+    a = a + 2
+    local shape = SHAPE[kind]
+    local amount, amountText = tokens, tokensText
+    if kind == 'requests_per_minute' or kind == 'concurrent' then
+      amount, amountText = 1, '1'
+    elseif string.sub(kind, 1, 4) == 'usd_' then
+      amount, amountText = nano, nanoText
     end
-    redis.call('HSET', key, unpack(fields))
-    keepLonger(key, meta.ttl)
+    local names = FIELDS[kind]
+    figures[i] = {kind, shape, tonumber(limitText), limitText, amount, amountText, #fields + 1, nil, nil, names}
+    for _, name in ipairs(names) do table.insert(fields, name) end
+  end
+  local h = redis.call('HMGET', state, unpack(fields))
+  for i = 1, n do
+    local f = figures[i]
+    local kind, shape, limit, at = f[1], f[2], f[3], f[7]
+    local st
+    if shape == 'b' then
+      st = bucketState(bucketLevel(h[at + 1], h[at + 2], limit), limit)
+    elseif shape == 'l' then
+      leases = P .. 'c:' .. counter
+      redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+      st = leaseState(leases, redis.call('ZCARD', leases), limit)
+    else
+      st = windowState(shape, h[at + 1], h[at + 2], h[at + 3], limit)
+    end
+    f[8] = st
+    f[9] = h[at]
+    table.insert(states, st)
+    local fits
+    if shape == 'b' then fits = st[5] + 1e-9 >= f[5] else fits = st[5] + f[5] <= limit end
+    if not fits and not refused then
+      -- the first refusing figure: its index over every counter; every
+      -- figure's state is still read (the refusal's headers show them)
+      local retry = -1
+      if shape == 'b' then retry = math.ceil((f[5] - st[5]) * 60000 / limit)
+      elseif shape ~= 'l' then retry = math.ceil(st[4] * 1000) end
+      refused = {#states, retry}
+    end
+  end
+  table.insert(groups, {counter, rule, state, leases, figures})
+end
+if refused then
+  local out = {'0', tostring(refused[1]), string.format('%d', refused[2])}
+  for _, st in ipairs(states) do pushState(out, st) end
+  return table.concat(out, ',')
+end
+local reservation, reservationTtl = {}, 0
+for _, group in ipairs(groups) do
+  local counter, rule, state, leases, figures = group[1], group[2], group[3], group[4], group[5]
+  local writes, entries, ttl = {}, {}, 1000
+  for _, f in ipairs(figures) do
+    local kind, shape, limit, limitText, amount, amountText, st, names = f[1], f[2], f[3], f[4], f[5], f[6], f[8], f[10]
+    local figure = limitText .. '|' .. rule
+    if f[9] ~= figure then
+      table.insert(writes, names[1])
+      table.insert(writes, figure)
+    end
+    if shape == 'b' then
+      local taken = limit - (st[5] - amount)
+      table.insert(writes, names[2])
+      table.insert(writes, fmt(taken))
+      table.insert(writes, names[3])
+      table.insert(writes, now)
+      ttl = math.max(ttl, math.ceil(taken * 60000 / limit) + 1000)
+      if kind ~= 'requests_per_minute' then
+        table.insert(entries, kind .. '|' .. amountText .. '|' .. limitText)
+        reservationTtl = math.max(reservationTtl, RESERVATION_MARGIN)
+      end
+    elseif shape == 'l' then
+      redis.call('ZADD', leases, now + lease, rid)
+      keepLonger(leases, math.ceil(lease) + 1000)
+      ttl = math.max(ttl, math.ceil(lease) + 1000)
+      table.insert(entries, kind .. '|1|' .. limitText)
+      reservationTtl = math.max(reservationTtl, math.ceil(lease) + RESERVATION_MARGIN)
+    else
+      local id, ends = window(shape)
+      table.insert(writes, names[2])
+      table.insert(writes, id)
+      table.insert(writes, names[3])
+      table.insert(writes, string.format('%d', st[1]))
+      table.insert(writes, names[4])
+      table.insert(writes, string.format('%d', st[2] + amount))
+      ttl = math.max(ttl, ends - now + WINDOW_MARGIN)
+      table.insert(entries, kind .. '|' .. amountText .. '|' .. limitText .. '|' .. id)
+      reservationTtl = math.max(reservationTtl, ends - now + RESERVATION_MARGIN)
+    end
+  end
+  if #writes > 0 then redis.call('HSET', state, unpack(writes)) end
+  keepLonger(state, ttl)
+  if #entries > 0 then
+    table.insert(reservation, counter)
+    table.insert(reservation, table.concat(entries, ';'))
   end
 end
-if #entries > 0 then
+if #reservation > 0 then
   local r = P .. 'r:' .. rid
-  redis.call('HSET', r, unpack(entries))
+  redis.call('HSET', r, unpack(reservation))
   redis.call('PEXPIRE', r, reservationTtl)
 end
 return '1'
-
 """
 
 #: ARGV: prefix, offset, n, then n × (request id, tokens or '', nano-dollars
 #: or '', '1' if the upstream answered else '0'). Answers how many were
 #: applied (the others were settled before, or never admitted here).
 SETTLE = COMMON + r"""
-local n = tonumber(ARGV[3])
-local now = nowMs()
 local applied = 0
-for i = 1, n do
+for i = 1, tonumber(ARGV[3]) do
   local b = 3 + (i - 1) * 4
   local rid, tokens, nano, reached = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), ARGV[b + 4] == '1'
   local r = P .. 'r:' .. rid
@@ -285,25 +264,53 @@ for i = 1, n do
     applied = applied + 1
     redis.call('DEL', r)
     for j = 1, #e, 2 do
-      local key = e[j]
-      local kind, amountText, limitText = string.match(e[j + 1], '^([^|]*)|([^|]*)|(.*)$')
-      local amount, limit = tonumber(amountText), tonumber(limitText)
-      local s = shape(kind)
-      local real = amountOf(kind, tokens, nano)
-      if real == nil then
-        if reached then real = amount else real = 0 end
+      local counter, state = e[j], P .. 's:' .. e[j]
+      local figures, fields = {}, {}
+      for entry in string.gmatch(e[j + 1], '[^;]+') do
+        local kind, amountText, limitText, id = string.match(entry, '^([^|]*)|([^|]*)|([^|]*)|?(.*)$')
+        local shape = SHAPE[kind]
+        local amount = tonumber(amountText)
+        local real
+        if kind == 'requests_per_minute' or kind == 'concurrent' then real = 1
+        elseif string.sub(kind, 1, 4) == 'usd_' then real = nano
+        else real = tokens end
+        if real == nil then
+          if reached then real = amount else real = 0 end
+        end
+        if shape == 'l' then
+          redis.call('ZREM', P .. 'c:' .. counter, rid)
+        elseif shape ~= 'b' or real ~= amount then
+          local names = FIELDS[kind]
+          table.insert(figures, {kind, shape, amount, tonumber(limitText), id, real, #fields + 1, names})
+          for n = 2, #names do table.insert(fields, names[n]) end
+        end
       end
-      if s == 'lease' then
-        redis.call('ZREM', key, rid)
-      elseif s == 'bucket' then
-        if real ~= amount then
-          writeBucket(key, limit, math.min(limit, bucketLevel(key, limit, now) + amount - real), now)
+      if #fields > 0 then
+        local h = redis.call('HMGET', state, unpack(fields))
+        local writes, ttl = {}, 0
+        for _, f in ipairs(figures) do
+          local kind, shape, amount, limit, id, real, at, names = unpack(f)
+          if shape == 'b' then
+            local level = math.min(limit, bucketLevel(h[at], h[at + 1], limit) + amount - real)
+            if h[at] or level < limit then  -- absent and still full: nothing to write
+              local taken = limit - level
+              table.insert(writes, names[2])
+              table.insert(writes, fmt(taken))
+              table.insert(writes, names[3])
+              table.insert(writes, now)
+              ttl = math.max(ttl, math.ceil(taken * 60000 / limit) + 1000)
+            end
+          elseif h[at] == id then  -- the window it reserved in (else it has turned, or was reset)
+            table.insert(writes, names[3])
+            table.insert(writes, string.format('%d', tonumber(h[at + 1] or '0') + real))
+            table.insert(writes, names[4])
+            table.insert(writes, string.format('%d', math.max(0, tonumber(h[at + 2] or '0') - amount)))
+          end
         end
-      elseif redis.call('EXISTS', key) == 1 then
-        if redis.call('HINCRBY', key, 'reserved', 0 - amount) < 0 then
-          redis.call('HSET', key, 'reserved', 0)
+        if #writes > 0 then
+          redis.call('HSET', state, unpack(writes))
+          if ttl > 0 then keepLonger(state, ttl) end
         end
-        redis.call('HINCRBY', key, 'used', real)
       end
     end
   end
@@ -314,17 +321,19 @@ return applied
 #: ARGV: prefix, offset, lease ms, then request ids. Answers how many leases were extended.
 RENEW = COMMON + r"""
 local lease = tonumber(ARGV[3])
-local now = nowMs()
 local renewed = 0
 for i = 4, #ARGV do
   local rid = ARGV[i]
   local e = redis.call('HGETALL', P .. 'r:' .. rid)
   for j = 1, #e, 2 do
-    local key = e[j]
-    if string.sub(e[j + 1], 1, 11) == 'concurrent|' and redis.call('ZSCORE', key, rid) then
-      redis.call('ZADD', key, 'XX', now + lease, rid)
-      keepLonger(key, math.ceil(lease) + 1000)
-      renewed = renewed + 1
+    if string.find(';' .. e[j + 1], ';concurrent|', 1, true) then
+      local leases = P .. 'c:' .. e[j]
+      if redis.call('ZSCORE', leases, rid) then
+        redis.call('ZADD', leases, 'XX', now + lease, rid)
+        keepLonger(leases, math.ceil(lease) + 1000)
+        keepLonger(P .. 's:' .. e[j], math.ceil(lease) + 1000)
+        renewed = renewed + 1
+      end
     end
   end
 end
@@ -334,41 +343,50 @@ return renewed
 #: ARGV: prefix, offset, then counters. Answers 8 fields per figure: counter,
 #: rule, kind, limit, used, reserved, remaining, reset ms.
 SHOW = COMMON + r"""
-local now = nowMs()
 local out = {}
 for i = 3, #ARGV do
   local counter = ARGV[i]
-  local h = redis.call('HGETALL', P .. 'f:' .. counter)
+  local h = redis.call('HGETALL', P .. 's:' .. counter)
+  local fields = {}
+  for j = 1, #h, 2 do fields[h[j]] = h[j + 1] end
   for j = 1, #h, 2 do
-    local kind, v = h[j], h[j + 1]
-    local bar = string.find(v, '|', 1, true)
-    local limit, rule = tonumber(string.sub(v, 1, bar - 1)), string.sub(v, bar + 1)
-    local key, ends = stateKey(counter, kind, now)
-    table.insert(out, counter)
-    table.insert(out, rule)
-    table.insert(out, kind)
-    table.insert(out, limit)
-    pushState(out, readState(kind, key, ends, limit, now, false))
+    local name = h[j]
+    if string.sub(name, -2) == '.f' then
+      local kind = string.sub(name, 1, -3)
+      local shape = SHAPE[kind]
+      local v = h[j + 1]
+      local bar = string.find(v, '|', 1, true)
+      local limit, rule = tonumber(string.sub(v, 1, bar - 1)), string.sub(v, bar + 1)
+      local st
+      if shape == 'b' then
+        st = bucketState(bucketLevel(fields[kind .. '.t'], fields[kind .. '.s'], limit), limit)
+      elseif shape == 'l' then
+        local leases = P .. 'c:' .. counter
+        st = leaseState(leases, redis.call('ZCOUNT', leases, '(' .. now, '+inf'), limit)
+      else
+        st = windowState(shape, fields[kind .. '.w'], fields[kind .. '.u'], fields[kind .. '.r'], limit)
+      end
+      table.insert(out, counter)
+      table.insert(out, rule)
+      table.insert(out, kind)
+      table.insert(out, limit)
+      pushState(out, st)
+    end
   end
 end
 return out
 """
 
-#: ARGV: prefix, offset, then counters. Deletes each figure's current state
-#: and the figures themselves; answers how many figures were removed.
+#: ARGV: prefix, offset, then counters. Deletes each counter's state and leases;
+#: answers how many figures were removed.
 RESET = COMMON + r"""
-local now = nowMs()
 local removed = 0
 for i = 3, #ARGV do
   local counter = ARGV[i]
-  local meta = P .. 'f:' .. counter
-  local kinds = redis.call('HKEYS', meta)
-  for _, kind in ipairs(kinds) do
-    local key = stateKey(counter, kind, now)
-    redis.call('DEL', key)
-    removed = removed + 1
+  for _, name in ipairs(redis.call('HKEYS', P .. 's:' .. counter)) do
+    if string.sub(name, -2) == '.f' then removed = removed + 1 end
   end
-  redis.call('DEL', meta)
+  redis.call('DEL', P .. 's:' .. counter, P .. 'c:' .. counter)
 end
 return removed
 """
