@@ -473,12 +473,10 @@ def _combinedLine(
     referrer: bytes | None,
     agent: bytes | None,
 ) -> str:
-    """One line of the combined log format, credential query values masked."""
-    from lmgate.access.credentials import mayHoldCredential, redactQuery
-
-    path, sep, query = uri.partition(b"?")
-    if sep and mayHoldCredential(query):
-        uri = path + b"?" + redactQuery(query)
+    """One line of the combined log format, credential query values masked (in the request and in the Referer)."""
+    uri = _maskedQuery(uri)
+    if referrer:
+        referrer = _maskedQuery(referrer)
     return '"%s" - - %s "%s %s %s" %d %s "%s" "%s"' % (
         _logEscape(ip),
         timestamp,
@@ -490,6 +488,16 @@ def _combinedLine(
         _logEscape(referrer or b"-"),
         _logEscape(agent or b"-"),
     )
+
+
+def _maskedQuery(url: bytes) -> bytes:
+    """C{url} with the value of every credential parameter of its query masked."""
+    from lmgate.access.credentials import mayHoldCredential, redactQuery
+
+    path, sep, query = url.partition(b"?")
+    if sep and mayHoldCredential(query):
+        return path + b"?" + redactQuery(query)
+    return url
 
 
 class GatewaySite(Site):
