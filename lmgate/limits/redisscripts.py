@@ -159,7 +159,9 @@ for g = 1, tonumber(ARGV[7]) do
     figures[i] = {kind, shape, tonumber(limitText), limitText, amount, amountText, #fields + 1, nil, nil, names}
     for _, name in ipairs(names) do table.insert(fields, name) end
   end
+  table.insert(fields, 'x')
   local h = redis.call('HMGET', state, unpack(fields))
+  local expires = tonumber(h[#fields])
   for i = 1, n do
     local f = figures[i]
     local kind, shape, limit, at = f[1], f[2], f[3], f[7]
@@ -167,9 +169,10 @@ for g = 1, tonumber(ARGV[7]) do
     if shape == 'b' then
       st = bucketState(bucketLevel(h[at + 1], h[at + 2], limit), limit)
     elseif shape == 'l' then
+      -- the live leases (lapsed ones are pruned by settlements and renewals,
+      -- off the admission's path)
       leases = P .. 'c:' .. counter
-      redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-      st = leaseState(leases, redis.call('ZCARD', leases), limit)
+      st = leaseState(leases, redis.call('ZCOUNT', leases, '(' .. now, '+inf'), limit)
     else
       st = windowState(shape, h[at + 1], h[at + 2], h[at + 3], limit)
     end
@@ -187,7 +190,7 @@ for g = 1, tonumber(ARGV[7]) do
       refused = {#states, retry}
     end
   end
-  table.insert(groups, {counter, rule, state, leases, figures})
+  table.insert(groups, {counter, rule, state, leases, figures, expires})
 end
 if refused then
   local out = {'0', tostring(refused[1]), string.format('%d', refused[2])}
@@ -196,7 +199,7 @@ if refused then
 end
 local reservation, reservationTtl = {}, 0
 for _, group in ipairs(groups) do
-  local counter, rule, state, leases, figures = group[1], group[2], group[3], group[4], group[5]
+  local counter, rule, state, leases, figures, expires = group[1], group[2], group[3], group[4], group[5], group[6]
   local writes, entries, ttl = {}, {}, 1000
   for _, f in ipairs(figures) do
     local kind, shape, limit, limitText, amount, amountText, st, names = f[1], f[2], f[3], f[4], f[5], f[6], f[8], f[10]
@@ -218,7 +221,9 @@ for _, group in ipairs(groups) do
       end
     elseif shape == 'l' then
       redis.call('ZADD', leases, now + lease, rid)
-      keepLonger(leases, math.ceil(lease) + 1000)
+      -- made to last two leases: extended about once a lease, not on every admission
+      local pttl = redis.call('PTTL', leases)
+      if pttl < math.ceil(lease) + 1000 then redis.call('PEXPIRE', leases, 2 * math.ceil(lease) + 1000) end
       ttl = math.max(ttl, math.ceil(lease) + 1000)
       table.insert(entries, kind .. '|1|' .. limitText)
       reservationTtl = math.max(reservationTtl, math.ceil(lease) + RESERVATION_MARGIN)
@@ -235,8 +240,15 @@ for _, group in ipairs(groups) do
       reservationTtl = math.max(reservationTtl, ends - now + RESERVATION_MARGIN)
     end
   end
+  -- the state's own expiry, kept in it (x): extended only when it would come
+  -- too soon, then with a minute to spare (no PTTL on every admission)
+  local extend = not expires or expires < now + ttl
+  if extend then
+    table.insert(writes, 'x')
+    table.insert(writes, now + ttl + 60000)
+  end
   if #writes > 0 then redis.call('HSET', state, unpack(writes)) end
-  keepLonger(state, ttl)
+  if extend then redis.call('PEXPIRE', state, ttl + 60000) end
   if #entries > 0 then
     table.insert(reservation, counter)
     table.insert(reservation, table.concat(entries, ';'))
@@ -278,7 +290,9 @@ for i = 1, tonumber(ARGV[3]) do
           if reached then real = amount else real = 0 end
         end
         if shape == 'l' then
-          redis.call('ZREM', P .. 'c:' .. counter, rid)
+          local leases = P .. 'c:' .. counter
+          redis.call('ZREM', leases, rid)
+          redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)  -- those of instances that died
         elseif shape ~= 'b' or real ~= amount then
           local names = FIELDS[kind]
           table.insert(figures, {kind, shape, amount, tonumber(limitText), id, real, #fields + 1, names})
@@ -309,7 +323,7 @@ for i = 1, tonumber(ARGV[3]) do
         end
         if #writes > 0 then
           redis.call('HSET', state, unpack(writes))
-          if ttl > 0 then keepLonger(state, ttl) end
+          if ttl > 0 then keepLonger(state, ttl) end  -- x may now say less than the state has: only ever an extra PEXPIRE
         end
       end
     end
@@ -328,6 +342,7 @@ for i = 4, #ARGV do
   for j = 1, #e, 2 do
     if string.find(';' .. e[j + 1], ';concurrent|', 1, true) then
       local leases = P .. 'c:' .. e[j]
+      redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
       if redis.call('ZSCORE', leases, rid) then
         redis.call('ZADD', leases, 'XX', now + lease, rid)
         keepLonger(leases, math.ceil(lease) + 1000)
