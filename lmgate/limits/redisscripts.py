@@ -48,6 +48,9 @@ local FIELDS = {
   usd_per_day = {'usd_per_day.f', 'usd_per_day.w', 'usd_per_day.u', 'usd_per_day.r'},
   usd_per_month = {'usd_per_month.f', 'usd_per_month.w', 'usd_per_month.u', 'usd_per_month.r'},
 }
+-- What each kind counts: calls, tokens or nano-dollars.
+local COUNTS = {requests_per_minute = 'calls', concurrent = 'calls', tokens_per_minute = 'tokens', tokens_per_day = 'tokens',
+                tokens_per_month = 'tokens', usd_per_day = 'usd', usd_per_month = 'usd'}
 local function fmt(x) return string.format('%.17g', x) end
 local function civil(z)
   z = z + 719468
@@ -150,16 +153,17 @@ for g = 1, tonumber(ARGV[7]) do
     a = a + 2
     local shape = SHAPE[kind]
     local amount, amountText = tokens, tokensText
-    if kind == 'requests_per_minute' or kind == 'concurrent' then
+    local counts = COUNTS[kind]
+    if counts == 'calls' then
       amount, amountText = 1, '1'
-    elseif string.sub(kind, 1, 4) == 'usd_' then
+    elseif counts == 'usd' then
       amount, amountText = nano, nanoText
     end
     local names = FIELDS[kind]
     figures[i] = {kind, shape, tonumber(limitText), limitText, amount, amountText, #fields + 1, nil, nil, names}
-    for _, name in ipairs(names) do table.insert(fields, name) end
+    for k = 1, #names do fields[#fields + 1] = names[k] end
   end
-  table.insert(fields, 'x')
+  fields[#fields + 1] = 'x'
   local h = redis.call('HMGET', state, unpack(fields))
   local expires = tonumber(h[#fields])
   for i = 1, n do
@@ -178,7 +182,7 @@ for g = 1, tonumber(ARGV[7]) do
     end
     f[8] = st
     f[9] = h[at]
-    table.insert(states, st)
+    states[#states + 1] = st
     local fits
     if shape == 'b' then fits = st[5] + 1e-9 >= f[5] else fits = st[5] + f[5] <= limit end
     if not fits and not refused then
@@ -205,15 +209,15 @@ for _, group in ipairs(groups) do
     local kind, shape, limit, limitText, amount, amountText, st, names = f[1], f[2], f[3], f[4], f[5], f[6], f[8], f[10]
     local figure = limitText .. '|' .. rule
     if f[9] ~= figure then
-      table.insert(writes, names[1])
-      table.insert(writes, figure)
+      writes[#writes + 1] = names[1]
+      writes[#writes + 1] = figure
     end
     if shape == 'b' then
       local taken = limit - (st[5] - amount)
-      table.insert(writes, names[2])
-      table.insert(writes, fmt(taken))
-      table.insert(writes, names[3])
-      table.insert(writes, now)
+      writes[#writes + 1] = names[2]
+      writes[#writes + 1] = taken  -- Redis writes a number so that it reads back the same
+      writes[#writes + 1] = names[3]
+      writes[#writes + 1] = now
       ttl = math.max(ttl, math.ceil(taken * 60000 / limit) + 1000)
       if kind ~= 'requests_per_minute' then
         table.insert(entries, kind .. '|' .. amountText .. '|' .. limitText)
@@ -229,12 +233,12 @@ for _, group in ipairs(groups) do
       reservationTtl = math.max(reservationTtl, math.ceil(lease) + RESERVATION_MARGIN)
     else
       local id, ends = window(shape)
-      table.insert(writes, names[2])
-      table.insert(writes, id)
-      table.insert(writes, names[3])
-      table.insert(writes, string.format('%d', st[1]))
-      table.insert(writes, names[4])
-      table.insert(writes, string.format('%d', st[2] + amount))
+      writes[#writes + 1] = names[2]
+      writes[#writes + 1] = id
+      writes[#writes + 1] = names[3]
+      writes[#writes + 1] = st[1]
+      writes[#writes + 1] = names[4]
+      writes[#writes + 1] = st[2] + amount
       ttl = math.max(ttl, ends - now + WINDOW_MARGIN)
       table.insert(entries, kind .. '|' .. amountText .. '|' .. limitText .. '|' .. id)
       reservationTtl = math.max(reservationTtl, ends - now + RESERVATION_MARGIN)
@@ -244,8 +248,8 @@ for _, group in ipairs(groups) do
   -- too soon, then with a minute to spare (no PTTL on every admission)
   local extend = not expires or expires < now + ttl
   if extend then
-    table.insert(writes, 'x')
-    table.insert(writes, now + ttl + 60000)
+    writes[#writes + 1] = 'x'
+    writes[#writes + 1] = now + ttl + 60000
   end
   if #writes > 0 then redis.call('HSET', state, unpack(writes)) end
   if extend then redis.call('PEXPIRE', state, ttl + 60000) end
