@@ -522,10 +522,10 @@ class RedisStore(Service):
         Send the queue's head in batches of C{SETTLE_BATCH}, each after the
         previous one answered, while full batches wait (a backlog from while
         Redis failed), or all of it when C{final} (the store stops); stop at a
-        failure. Settlements queued while a batch was
-        in flight wait the settle delay, as any other: sent at once, each
-        answer would send the one or two queued meanwhile, and under steady
-        traffic every settlement would get a script call of its own.
+        failure. Settlements queued while a batch was in flight wait the
+        settle delay, as any other: sent at once, each answer would send the
+        one or two queued meanwhile, and under steady traffic every settlement
+        would get a script call of its own.
         """
         batch = [self._queue[i] for i in range(min(SETTLE_BATCH, len(self._queue)))]
         args: list[object] = [len(batch)]
