@@ -440,9 +440,9 @@ def loadPrices(connection: Any, path: str) -> None:
 
 def build(args: argparse.Namespace) -> Report:
     """
-    The report of C{args} in one scan of the files: the groups, the total and the
-    unreadable lines per file (and for C{--html} the figures per day and owner) are
-    grouping sets of one query. Percentiles are exact: C{quantile_cont} (linear
+    The report of C{args} in one scan of the files: the groups (with the unreadable
+    lines per file among them: their group keys are null, their file is not), the total
+    (and for C{--html} the figures per day and owner) are grouping sets of one query. Percentiles are exact: C{quantile_cont} (linear
     between the two nearest latencies). Costs are summed with C{fsum} (compensated).
     """
     files = statsFiles(args.paths)
@@ -457,7 +457,10 @@ def build(args: argparse.Namespace) -> Report:
         loadPrices(connection, args.prices)
     where = " AND ".join(_filters(args)) or "true"
     keys = [f"CASE WHEN ok THEN coalesce({_GROUP_SQL[name]}, '-') END AS g{i}" for i, name in enumerate(report.by)]
-    sets = ["(" + ", ".join(f"g{i}" for i in range(len(report.by))) + ")", "()", "(bad_file)"]
+    # the files' unreadable lines are counted in the groups' own set (their keys are
+    # null, their file is not): a set of their own would aggregate every readable
+    # line once more, exact percentiles included
+    sets = ["(" + ", ".join(f"g{i}" for i in range(len(report.by))) + ", bad_file)", "()"]
     if args.html:
         sets += ["(chart_day, chart_owner)", "(chart_day)"]
     query = f"""
@@ -466,7 +469,7 @@ def build(args: argparse.Namespace) -> Report:
                    {_costSQL(hasPrices)} AS cost
             FROM typed {"LEFT JOIN lmgate_prices p USING (model)" if hasPrices else ""} WHERE NOT ok OR ({where}))
         SELECT grouping({', '.join(f'g{i}' for i in range(len(report.by)))}) AS notGroups,
-               grouping(bad_file) AS notBad, {'grouping(chart_day), grouping(chart_owner),' if args.html else '0, 0,'}
+               {'grouping(chart_day), grouping(chart_owner),' if args.html else '0, 0,'}
                {', '.join(f'g{i}' for i in range(len(report.by)))}, bad_file,
                {'chart_day, chart_owner,' if args.html else 'NULL, NULL,'}
                count(*) FILTER (WHERE ok), count(error) FILTER (WHERE ok),
@@ -484,17 +487,16 @@ def build(args: argparse.Namespace) -> Report:
         if not batch:
             break
         for row in batch:
-            notGroups, notBad, notDay, notOwner = row[0], row[1], row[2], row[3]
-            key, badFile, day, owner = tuple(row[4:4 + width]), row[4 + width], row[5 + width], row[6 + width]
-            calls, errors, inTokens, outTokens, cached, cost, quantiles, bad = row[7 + width:]
+            notGroups, notDay, notOwner = row[0], row[1], row[2]
+            key, badFile, day, owner = tuple(row[3:3 + width]), row[3 + width], row[4 + width], row[5 + width]
+            calls, errors, inTokens, outTokens, cached, cost, quantiles, bad = row[6 + width:]
             p50, p95 = quantiles if quantiles is not None else (None, None)
             totals = Totals(calls, errors, int(inTokens), int(outTokens), int(cached), float(cost), Percentiles(p50, p95))
             if notGroups == 0:
-                if calls:
-                    report.groups[key] = totals
-            elif notBad == 0:
                 if badFile is not None:
                     badFiles[badFile] = bad
+                elif calls:
+                    report.groups[key] = totals
             elif args.html and notDay == 0 and notOwner == 0:
                 if day is not None:
                     report.daily[(day, owner)] = totals
