@@ -286,10 +286,8 @@ for i = 1, tonumber(ARGV[3]) do
         local kind, amountText, limitText, id = string.match(entry, '^([^|]*)|([^|]*)|([^|]*)|?(.*)$')
         local shape = SHAPE[kind]
         local amount = tonumber(amountText)
-        local real
-        if kind == 'requests_per_minute' or kind == 'concurrent' then real = 1
-        elseif string.sub(kind, 1, 4) == 'usd_' then real = nano
-        else real = tokens end
+        local real, counts = tokens, COUNTS[kind]
+        if counts == 'calls' then real = 1 elseif counts == 'usd' then real = nano end
         if real == nil then
           if reached then real = amount else real = 0 end
         end

@@ -441,8 +441,9 @@ def loadPrices(connection: Any, path: str) -> None:
 def build(args: argparse.Namespace) -> Report:
     """
     The report of C{args} in one scan of the files: the groups (with the unreadable
-    lines per file among them: their group keys are null, their file is not), the total
-    (and for C{--html} the figures per day and owner) are grouping sets of one query. Percentiles are exact: C{quantile_cont} (linear
+    lines per file among them: their group keys are null, their file is not), the
+    total (and for C{--html} the figures per day and owner) are grouping sets of one
+    query. Percentiles are exact: C{quantile_cont} (linear
     between the two nearest latencies). Costs are summed with C{fsum} (compensated).
     """
     files = statsFiles(args.paths)
