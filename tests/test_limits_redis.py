@@ -334,23 +334,101 @@ class SemanticsTests(RedisCase):
     @deferred
     async def test_lapsedLeasesPrunedOffThePath(self) -> None:
         """
-        Admissions count only live leases; the lapsed leases of calls nobody
-        will settle (an instance died) are removed by the next settlement or
-        renewal on the counter, so the lease set does not grow with them.
+        Admissions read the lease set's size as last counted (never less than
+        its live leases) and count the live leases only when a call would not
+        fit by it; the lapsed leases of calls nobody will settle (an instance
+        died) are removed then, and by every settlement and renewal on the
+        counter, so the lease set does not grow with them.
         """
         store = self.store()
+        later = self.store(timeOffset=6)  # past the leases of 5 s that store makes
+
+        def size() -> bytes:
+            return self.server.command("ZCARD", f"lmgate:c:{C}")
+
         for rid in ("dead1", "dead2"):
-            await self.admitted(store, rid, [conc(2)], lease=5)
-        later = self.store(timeOffset=6)
-        self.assertTrue((await self.admitted(later, "a", [conc(2)], lease=5)).admitted)
-        self.assertTrue((await self.admitted(later, "b", [conc(2)], lease=5)).admitted)
-        self.assertEqual(self.server.command("ZCARD", f"lmgate:c:{C}"), b":4\r\n")
+            await self.admitted(store, rid, [conc(3)], lease=5)
+        self.assertTrue((await self.admitted(later, "a", [conc(3)], lease=5)).admitted)
+        self.assertEqual(size(), b":3\r\n")  # it fit by the count: nothing counted again
+        self.assertTrue((await self.admitted(later, "b", [conc(3)], lease=5)).admitted)
+        self.assertEqual(size(), b":2\r\n")  # it did not fit by the count: the lapsed leases removed, a and b
+        await self.admitted(store, "dead3", [conc(3)], lease=5)
         await self.settled(later, Settlement("a", 1, None, True))
-        self.assertEqual(self.server.command("ZCARD", f"lmgate:c:{C}"), b":1\r\n")  # b's
-        await self.admitted(store, "dead3", [conc(2)], lease=5)
+        self.assertEqual(size(), b":1\r\n")  # a's given back, dead3's removed: b's
+        await self.admitted(store, "dead4", [conc(3)], lease=5)
         later.renew(["b"], 5)
         await later.show([C])  # after the renewal, on the same connection
-        self.assertEqual(self.server.command("ZCARD", f"lmgate:c:{C}"), b":1\r\n")
+        self.assertEqual(size(), b":1\r\n")
+        for rid in ("c", "d"):
+            self.assertTrue((await self.admitted(later, rid, [conc(3)], lease=5)).admitted)
+        refused = await self.admitted(later, "e", [conc(3)], lease=5)
+        self.assertEqual((refused.admitted, refused.states[0].used), (False, 3))  # b, c, d
+        self.assertEqual(size(), b":3\r\n")
+
+    @deferred
+    async def test_leaseSetAlwaysExpires(self) -> None:
+        """
+        The lease set keeps an expiry however it comes and goes: made, emptied
+        by the settlements (Redis deletes an empty set) and made again, and
+        after a lapsed lease's renewal found the set gone.
+        """
+        store = self.store()
+        key = f"lmgate:c:{C}"
+
+        def ttl() -> int:
+            return int(self.server.command("PTTL", key).strip(b":\r\n"))
+
+        await self.admitted(store, "a", [conc(3)], lease=30)
+        self.assertTrue(60_000 < ttl() <= 61_000)
+        await self.settled(store, Settlement("a", 1, None, True))
+        self.assertEqual(ttl(), -2)  # gone with its last lease
+        await self.admitted(store, "b", [conc(3)], lease=30)
+        self.assertTrue(60_000 < ttl() <= 61_000)
+        later = self.store(timeOffset=40)
+        later.renew(["b"], 30)  # b's lease lapsed: removed, and the set with it
+        await later.show([C])
+        self.assertEqual(ttl(), -2)
+        await self.admitted(later, "c", [conc(3)], lease=30)
+        self.assertTrue(60_000 < ttl() <= 61_000)
+
+    @deferred
+    async def test_settlementsInOneBatch(self) -> None:
+        """
+        Settlements sent together (one script, each counter read and written
+        once) leave every figure as one by one would, in order; a request id
+        twice in a batch is applied once.
+        """
+        figures = [tpm(10_000), conc(5), tpd(50_000), usdMonth(NANO)]
+        ones, batched = self.store(), self.store(prefix="batched:")
+        settlements = [Settlement("a", 30, NANO // 100, True), Settlement("b", None, None, True),
+                       Settlement("c", 5000, None, True), Settlement("a", 999, None, True), Settlement("d", None, None, False)]
+        for store in (ones, batched):
+            for rid in "abcd":
+                self.assertTrue((await self.admitted(store, rid, figures, tokens=400, nanoUsd=NANO // 10)).admitted)
+        for s in settlements:
+            await self.settled(ones, s)
+        for s in settlements:
+            batched.settle(s)
+        self.assertEqual(batched.queued, 5)
+        await waitFor(clock, lambda: batched.queued == 0)
+        one, other = await self.states(ones), await self.states(batched)
+        # the buckets refill meanwhile (10,000 a minute: a few tokens in the moments between)
+        self.assertNear(other.pop("tokens_per_minute")[0], one["tokens_per_minute"][0], delta=100)
+        self.assertEqual(other, {k: v for k, v in one.items() if k != "tokens_per_minute"})
+        self.assertEqual(one["tokens_per_day"], (30 + 400 + 5000, 0, 50_000 - 5430))
+        spent = NANO // 100 + 2 * (NANO // 10)  # b and c answered without a cost: they keep what they reserved
+        self.assertEqual(one["usd_per_month"], (spent, 0, NANO - spent))
+        self.assertEqual(one["concurrent"], (0, 0, 5))
+        self.assertNear(one["tokens_per_minute"][0], 5430, delta=100)
+
+    @deferred
+    async def test_earlierLayoutReservationsIgnored(self) -> None:
+        """A reservation of the earlier key layout (a hash) is not this layout's: its settlement applies nothing, and fails nothing."""
+        store = self.store()
+        self.server.command("HSET", "lmgate:r:old", C, "tokens_per_day|100|1000|2026-01-01")
+        await self.settled(store, Settlement("old", 10, None, True))
+        self.assertEqual(store.failures, 0)
+        self.assertEqual(self.server.command("TYPE", "lmgate:r:old"), b"+hash\r\n")
 
     @deferred
     async def test_stateExpiryKeptInTheState(self) -> None:

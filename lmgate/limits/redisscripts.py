@@ -17,12 +17,22 @@ writes each counter once, whatever its number of figures.
     reset read); a token bucket (C{requests_per_minute}, C{tokens_per_minute}):
     C{K.t} taken from it at C{K.s} (ms; nothing taken = full); a calendar window
     (C{tokens_per_day}, ...): C{K.w} its id (C{YYYY-MM-DD} or C{YYYY-MM}, UTC),
-    C{K.u} used, C{K.r} reserved (an older id: the window has turned, both 0).
-    It expires when its longest-lived state would be gone.
+    C{K.u} used, C{K.r} reserved (an older id: the window has turned, both 0);
+    leases (C{concurrent}): C{concurrent.n} the lease set's size as last
+    counted (never less than its live leases: an admission that would not fit
+    counts them exactly), C{concurrent.x} when the lease set expires (ms, as
+    last set; absent or 0: not known to exist). C{x}: when the hash itself
+    expires (ms). It expires when its longest-lived state would be gone.
   - C{P c:<counter>}: sorted set of request ids scored by lease expiry (ms).
-  - C{P r:<request id>}: hash, counter -> what the admission reserved there,
-    C{K|amount|limit[|window]} joined by C{;}, so the settlement applies to the
-    same figures (and to the window it reserved in).
+  - C{P r:<request id>}: string, a MessagePack array: counter, what the
+    admission reserved there (C{K|amount|limit[|window]} joined by C{;}),
+    counter, ..., so the settlement applies to the same figures (and to the
+    window it reserved in).
+
+An admission is one C{HMGET} and one C{HSET} per counter, a C{ZADD} per lease
+set, one C{SET} of its reservation and C{TIME}; a batch of settlements reads
+every reservation with one C{MGET}, deletes them with one C{DEL}, and reads and
+writes each counter it touches once, whatever the number of settlements.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ local SHAPE = {requests_per_minute = 'b', tokens_per_minute = 'b', concurrent = 
 local FIELDS = {
   requests_per_minute = {'requests_per_minute.f', 'requests_per_minute.t', 'requests_per_minute.s'},
   tokens_per_minute = {'tokens_per_minute.f', 'tokens_per_minute.t', 'tokens_per_minute.s'},
-  concurrent = {'concurrent.f'},
+  concurrent = {'concurrent.f', 'concurrent.n', 'concurrent.x'},
   tokens_per_day = {'tokens_per_day.f', 'tokens_per_day.w', 'tokens_per_day.u', 'tokens_per_day.r'},
   tokens_per_month = {'tokens_per_month.f', 'tokens_per_month.w', 'tokens_per_month.u', 'tokens_per_month.r'},
   usd_per_day = {'usd_per_day.f', 'usd_per_day.w', 'usd_per_day.u', 'usd_per_day.r'},
@@ -173,10 +183,18 @@ for g = 1, tonumber(ARGV[7]) do
     if shape == 'b' then
       st = bucketState(bucketLevel(h[at + 1], h[at + 2], limit), limit)
     elseif shape == 'l' then
-      -- the live leases (lapsed ones are pruned by settlements and renewals,
-      -- off the admission's path)
+      -- the lease set's size as last counted: never less than its live
+      -- leases; when this call would not fit, the lapsed leases (of an
+      -- instance that died) are removed and the rest counted
       leases = P .. 'c:' .. counter
-      st = leaseState(leases, redis.call('ZCOUNT', leases, '(' .. now, '+inf'), limit)
+      local count = tonumber(h[at + 1] or '0')
+      f[12] = tonumber(h[at + 2])  -- the lease set's expiry, as last set
+      if count + f[5] > limit then
+        redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+        count = redis.call('ZCARD', leases)
+        f[11] = true
+      end
+      st = leaseState(leases, count, limit)
     else
       st = windowState(shape, h[at + 1], h[at + 2], h[at + 3], limit)
     end
@@ -225,9 +243,17 @@ for _, group in ipairs(groups) do
       end
     elseif shape == 'l' then
       redis.call('ZADD', leases, now + lease, rid)
-      -- made to last two leases: extended about once a lease, not on every admission
-      local pttl = redis.call('PTTL', leases)
-      if pttl < math.ceil(lease) + 1000 then redis.call('PEXPIRE', leases, 2 * math.ceil(lease) + 1000) end
+      writes[#writes + 1] = names[2]
+      writes[#writes + 1] = st[1] + 1
+      -- made to last two leases: extended about once a lease, not on every
+      -- admission; at once when it may not have existed (emptied, or counted)
+      local known = f[12]
+      if f[11] or not known or known < now + lease + 1000 then
+        local keep = 2 * math.ceil(lease) + 1000
+        redis.call('PEXPIRE', leases, keep)
+        writes[#writes + 1] = names[3]
+        writes[#writes + 1] = now + keep
+      end
       ttl = math.max(ttl, math.ceil(lease) + 1000)
       table.insert(entries, kind .. '|1|' .. limitText)
       reservationTtl = math.max(reservationTtl, math.ceil(lease) + RESERVATION_MARGIN)
@@ -259,29 +285,40 @@ for _, group in ipairs(groups) do
   end
 end
 if #reservation > 0 then
-  local r = P .. 'r:' .. rid
-  redis.call('HSET', r, unpack(reservation))
-  redis.call('PEXPIRE', r, reservationTtl)
+  redis.call('SET', P .. 'r:' .. rid, cmsgpack.pack(reservation), 'PX', reservationTtl)
 end
 return '1'
 """
 
 #: ARGV: prefix, offset, n, then n × (request id, tokens or '', nano-dollars
 #: or '', '1' if the upstream answered else '0'). Answers how many were
-#: applied (the others were settled before, or never admitted here).
+#: applied (the others were settled before, or never admitted here). Applied
+#: in order, as one by one would, but each counter is read and written once.
 SETTLE = COMMON + r"""
-local applied = 0
-for i = 1, tonumber(ARGV[3]) do
+local count = tonumber(ARGV[3])
+local keys = {}
+for i = 1, count do keys[i] = P .. 'r:' .. ARGV[i * 4] end
+local values = redis.call('MGET', unpack(keys))
+local applied, gone, seen = 0, {}, {}
+-- what each counter is owed, counters in the order first met
+local order, owed = {}, {}
+for i = 1, count do
   local b = 3 + (i - 1) * 4
   local rid, tokens, nano, reached = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), ARGV[b + 4] == '1'
-  local r = P .. 'r:' .. rid
-  local e = redis.call('HGETALL', r)
-  if #e > 0 then
+  local v = values[i]
+  if v and not seen[rid] then  -- false: settled before, never admitted, or not this layout's
+    seen[rid] = true
     applied = applied + 1
-    redis.call('DEL', r)
+    gone[#gone + 1] = keys[i]
+    local e = cmsgpack.unpack(v)
     for j = 1, #e, 2 do
-      local counter, state = e[j], P .. 's:' .. e[j]
-      local figures, fields = {}, {}
+      local counter = e[j]
+      local w = owed[counter]
+      if not w then
+        w = {rids = {}, ops = {}}
+        owed[counter] = w
+        order[#order + 1] = counter
+      end
       for entry in string.gmatch(e[j + 1], '[^;]+') do
         local kind, amountText, limitText, id = string.match(entry, '^([^|]*)|([^|]*)|([^|]*)|?(.*)$')
         local shape = SHAPE[kind]
@@ -292,44 +329,100 @@ for i = 1, tonumber(ARGV[3]) do
           if reached then real = amount else real = 0 end
         end
         if shape == 'l' then
-          local leases = P .. 'c:' .. counter
-          redis.call('ZREM', leases, rid)
-          redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)  -- those of instances that died
+          w.rids[#w.rids + 1] = rid
         elseif shape ~= 'b' or real ~= amount then
-          local names = FIELDS[kind]
-          table.insert(figures, {kind, shape, amount, tonumber(limitText), id, real, #fields + 1, names})
-          for n = 2, #names do table.insert(fields, names[n]) end
-        end
-      end
-      if #fields > 0 then
-        local h = redis.call('HMGET', state, unpack(fields))
-        local writes, ttl = {}, 0
-        for _, f in ipairs(figures) do
-          local kind, shape, amount, limit, id, real, at, names = unpack(f)
-          if shape == 'b' then
-            local level = math.min(limit, bucketLevel(h[at], h[at + 1], limit) + amount - real)
-            if h[at] or level < limit then  -- absent and still full: nothing to write
-              local taken = limit - level
-              table.insert(writes, names[2])
-              table.insert(writes, fmt(taken))
-              table.insert(writes, names[3])
-              table.insert(writes, now)
-              ttl = math.max(ttl, math.ceil(taken * 60000 / limit) + 1000)
-            end
-          elseif h[at] == id then  -- the window it reserved in (else it has turned, or was reset)
-            table.insert(writes, names[3])
-            table.insert(writes, string.format('%d', tonumber(h[at + 1] or '0') + real))
-            table.insert(writes, names[4])
-            table.insert(writes, string.format('%d', math.max(0, tonumber(h[at + 2] or '0') - amount)))
-          end
-        end
-        if #writes > 0 then
-          redis.call('HSET', state, unpack(writes))
-          if ttl > 0 then keepLonger(state, ttl) end  -- x may now say less than the state has: only ever an extra PEXPIRE
+          w.ops[#w.ops + 1] = {kind, shape, amount, tonumber(limitText), id, real}
         end
       end
     end
   end
+end
+if #gone > 0 then redis.call('DEL', unpack(gone)) end
+-- Give a counter back what its settlements owe it: leases, then each kind's state,
+-- read and written once.
+local function settleCounter(counter, w)
+  local state = P .. 's:' .. counter
+  local size
+  if #w.rids > 0 then
+    -- the leases given back, and those of instances that died
+    local leases = P .. 'c:' .. counter
+    redis.call('ZREM', leases, unpack(w.rids))
+    redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+    size = redis.call('ZCARD', leases)
+  end
+  -- each kind's state fields once, after the state's expiry (x)
+  local fields, at = {'x'}, {}
+  for _, op in ipairs(w.ops) do
+    local kind = op[1]
+    if not at[kind] then
+      at[kind] = #fields + 1
+      local names = FIELDS[kind]
+      for n = 2, #names do fields[#fields + 1] = names[n] end
+    end
+  end
+  local h = redis.call('HMGET', state, unpack(fields))
+  local expires = tonumber(h[1])
+  -- each kind's state as the settlements before left it
+  local cur, changed, writes, ttl = {}, {}, {}, 0
+  for _, op in ipairs(w.ops) do
+    local kind, shape, amount, limit, id, real = op[1], op[2], op[3], op[4], op[5], op[6]
+    local k = at[kind]
+    local c = cur[kind]
+    if not c then
+      c = {h[k], h[k + 1], h[k + 2]}
+      cur[kind] = c
+    end
+    if shape == 'b' then
+      local level = math.min(limit, bucketLevel(c[1], c[2], limit) + amount - real)
+      if c[1] or level < limit then  -- absent and still full: nothing to write
+        c[1], c[2] = limit - level, now
+        changed[kind] = limit
+      end
+    elseif c[1] == id then  -- the window it reserved in (else it has turned, or was reset)
+      c[2] = tonumber(c[2] or '0') + real
+      c[3] = math.max(0, tonumber(c[3] or '0') - amount)
+      changed[kind] = limit
+    end
+  end
+  for kind, limit in pairs(changed) do
+    local c, names = cur[kind], FIELDS[kind]
+    if SHAPE[kind] == 'b' then
+      local taken = tonumber(c[1])
+      writes[#writes + 1] = names[2]
+      writes[#writes + 1] = fmt(taken)
+      writes[#writes + 1] = names[3]
+      writes[#writes + 1] = c[2]
+      ttl = math.max(ttl, math.ceil(taken * 60000 / limit) + 1000)
+    else
+      writes[#writes + 1] = names[3]
+      writes[#writes + 1] = string.format('%d', c[2])
+      writes[#writes + 1] = names[4]
+      writes[#writes + 1] = string.format('%d', c[3])
+    end
+  end
+  if size and expires then  -- the lease set's size (a state gone with its leases lapsed is not made again)
+    writes[#writes + 1] = 'concurrent.n'
+    writes[#writes + 1] = size
+    if size == 0 then  -- the set is gone: the next admission sets its expiry
+      writes[#writes + 1] = 'concurrent.x'
+      writes[#writes + 1] = 0
+    end
+  end
+  if #writes > 0 then
+    -- a bucket may now need the state to last longer than x says; x extended as admissions do
+    local extend = ttl > 0 and (not expires or expires < now + ttl)
+    if extend then
+      writes[#writes + 1] = 'x'
+      writes[#writes + 1] = now + ttl + 60000
+    end
+    redis.call('HSET', state, unpack(writes))
+    if extend then redis.call('PEXPIRE', state, ttl + 60000) end
+  end
+end
+for _, counter in ipairs(order) do
+  local w = owed[counter]
+  -- nothing owed (a bucket that used what it reserved): not even read
+  if #w.rids > 0 or #w.ops > 0 then settleCounter(counter, w) end
 end
 return applied
 """
@@ -338,18 +431,26 @@ return applied
 RENEW = COMMON + r"""
 local lease = tonumber(ARGV[3])
 local renewed = 0
+if #ARGV < 4 then return 0 end
+local keys = {}
+for i = 4, #ARGV do keys[#keys + 1] = P .. 'r:' .. ARGV[i] end
+local values = redis.call('MGET', unpack(keys))
 for i = 4, #ARGV do
-  local rid = ARGV[i]
-  local e = redis.call('HGETALL', P .. 'r:' .. rid)
+  local rid, v = ARGV[i], values[i - 3]
+  local e = v and cmsgpack.unpack(v) or {}
   for j = 1, #e, 2 do
     if string.find(';' .. e[j + 1], ';concurrent|', 1, true) then
-      local leases = P .. 'c:' .. e[j]
+      local leases, state = P .. 'c:' .. e[j], P .. 's:' .. e[j]
       redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
       if redis.call('ZSCORE', leases, rid) then
         redis.call('ZADD', leases, 'XX', now + lease, rid)
         keepLonger(leases, math.ceil(lease) + 1000)
-        keepLonger(P .. 's:' .. e[j], math.ceil(lease) + 1000)
+        keepLonger(state, math.ceil(lease) + 1000)
         renewed = renewed + 1
+      else
+        -- its lease lapsed (and the set may be gone with it): the next
+        -- admission sets the set's expiry (HDEL makes no state)
+        redis.call('HDEL', state, 'concurrent.x')
       end
     end
   end
