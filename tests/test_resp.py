@@ -287,7 +287,7 @@ class AuthTests(TestCase):
         return Deferred.fromCoroutine(run())
 
     def test_eager(self) -> Deferred[None]:
-        """The connection to Redis sends each command at once (an eager transport), not on the reactor's next turn."""
+        """The connection to Redis sends each command at once (an eager transport, Nagle off), not on the reactor's next turn."""
         from lmgate.relay.eager import EagerClient
 
         async def run() -> None:
@@ -299,6 +299,10 @@ class AuthTests(TestCase):
             await result
             protocol = store._redis._protocol
             self.assertIsInstance(protocol.transport, EagerClient)
+            # and with Nagle off: a command written while an earlier one's bytes
+            # await their acknowledgement leaves at once, not after its reply
+            handle = protocol.transport.getHandle()
+            self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
         return Deferred.fromCoroutine(run())
 

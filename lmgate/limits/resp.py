@@ -29,7 +29,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from lmgate.relay.eager import makeEager
+from lmgate.relay.eager import makeEager, noDelay
 
 log = Logger()
 
@@ -203,6 +203,10 @@ class RedisProtocol(Protocol):
         # turn are gathered into one write (one system call, and one wake-up
         # of Redis, for a busy worker's many admissions).
         self._eager = makeEager(self.transport)
+        # Nagle off, as Redis's own clients do: a command written while an
+        # earlier one's bytes await their acknowledgement leaves at once
+        # instead of after that command's reply.
+        noDelay(self.transport)
         self._watchdog = LoopingCall(self._watch)
         self._watchdog.clock = self._clock
         self._watchdog.start(max(0.01, self.replyTimeout / 2), now=False)

@@ -107,6 +107,29 @@ def makeEager(transport: Any) -> bool:
     return isinstance(transport, _EagerWrites)
 
 
+def noDelay(transport: Any) -> bool:
+    """
+    Turn Nagle off on C{transport}'s TCP connection, found through up to three
+    wrappers (TLS) that do not offer it themselves: a small write then leaves
+    at once even while an earlier one waits to be acknowledged (pipelined
+    commands, a request's head then its body). Anything without TCP under it
+    is left as it is.
+
+    @return: whether Nagle is now off.
+    """
+    for _ in range(4):
+        if transport is None:
+            return False
+        if hasattr(transport, "setTcpNoDelay"):
+            try:
+                transport.setTcpNoDelay(True)
+            except Exception:  # a socket already closed: nothing to do
+                return False
+            return True
+        transport = getattr(transport, "transport", None)
+    return False
+
+
 class heldWrites:
     """C{with heldWrites(transport): ...}: the writes inside go out as one piece (eager transports only)."""
 

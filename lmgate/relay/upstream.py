@@ -44,6 +44,7 @@ from zope.interface import implementer
 from lmgate.config import Settings
 from lmgate.errors import ConfigError
 from lmgate.ops.ratelog import RateLimitedLog
+from lmgate.relay.eager import noDelay
 from lmgate.relay.twistedprivate import (
     RESPONSE_HEADER,
     RESPONSE_STATUS,
@@ -148,19 +149,8 @@ class _NoDelayProtocol(RelayClientProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()  # Twisted's own: Nagle off on a TCP transport
-        transport: Any = self.transport
-        if ITCPTransport.providedBy(transport):
-            return
-        for _ in range(3):  # through a wrapper that does not say it is TCP, to the TCP transport
-            if transport is None:
-                return
-            if hasattr(transport, "setTcpNoDelay"):
-                try:
-                    transport.setTcpNoDelay(True)
-                except Exception:
-                    pass
-                return
-            transport = getattr(transport, "transport", None)
+        if not ITCPTransport.providedBy(self.transport):
+            noDelay(self.transport)  # through a wrapper that does not say it is TCP, to the TCP transport
 
 
 class RelayPool(RelayConnectionPool):
