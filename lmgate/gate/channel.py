@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from lmgate.relay.eager import heldWrites, makeEager
 from lmgate.relay.twistedprivate import InspectableHTTPChannel, decodeChunkedPrefix
 
 log = Logger()
@@ -89,8 +90,6 @@ class GatewayChannel(InspectableHTTPChannel):
         self._discarding = False  # a request was refused at headers-complete: its body is never read
 
     def connectionMade(self) -> None:
-        from lmgate.relay.eager import makeEager
-
         makeEager(self.transport)  # plain TCP: each write is sent at once (lmgate.relay.eager)
         super().connectionMade()
         # The first request's header deadline runs from the connection's opening.
@@ -352,8 +351,6 @@ class GatewayRequest(Request):
         """The first write sends the head and the first body bytes as one piece."""
         if self.startedWriting or self.channel is None:
             return super().write(data)  # type: ignore[no-any-return]
-        from lmgate.relay.eager import heldWrites
-
         with heldWrites(self.channel.transport):
             super().write(data)
 

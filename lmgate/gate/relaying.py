@@ -23,6 +23,7 @@ from lmgate.policy.streamusage import usageChunkFilter
 from lmgate.relay.headers import copyEndToEndHeaders
 from lmgate.relay.tee import Tee, UpstreamIdle
 from lmgate.relay.upstream import UpstreamHeadInvalid
+from lmgate.usage import readerFor
 
 if TYPE_CHECKING:
     from lmgate.gate.gateway import Gateway
@@ -135,8 +136,6 @@ class Relay:
             if values:
                 self.upstreamRequestId = values[0].decode("latin-1")
                 break
-        from lmgate.usage import readerFor
-
         headers = response.headers
 
         def header(name: bytes) -> bytes | None:

@@ -35,7 +35,9 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
+# Imported once: twisted.web.client is a deprecation proxy, whose every attribute
+# lookup (an import in a function included) costs microseconds.
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
@@ -366,7 +368,6 @@ class RelayAgent:
 
     def _origin(self, origin: bytes) -> _Origin:
         from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-        from twisted.web.client import URI
 
         parsed = URI.fromBytes(origin)
         if parsed.scheme not in (b"http", b"https"):
@@ -405,8 +406,6 @@ class RelayAgent:
     def _send(
         self, o: _Origin, method: bytes, target: bytes, headers: Headers | None, bodyProducer: IBodyProducer | None
     ) -> Deferred[IResponse]:
-        from twisted.web.client import URI
-
         if headers is None:
             headers = Headers()
         if not headers.hasHeader(b"host"):
