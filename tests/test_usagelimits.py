@@ -224,6 +224,37 @@ class MemoryStoreTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(self.store.prune(), 1)  # full again: forgotten
 
+    def test_figureTuplesLookedUpOnce(self) -> None:
+        """
+        The limiter passes the same tuple for every call of a kind: its states
+        are looked up once, and again when one is removed (reset, prune) or a
+        window turns, so no admission counts on a state that show and reset
+        no longer see.
+        """
+        clock = Clock()
+        clock.advance(BEFORE_MIDNIGHT + 60 + 12 * 3600)  # noon
+        store = MemoryStore(clock)
+        figures = (rpm(2), Figure("q|key=k", "q", "tokens_per_day", 1000))
+
+        def shown() -> dict[str, tuple[int, int]]:
+            return {s.figure.kind: (s.used, s.reserved) for s in self.successResultOf(store.show())}
+
+        self.assertTrue(store.admit("a", figures, 100, 0, 60).admitted)
+        self.assertEqual(self.successResultOf(store.reset(["r|key=k"])), 1)
+        self.assertTrue(store.admit("b", figures, 100, 0, 60).admitted)  # on a bucket made afresh
+        self.assertTrue(store.admit("c", figures, 100, 0, 60).admitted)
+        self.assertFalse(store.admit("d", figures, 100, 0, 60).admitted)
+        clock.advance(60)  # the bucket full again
+        self.assertEqual(store.prune(), 1)  # the bucket (the window holds reservations)
+        self.assertTrue(store.admit("e", figures, 100, 0, 60).admitted)  # on a bucket made afresh
+        self.assertEqual(shown(), {"requests_per_minute": (1, 0), "tokens_per_day": (0, 400)})
+        clock.advance(12 * 3600)  # a new day
+        self.assertTrue(store.admit("f", figures, 100, 0, 60).admitted)  # in the new day's window
+        self.assertEqual(shown()["tokens_per_day"], (0, 100))
+        store.settle(Settlement("e", 40, None, True))  # into yesterday's window, as reserved
+        store.settle(Settlement("f", 30, None, True))
+        self.assertEqual(shown()["tokens_per_day"], (30, 0))
+
 
 def context(body: bytes, owner: str = "team-a", keyId: str = "k1", provider: str = "openai", fmt: str = "openai") -> CallContext:
     ctx = CallContext(b"POST", b"/openai/v1/chat/completions", Headers())

@@ -105,6 +105,17 @@ _SHAPES = {
     "usd_per_day": _USD,
     "usd_per_month": _USD,
 }
+#: What each kind counts: calls, tokens or nano-dollars.
+_CALLS, _TOKENS_UNIT, _NANO_USD = range(3)
+_UNITS = {
+    "requests_per_minute": _CALLS,
+    "concurrent": _CALLS,
+    "tokens_per_minute": _TOKENS_UNIT,
+    "tokens_per_day": _TOKENS_UNIT,
+    "tokens_per_month": _TOKENS_UNIT,
+    "usd_per_day": _NANO_USD,
+    "usd_per_month": _NANO_USD,
+}
 #: Every admission that needs no states answers the same.
 _ADMITTED = Decision(True)
 
@@ -124,8 +135,12 @@ class MemoryStore:
         self._buckets: dict[tuple[str, ...], _Bucket] = {}
         self._windows: dict[tuple[str, ...], _Window] = {}
         self._leases: dict[tuple[str, ...], _Leases] = {}
-        self._reservations: dict[str, list[tuple[int, Any, int]]] = {}
+        self._reservations: dict[str, tuple[list[tuple[int, Any, int, Figure]], int, int]] = {}
         self._windowCache: dict[str, tuple[float, str, float]] = {}
+        #: Each figure list's states, looked up once: id -> (the list, its
+        #: entries, when its first window ends). Forgotten when states are
+        #: removed (prune, reset), looked up again when a window turns.
+        self._bound: dict[int, tuple[Sequence[Figure], list[tuple[int, Any, int, Figure]], float]] = {}
 
     def _now(self) -> float:
         return self._clock.seconds()
@@ -139,55 +154,71 @@ class MemoryStore:
         computing them for every call would cost more than the admission).
         """
         now = self._now()
-        plan: list[tuple[int, Any, int]] = []
+        entries = self._entries(figures, now)
         refused: Figure | None = None
         retryAfter: float | None = None
-        for figure in figures:  # check every figure first: all or nothing
+        for shape, state, unit, figure in entries:  # check every figure first: all or nothing
+            if shape == _LEASE:
+                if state.expire(now) >= figure.limit and refused is None:
+                    refused, retryAfter = figure, None
+            elif shape == _BUCKET:
+                amount = 1 if unit == _CALLS else tokens
+                level = state.refill(now)
+                if amount > level and refused is None:
+                    refused, retryAfter = figure, (amount - level) * 60.0 / figure.limit
+            elif state.used + state.reserved + (nanoUsd if unit == _NANO_USD else tokens) > figure.limit and refused is None:
+                refused, retryAfter = figure, state.ends - now
+        if refused is not None:
+            return Decision(False, refused, retryAfter, tuple(self._stateNow(shape, state, now) for shape, state, _, _ in entries))
+        for shape, state, unit, _ in entries:
+            if shape == _LEASE:
+                state.take(requestId, now + leaseSeconds)
+            elif shape == _BUCKET:
+                state.level -= 1 if unit == _CALLS else tokens
+            else:
+                state.reserved += nanoUsd if unit == _NANO_USD else tokens
+        self._reservations[requestId] = (entries, tokens, nanoUsd)
+        return _ADMITTED
+
+    def _entries(self, figures: Sequence[Figure], now: float) -> list[tuple[int, Any, int, Figure]]:
+        """
+        Each figure's shape, state (made when missing), what it counts and the
+        figure: looked up once per figure tuple (the limiter passes the same
+        one for every call of a kind) until a state is removed or a window turns.
+        """
+        bound = self._bound.get(id(figures))
+        if bound is not None and bound[0] is figures and now < bound[2]:
+            return bound[1]
+        entries: list[tuple[int, Any, int, Figure]] = []
+        until = math.inf
+        for figure in figures:
             kind = figure.kind
             shape = _SHAPES[kind]
+            state: Any
             if shape == _LEASE:
                 key: tuple[str, ...] = (figure.counter, kind)
-                state: Any = self._leases.get(key)
+                state = self._leases.get(key)
                 if state is None:
                     state = self._leases[key] = _Leases(figure)
-                state.figure = figure
-                amount = 1
-                fits = state.expire(now) < figure.limit
-                wait = None
             elif shape == _BUCKET:
                 key = (figure.counter, kind)
                 state = self._buckets.get(key)
                 if state is None:
                     state = self._buckets[key] = _Bucket(figure, now)
-                state.figure = figure
-                amount = 1 if kind == "requests_per_minute" else tokens
-                level = state.refill(now)
-                fits = amount <= level
-                wait = (amount - level) * 60.0 / figure.limit
             else:
                 windowId, ends = self._windowOf(kind, now)
                 key = (figure.counter, kind, windowId)
                 state = self._windows.get(key)
                 if state is None:
                     state = self._windows[key] = _Window(figure, ends)
-                state.figure = figure
-                amount = nanoUsd if shape == _USD else tokens
-                fits = state.used + state.reserved + amount <= figure.limit
-                wait = ends - now
-            if not fits and refused is None:
-                refused, retryAfter = figure, wait
-            plan.append((shape, state, amount))
-        if refused is not None:
-            return Decision(False, refused, retryAfter, tuple(self._stateNow(shape, state, now) for shape, state, _ in plan))
-        for shape, state, amount in plan:
-            if shape == _LEASE:
-                state.take(requestId, now + leaseSeconds)
-            elif shape == _BUCKET:
-                state.level -= amount
-            else:
-                state.reserved += amount
-        self._reservations[requestId] = plan
-        return _ADMITTED
+                until = min(until, ends)
+            state.figure = figure  # the figure as last admitted (a reload may change its limit)
+            entries.append((shape, state, _UNITS[kind], figure))
+        if type(figures) is tuple:  # a list could change under the key: looked up each time
+            if len(self._bound) >= 10_000:
+                self._bound.clear()  # bounded however many counters come and go
+            self._bound[id(figures)] = (figures, entries, until)  # holds the tuple: its id is not reused meanwhile
+        return entries
 
     def _windowOf(self, kind: str, now: float) -> tuple[str, float]:
         """L{windowOf}, remembered until the window ends (one datetime per day, not per call)."""
@@ -213,28 +244,33 @@ class MemoryStore:
         return self._windows[key].state(now)
 
     def settle(self, settlement: Settlement) -> None:
-        plan = self._reservations.pop(settlement.requestId, None)
-        if plan is None:
+        held = self._reservations.pop(settlement.requestId, None)
+        if held is None:
             return  # settled already, or never admitted here
+        entries, tokens, nanoUsd = held
         now = self._now()
-        for shape, state, reserved in plan:
+        for shape, state, unit, _ in entries:
             if shape == _LEASE:
                 state.release(settlement.requestId)
-                continue
-            kind = state.figure.kind
-            actual = _actual(kind, reserved, settlement)
-            if shape == _BUCKET:
-                if kind == "tokens_per_minute" and actual != reserved:
-                    state.refill(now)
-                    state.level = min(float(state.figure.limit), state.level + reserved - actual)
+            elif unit == _CALLS:
+                continue  # requests are never given back
             else:
-                state.reserved -= reserved
-                state.used += actual
+                reserved = nanoUsd if unit == _NANO_USD else tokens
+                real = settlement.nanoUsd if unit == _NANO_USD else settlement.tokens
+                actual = real if real is not None else reserved if settlement.reachedUpstream else 0
+                if shape == _BUCKET:
+                    if actual != reserved:
+                        state.refill(now)
+                        state.level = min(float(state.figure.limit), state.level + reserved - actual)
+                else:
+                    state.reserved -= reserved
+                    state.used += actual
 
     def renew(self, requestIds: Sequence[str], leaseSeconds: float) -> None:
         expiry = self._now() + leaseSeconds
         for requestId in requestIds:
-            for shape, state, _ in self._reservations.get(requestId, ()):
+            held = self._reservations.get(requestId)
+            for shape, state, _, _ in held[0] if held is not None else ():
                 if shape == _LEASE and requestId in state.held:
                     state.take(requestId, expiry)
 
@@ -245,6 +281,7 @@ class MemoryStore:
         Called now and then by the owner; the number of states forgotten.
         """
         now = self._now()
+        self._bound.clear()  # states are removed: looked up (or made) again
         before = len(self._buckets) + len(self._windows) + len(self._leases)
         self._buckets = {k: b for k, b in self._buckets.items() if b.refill(now) < b.figure.limit}
         self._windows = {k: w for k, w in self._windows.items() if w.ends > now or w.reserved}
@@ -272,19 +309,9 @@ class MemoryStore:
         return succeed(states)
 
     def reset(self, counters: Sequence[str]) -> "Deferred[int]":
+        self._bound.clear()  # states are removed: made afresh by the next admission
         removed = 0
         for key in self._keys(counters):
             found = self._buckets.pop(key, None) or self._windows.pop(key, None) or self._leases.pop(key, None)
             removed += found is not None
         return succeed(removed)
-
-
-def _actual(kind: str, reserved: int, settlement: Settlement) -> int:
-    """What a call used of a figure: its real usage, or its reservation kept (reached the upstream) or released."""
-    if kind == "requests_per_minute":
-        return reserved  # requests are never given back
-    real = settlement.nanoUsd if kind.startswith("usd_") else settlement.tokens
-    if real is not None:
-        return real
-    return reserved if settlement.reachedUpstream else 0
-

@@ -245,9 +245,9 @@ class RedisStore(Service):
                           encodeArgs(("EVAL", script.source, 0, prefix, self._offsetMs)))
             for script in SCRIPTS
         }
-        #: Each figure list's script arguments, made once (a call's figures are
-        #: one of a few lists: a rule's, per key or owner).
-        self._flat: dict[tuple[Figure, ...], tuple[bytes, int]] = {}
+        #: Each figure tuple's script arguments, made once (the limiter passes
+        #: the same tuple for every call of a kind), by the tuple's id.
+        self._flat: dict[int, tuple[Sequence[Figure], tuple[bytes, int]]] = {}
         self.observeLatency: Callable[[float], None] | None = None
         self.observeError: Callable[[str], None] | None = None
 
@@ -388,12 +388,15 @@ class RedisStore(Service):
 
     def admit(self, requestId: str, figures: Sequence[Figure], tokens: int, nanoUsd: int, leaseSeconds: float) -> Deferred[Decision]:
         """Admit against every figure or none, in one script (L{ILimitStore.admit})."""
-        packed = tuple(figures)
-        flat = self._flat.get(packed)
-        if flat is None:
-            if len(self._flat) >= 10_000:
-                self._flat.clear()  # bounded: made again, once each
-            flat = self._flat[packed] = _flatFigures(figures)
+        known = self._flat.get(id(figures))
+        if known is not None and known[0] is figures:
+            flat = known[1]
+        else:
+            flat = _flatFigures(figures)
+            if type(figures) is tuple:  # a list could change under the key: made each time
+                if len(self._flat) >= 10_000:
+                    self._flat.clear()  # bounded: made again, once each
+                self._flat[id(figures)] = (figures, flat)  # holds the tuple: its id is not reused meanwhile
         d = self._call(ADMIT, (requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000))), None, *flat)
 
         def decide(answer: str) -> Decision:
