@@ -82,6 +82,7 @@ class LimitsDaemonTests(TestCase):
         codes = sorted(r.code for r in responses)
         self.assertEqual(codes, [200] * n + [429] * (2 * n))
         refused = next(r for r in responses if r.code == 429)
+        self.assertEqual(refused.phrase, b"Too Many Requests")  # as providers send it (Twisted's table lacks 429)
         body = json.loads(await refused.content())
         self.assertEqual((body["error"]["type"], body["error"]["code"]), ("requests", "rate_limit_exceeded"))
         self.assertIn("per-key-rpm", body["error"]["message"])

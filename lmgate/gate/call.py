@@ -24,7 +24,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import NOT_DONE_YET, Request
 
 from lmgate.gate.relaying import REQUEST_ID_HEADER, Relay, abortClient, failureKind
-from lmgate.gate.shapes import errorResponse
+from lmgate.gate.shapes import errorResponse, reasonPhrase
 from lmgate.records.assemble import CallFacts, recordFor
 from lmgate.records.record import Usage
 
@@ -149,7 +149,7 @@ class ProxiedCall:
     def _answerOwn(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, error: str | None) -> None:
         """Set the head of an answer of LMGate's own (its body's length included), and record the call."""
         request = self._request
-        request.setResponseCode(status)
+        request.setResponseCode(status, reasonPhrase(status))
         for name, value in headers:
             request.responseHeaders.setRawHeaders(name, [value])
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])

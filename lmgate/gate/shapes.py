@@ -142,6 +142,16 @@ def errorResponse(format: str | None, kind: str, message: str) -> tuple[int, lis
     return status, headers, json.dumps(body).encode()
 
 
+#: Reason phrases of statuses LMGate answers whose phrase Twisted's table lacks
+#: (it would send "Unknown Status"), as providers send them.
+_REASONS = {429: b"Too Many Requests", 431: b"Request Header Fields Too Large"}
+
+
+def reasonPhrase(status: int) -> bytes | None:
+    """The reason phrase for an answer of LMGate's own with C{status}; None: Twisted's own."""
+    return _REASONS.get(status)
+
+
 _CHANNEL_REASONS = {
     400: b"Bad Request",
     408: b"Request Timeout",
