@@ -531,3 +531,20 @@ class ReservationShapeTests(SynchronousTestCase):
             ctx.rest = rest
             self.assertIsNone(limiter.admit(ctx))
             self.assertEqual(ctx.reservedTokens, 7, rest)  # 25 bytes / 4, no output
+
+    def test_bodiesReadOrNot(self) -> None:
+        """
+        A body is read for its model and output cap when it is a JSON object
+        in UTF-8, whitespace before it allowed; anything else reserves the
+        default output and names no model (the URL may).
+        """
+        limiter = limiterWith([{"name": "all", "tokens_per_day": 10**6}], estimate={"output_tokens": 1000})
+        for body, output, model in (
+            (b' \r\n {"model": "gpt-4o-mini", "max_tokens": 10}', 10, "gpt-4o-mini"),
+            (b'{"model": "gpt-4o-mini", "max_tokens": 10, "note": "caf\xe9"}', 1000, None),  # Latin-1, not UTF-8
+            (b'{"model": "gpt-4o-mini", "max_tokens": true}', 1000, "gpt-4o-mini"),
+            (b'["gpt-4o-mini"]', 1000, None),
+        ):
+            ctx = context(body)
+            self.assertIsNone(limiter.admit(ctx))
+            self.assertEqual((ctx.reservedTokens, ctx.requestedModel), (-(-len(body) // 4) + output, model), body)

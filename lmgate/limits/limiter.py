@@ -94,22 +94,41 @@ def goDuration(seconds: float) -> str:
     return text
 
 
+#: Parses a JSON text from a given offset (the C scanner, without C{json.loads}'
+#: encoding detection and trailing-whitespace check).
+_rawDecode = json.JSONDecoder().raw_decode
+
+
+def _parseBody(body: bytes) -> Any:
+    """
+    A request body that opens a JSON object, parsed (UTF-8, as JSON over HTTP
+    is; anything after the object is not looked at); None if it is not one.
+    """
+    try:
+        text = body.decode("utf-8")
+        return _rawDecode(text, len(text) - len(text.lstrip()))[0]
+    except ValueError:  # not UTF-8 (UnicodeDecodeError is a ValueError), or not JSON
+        return None
+
+
 def outputCap(document: Any, default: int) -> int:
     """
     The most output tokens a request asks for: C{max_tokens},
     C{max_completion_tokens}, C{max_output_tokens} (top level),
     C{generationConfig.maxOutputTokens}, C{inferenceConfig.maxTokens}; else C{default}.
+    Only whole numbers count (C{type(...) is int}: not booleans, not floats).
     """
-    if isinstance(document, dict):
+    if type(document) is dict:
         for name in _OUTPUT_CAPS:
             value = document.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            if type(value) is int and value >= 0:
                 return value
         for section, name in (("generationConfig", "maxOutputTokens"), ("inferenceConfig", "maxTokens")):
             inner = document.get(section)
-            value = inner.get(name) if isinstance(inner, dict) else None
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                return value
+            if type(inner) is dict:
+                value = inner.get(name)
+                if type(value) is int and value >= 0:
+                    return value
     return default
 
 
@@ -246,10 +265,7 @@ class Limiter:
         document: Any = None
         body = context.body
         if body and body.lstrip()[:1] == b"{":
-            try:
-                document = json.loads(body)
-            except ValueError:
-                document = None
+            document = _parseBody(body)
         model = context.requestedModel
         if model is None:
             if isinstance(document, dict) and isinstance(document.get("model"), str):
