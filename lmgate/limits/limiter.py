@@ -25,6 +25,7 @@ from lmgate.gate.admission import Refusal
 from lmgate.limits.memory import MemoryStore
 from lmgate.limits.settings import NANO, LimitsSettings, RuleSettings
 from lmgate.limits.store import (
+    ADMITTED,
     ERROR_FOR_KIND,
     Decision,
     Figure,
@@ -292,8 +293,8 @@ class Limiter:
         if price is None:
             nanoUsd = 0
         else:
-            inputTokens = min(tokens, math.ceil(bodySize / settings.bytesPerToken))
-            nanoUsd = int(math.ceil((inputTokens * price.input + (tokens - inputTokens) * price.output) * NANO / 1_000_000))
+            inputTokens = math.ceil(bodySize / settings.bytesPerToken)
+            nanoUsd = math.ceil((inputTokens * price.input + (tokens - inputTokens) * price.output) * NANO / 1_000_000)
         context.reservedTokens = tokens
         if tokens > plan.fewestTokens or nanoUsd > plan.fewestNanoUsd or plan.fewestCalls < 1:
             for figure in figures:  # the first, in rule order, that this call can never fit
@@ -306,6 +307,12 @@ class Limiter:
             answer = self._store.admit(requestId, figures, tokens, nanoUsd, self.leaseSeconds)
         except StoreUnavailable as e:
             return self._unavailable(str(e), context, figures, tokens, nanoUsd, closed)
+        if answer is ADMITTED:  # _decided, inline: the common call
+            store = self._store
+            context.limits = "shared" if store.shared else "local"
+            context.reservation = Held(store, requestId, tokens, nanoUsd)
+            self.inflight[requestId] = store
+            return None
         if isinstance(answer, Decision):
             return self._decided(answer, context, self._store, tokens, nanoUsd)
         waiting: Deferred[Refusal | None] = answer.addCallback(self._decided, context, self._store, tokens, nanoUsd)

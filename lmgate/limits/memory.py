@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from lmgate.limits.store import Decision, Figure, FigureState, ILimitStore, Settlement
+from lmgate.limits.store import ADMITTED, Decision, Figure, FigureState, ILimitStore, Settlement
 
 
 def windowOf(kind: str, now: float) -> tuple[str, float]:
@@ -116,8 +116,22 @@ _UNITS = {
     "usd_per_day": _NANO_USD,
     "usd_per_month": _NANO_USD,
 }
-#: Every admission that needs no states answers the same.
-_ADMITTED = Decision(True)
+class _Bound:
+    """
+    A figure tuple's states, looked up once: every entry (shape, state, unit,
+    figure) in the order given, and the same states grouped by shape (leases;
+    buckets with whether they count calls; windows with whether they count
+    nano-dollars), valid until C{until} (when its first window ends).
+    """
+
+    __slots__ = ("figures", "entries", "until", "leases", "buckets", "windows")
+
+    def __init__(self, figures: Sequence[Figure], entries: list[tuple[int, Any, int, Figure]], until: float) -> None:
+        self.figures, self.entries, self.until = figures, entries, until
+        self.leases = tuple(state for shape, state, _, _ in entries if shape == _LEASE)
+        self.buckets = tuple((state, unit == _CALLS) for shape, state, unit, _ in entries if shape == _BUCKET)
+        self.windows = tuple((state, unit == _NANO_USD) for shape, state, unit, _ in entries if shape not in (_LEASE, _BUCKET))
+
 
 
 @implementer(ILimitStore)
@@ -135,12 +149,12 @@ class MemoryStore:
         self._buckets: dict[tuple[str, ...], _Bucket] = {}
         self._windows: dict[tuple[str, ...], _Window] = {}
         self._leases: dict[tuple[str, ...], _Leases] = {}
-        self._reservations: dict[str, tuple[list[tuple[int, Any, int, Figure]], int, int]] = {}
+        self._reservations: dict[str, tuple[_Bound, int, int]] = {}
         self._windowCache: dict[str, tuple[float, str, float]] = {}
-        #: Each figure list's states, looked up once: id -> (the list, its
-        #: entries, when its first window ends). Forgotten when states are
-        #: removed (prune, reset), looked up again when a window turns.
-        self._bound: dict[int, tuple[Sequence[Figure], list[tuple[int, Any, int, Figure]], float]] = {}
+        #: Each figure tuple's states, looked up once: id -> L{_Bound}.
+        #: Forgotten when states are removed (prune, reset), looked up again
+        #: when a window turns.
+        self._bound: dict[int, _Bound] = {}
 
     def _now(self) -> float:
         return self._clock.seconds()
@@ -152,12 +166,45 @@ class MemoryStore:
         Check every figure, then count the call against all of them (or none).
         An admitted call's decision carries no states (only refusals need them:
         computing them for every call would cost more than the admission).
+
+        The states are grouped by shape once per figure tuple (L{_bind}), so a
+        call walks each group with no test of its kind: the limiter's own cost
+        on a call is mostly this and the settlement, run cold between calls.
         """
-        now = self._now()
-        entries = self._entries(figures, now)
+        now = self._clock.seconds()
+        bound = self._bound.get(id(figures))
+        if bound is None or bound.figures is not figures or now >= bound.until:
+            bound = self._bind(figures, now)
+        for leases in bound.leases:
+            if leases.expire(now) >= leases.figure.limit:
+                return self._refused(bound, tokens, nanoUsd, now)
+        for bucket, calls in bound.buckets:
+            limit = bucket.figure.limit
+            if now > bucket.at:  # _Bucket.refill, inline
+                level = bucket.level + (now - bucket.at) * limit / 60.0
+                bucket.level = level if level < limit else float(limit)
+                bucket.at = now
+            if (1 if calls else tokens) > bucket.level:
+                return self._refused(bound, tokens, nanoUsd, now)
+        for window, usd in bound.windows:
+            if window.used + window.reserved + (nanoUsd if usd else tokens) > window.figure.limit:
+                return self._refused(bound, tokens, nanoUsd, now)
+        if bound.leases:
+            expiry = now + leaseSeconds
+            for leases in bound.leases:
+                leases.take(requestId, expiry)
+        for bucket, calls in bound.buckets:
+            bucket.level -= 1 if calls else tokens
+        for window, usd in bound.windows:
+            window.reserved += nanoUsd if usd else tokens
+        self._reservations[requestId] = (bound, tokens, nanoUsd)
+        return ADMITTED
+
+    def _refused(self, bound: "_Bound", tokens: int, nanoUsd: int, now: float) -> Decision:
+        """The refusal of a call some figure cannot take: the first such figure in the order given, every state as it stands."""
         refused: Figure | None = None
         retryAfter: float | None = None
-        for shape, state, unit, figure in entries:  # check every figure first: all or nothing
+        for shape, state, unit, figure in bound.entries:  # every one: each state brought up to now
             if shape == _LEASE:
                 if state.expire(now) >= figure.limit and refused is None:
                     refused, retryAfter = figure, None
@@ -168,27 +215,15 @@ class MemoryStore:
                     refused, retryAfter = figure, (amount - level) * 60.0 / figure.limit
             elif state.used + state.reserved + (nanoUsd if unit == _NANO_USD else tokens) > figure.limit and refused is None:
                 refused, retryAfter = figure, state.ends - now
-        if refused is not None:
-            return Decision(False, refused, retryAfter, tuple(self._stateNow(shape, state, now) for shape, state, _, _ in entries))
-        for shape, state, unit, _ in entries:
-            if shape == _LEASE:
-                state.take(requestId, now + leaseSeconds)
-            elif shape == _BUCKET:
-                state.level -= 1 if unit == _CALLS else tokens
-            else:
-                state.reserved += nanoUsd if unit == _NANO_USD else tokens
-        self._reservations[requestId] = (entries, tokens, nanoUsd)
-        return _ADMITTED
+        assert refused is not None  # admit found one
+        return Decision(False, refused, retryAfter, tuple(self._stateNow(shape, state, now) for shape, state, _, _ in bound.entries))
 
-    def _entries(self, figures: Sequence[Figure], now: float) -> list[tuple[int, Any, int, Figure]]:
+    def _bind(self, figures: Sequence[Figure], now: float) -> "_Bound":
         """
-        Each figure's shape, state (made when missing), what it counts and the
-        figure: looked up once per figure tuple (the limiter passes the same
-        one for every call of a kind) until a state is removed or a window turns.
+        Each figure's state (made when missing), grouped by shape: looked up
+        once per figure tuple (the limiter passes the same one for every call
+        of a kind) until a state is removed or a window turns.
         """
-        bound = self._bound.get(id(figures))
-        if bound is not None and bound[0] is figures and now < bound[2]:
-            return bound[1]
         entries: list[tuple[int, Any, int, Figure]] = []
         until = math.inf
         for figure in figures:
@@ -214,11 +249,12 @@ class MemoryStore:
                 until = min(until, ends)
             state.figure = figure  # the figure as last admitted (a reload may change its limit)
             entries.append((shape, state, _UNITS[kind], figure))
+        bound = _Bound(figures, entries, until)
         if type(figures) is tuple:  # a list could change under the key: looked up each time
             if len(self._bound) >= 10_000:
                 self._bound.clear()  # bounded however many counters come and go
-            self._bound[id(figures)] = (figures, entries, until)  # holds the tuple: its id is not reused meanwhile
-        return entries
+            self._bound[id(figures)] = bound  # holds the tuple: its id is not reused meanwhile
+        return bound
 
     def _windowOf(self, kind: str, now: float) -> tuple[str, float]:
         """L{windowOf}, remembered until the window ends (one datetime per day, not per call)."""
@@ -244,35 +280,40 @@ class MemoryStore:
         return self._windows[key].state(now)
 
     def settle(self, settlement: Settlement) -> None:
-        held = self._reservations.pop(settlement.requestId, None)
+        requestId = settlement.requestId
+        held = self._reservations.pop(requestId, None)
         if held is None:
             return  # settled already, or never admitted here
-        entries, tokens, nanoUsd = held
-        now = self._now()
-        for shape, state, unit, _ in entries:
-            if shape == _LEASE:
-                state.release(settlement.requestId)
-            elif unit == _CALLS:
-                continue  # requests are never given back
-            else:
-                reserved = nanoUsd if unit == _NANO_USD else tokens
-                real = settlement.nanoUsd if unit == _NANO_USD else settlement.tokens
-                actual = real if real is not None else reserved if settlement.reachedUpstream else 0
-                if shape == _BUCKET:
-                    if actual != reserved:
-                        state.refill(now)
-                        state.level = min(float(state.figure.limit), state.level + reserved - actual)
+        bound, tokens, nanoUsd = held
+        for leases in bound.leases:
+            leases.held.pop(requestId, None)
+        reached = settlement.reachedUpstream
+        real = settlement.tokens
+        actual = real if real is not None else tokens if reached else 0
+        if actual != tokens:  # requests are never given back; tokens taken from a bucket are, when fewer were used
+            now = self._clock.seconds()
+            for bucket, calls in bound.buckets:
+                if not calls:
+                    bucket.refill(now)
+                    bucket.level = min(float(bucket.figure.limit), bucket.level + tokens - actual)
+        if bound.windows:
+            real = settlement.nanoUsd
+            actualUsd = real if real is not None else nanoUsd if reached else 0
+            for window, usd in bound.windows:
+                if usd:
+                    window.reserved -= nanoUsd
+                    window.used += actualUsd
                 else:
-                    state.reserved -= reserved
-                    state.used += actual
+                    window.reserved -= tokens
+                    window.used += actual
 
     def renew(self, requestIds: Sequence[str], leaseSeconds: float) -> None:
         expiry = self._now() + leaseSeconds
         for requestId in requestIds:
             held = self._reservations.get(requestId)
-            for shape, state, _, _ in held[0] if held is not None else ():
-                if shape == _LEASE and requestId in state.held:
-                    state.take(requestId, expiry)
+            for leases in held[0].leases if held is not None else ():
+                if requestId in leases.held:
+                    leases.take(requestId, expiry)
 
     def prune(self) -> int:
         """

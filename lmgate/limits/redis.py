@@ -33,7 +33,7 @@ from zope.interface import implementer
 from lmgate.limits import redisscripts
 from lmgate.limits.resp import RedisClient, RedisConnectionError, RedisError, encodeArgs
 from lmgate.limits.settings import RedisSettings, parseRedisUrl
-from lmgate.limits.store import Decision, Figure, FigureState, ILimitStore, Settlement, StoreUnavailable
+from lmgate.limits.store import ADMITTED, Decision, Figure, FigureState, ILimitStore, Settlement, StoreUnavailable
 
 log = Logger()
 
@@ -56,9 +56,6 @@ SCRIPTS = (ADMIT, SETTLE, RENEW, SHOW, RESET)
 
 #: Settlements sent in one script call at most.
 SETTLE_BATCH = 100
-
-#: Every admission's answer (the script sends no states with it).
-ADMITTED = Decision(True)
 
 
 class CircuitOpen(StoreUnavailable):

@@ -140,6 +140,11 @@ class Decision:
     states: Sequence[FigureState] = field(default_factory=tuple)
 
 
+#: The answer of an admission that carries no states (every store's common
+#: answer; the limiter tests for this one object before anything else).
+ADMITTED = Decision(True)
+
+
 @dataclass(frozen=True, slots=True)
 class Settlement:
     """
