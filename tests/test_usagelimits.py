@@ -10,7 +10,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -481,6 +481,33 @@ class LimiterTests(SynchronousTestCase):
         refused = self.successResultOf(limiter.admit(context(b"{}")))
         assert isinstance(refused, Refusal)
         self.assertEqual(refused.status, 503)
+
+    def test_cancelledWhileTheStoreDecides(self) -> None:
+        """
+        A client that leaves while the shared store decides cancels the
+        admission: the limiter asks the store to release whatever it may
+        still admit (a release settlement: no usage, never reached the
+        upstream), and the cancellation reaches whoever waited.
+        """
+        settled: list[Settlement] = []
+        pending: Deferred[Any] = Deferred()
+
+        class SlowStore(FailingStore):
+            def admit(self, *args: Any) -> Deferred[Any]:
+                return pending
+
+            def settle(self, settlement: Settlement) -> None:
+                settled.append(settlement)
+
+        limiter = limiterWith([{"name": "r", "requests_per_minute": 5}], SlowStore())
+        ctx = context(b"{}")
+        waiting = limiter.admit(ctx)
+        assert isinstance(waiting, Deferred)
+        self.assertEqual(settled, [])
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(settled, [Settlement(ctx.requestId, None, None, False)])
+        self.assertIsNone(ctx.reservation)
 
     def test_durations(self) -> None:
         self.assertEqual([goDuration(s) for s in (0.25, 1, 59.5, 60, 360, 3723)], ["250ms", "1s", "59.5s", "1m0s", "6m0s", "1h2m3s"])

@@ -194,9 +194,9 @@ def runSteps(steps: Sequence[IAdmissionStep], context: CallContext, start: int =
             continue
         if isinstance(verdict, Refusal):  # a plain class: cheaper to test than Deferred (an ABC)
             return verdict
-        verdict.addCallback(_afterWait, steps, context, index + 1)
-        verdict.addErrback(_waitFailed, step)
-        return verdict
+        # one entry for both outcomes (runSteps never raises: _afterWait's
+        # failures need no errback after it)
+        return verdict.addCallbacks(_afterWait, _waitFailed, callbackArgs=(steps, context, index + 1), errbackArgs=(step,))
     return None
 
 

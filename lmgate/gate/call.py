@@ -186,20 +186,20 @@ class ProxiedCall:
         if not (admitting.called and not admitting.paused):
             self._admitting = admitting
             self._gateway.active.add(self)
-        admitting.addErrback(self._notAdmitted)
-        admitting.addBoth(self._waited, admitting)
+        admitting.addCallbacks(self._waited, self._notAdmitted, callbackArgs=(admitting,), errbackArgs=(admitting,))
         return NOT_DONE_YET
 
     def _waited(self, result: object, admitting: Deferred[Any]) -> None:
         if self._admitting is admitting:  # not yet waiting on a further stage
             self._admitting = None
 
-    def _notAdmitted(self, reason: Failure) -> None:
+    def _notAdmitted(self, reason: Failure, admitting: Deferred[Any]) -> None:
         if self._clientGone:  # the wait was cancelled: the client left
             self._status = CLIENT_CLOSED_STATUS
             self._recordOnce("client_disconnected", None)
         elif not self._recorded:  # not aborted at shutdown (recorded already): a mistake
             self._bug(reason)
+        self._waited(None, admitting)
 
     # -- the relay -------------------------------------------------------------
 

@@ -256,8 +256,7 @@ class GatewayResource(Resource):
             return self._send(request, call, context, producer)
         if isinstance(bodyVerdict, Refusal):
             return self._refuse(request, call, bodyVerdict)
-        bodyVerdict.addCallback(self._afterBody, request, call, context, producer, kept)
-        return call.wait(bodyVerdict.addCallback(call.answer))
+        return call.wait(bodyVerdict.addCallback(self._afterBody, request, call, context, producer, kept))
 
     def _afterBody(
         self,
@@ -267,13 +266,13 @@ class GatewayResource(Resource):
         context: CallContext,
         producer: IBodyProducer | None,
         kept: bytes | None,
-    ) -> Any:
-        """A body step that waited has answered: refuse, or relay (the body as the steps left it)."""
+    ) -> None:
+        """A body step that waited has answered: refuse, or relay (the body as the steps left it); finish what that rendered."""
         if verdict is not None:
-            return self._refuse(request, call, verdict)
+            return call.answer(self._refuse(request, call, verdict))
         if context.body is not kept:
             producer = BytesProducer(context.body) if context.body else None
-        return self._send(request, call, context, producer)
+        return call.answer(self._send(request, call, context, producer))
 
     def _send(self, request: Request, call: ProxiedCall, context: CallContext, producer: IBodyProducer | None) -> Any:
         """Relay the admitted call."""

@@ -11,8 +11,6 @@ from __future__ import annotations
 from random import Random
 from typing import TYPE_CHECKING
 
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lmgate.access.credentials import CredentialError, extractCredential, maskKey
@@ -266,17 +264,7 @@ class Limit:
         limiter = self._gateway.limiter
         if limiter is None or not limiter.active or context.provider is self._gateway.unified:
             return None  # no rules; or GET /v1/models, answered by the gateway itself
-        verdict = limiter.admit(context)
-        if isinstance(verdict, Deferred):
-            verdict.addErrback(self._abandoned, context)
-        return verdict
-
-    def _abandoned(self, reason: Failure, context: CallContext) -> Failure:
-        """The client left (or the drain ended) while the store decided: release whatever the store may still admit."""
-        limiter = self._gateway.limiter
-        if reason.check(CancelledError) and limiter is not None:
-            limiter.forget(context)
-        return reason
+        return limiter.admit(context)  # cancelled while the store decides, it releases what the store may still admit
 
 
 @implementer(IAdmissionStep)

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -315,9 +315,13 @@ class Limiter:
             return None
         if isinstance(answer, Decision):
             return self._decided(answer, context, self._store, tokens, nanoUsd)
-        waiting: Deferred[Refusal | None] = answer.addCallback(self._decided, context, self._store, tokens, nanoUsd)
-        waiting.addErrback(self._storeFailed, context, figures, tokens, nanoUsd, closed)
-        return waiting
+        # one entry for both outcomes (_decided raises nothing _storeFailed would take)
+        return answer.addCallbacks(
+            self._decided,
+            self._storeFailed,
+            callbackArgs=(context, self._store, tokens, nanoUsd),
+            errbackArgs=(context, figures, tokens, nanoUsd, closed),
+        )
 
     def _plan(self, keyId: str, owner: str, provider: str, model: str | None, alias: str | None) -> "_Plan":
         """
@@ -353,7 +357,9 @@ class Limiter:
         self, reason: Failure, context: CallContext, figures: Sequence[Figure], tokens: int, nanoUsd: int, closed: bool
     ) -> Refusal | None | Failure:
         if not reason.check(StoreUnavailable):
-            return reason  # a cancel (the client left), or a bug: the pipeline handles it
+            if reason.check(CancelledError):  # the client left (or the drain ended) while the store decided
+                self.forget(context)  # release whatever the store may still admit
+            return reason  # the pipeline handles it (a bug too)
         return self._unavailable(reason.getErrorMessage(), context, figures, tokens, nanoUsd, closed)
 
     def _unavailable(

@@ -333,12 +333,12 @@ class RedisStore(Service):
             # NOSCRIPT: Redis restarted or flushed its scripts; EVAL loads it
             # again (within the same deadline: d waits on it).
             if f.check(RedisError) and f.getErrorMessage().startswith("NOSCRIPT"):
-                return redis.send(count + self._heads[script.name][1] + body)
-            return f
+                again: Deferred[Any] = redis.send(count + self._heads[script.name][1] + body)
+                return again.addCallbacks(self._succeeded, self._failed, callbackArgs=(started,), errbackArgs=(script, d))
+            return self._failed(f, script, d)
 
-        d.addErrback(noScript)
-        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(started,), errbackArgs=(script, d))
-        return d
+        # one entry for both outcomes (the reply, or NOSCRIPT's retry, or the failure)
+        return d.addCallbacks(self._succeeded, noScript, callbackArgs=(started,))
 
     def _succeeded(self, result: Any, started: float) -> Any:
         wasOpen = self.circuitState != CLOSED
