@@ -35,7 +35,7 @@ the store is asked (L{Figure.fits}).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -145,10 +145,11 @@ class Decision:
 ADMITTED = Decision(True)
 
 
-@dataclass(frozen=True, slots=True)
-class Settlement:
+class Settlement(NamedTuple):
     """
-    How one admitted call ended, for L{ILimitStore.settle}.
+    How one admitted call ended, for L{ILimitStore.settle}. Immutable; a
+    named tuple rather than a frozen dataclass, because one is made for every
+    call with a reservation (a third of the time to make).
 
     @ivar requestId: the call's id (the record's C{request_id}).
     @ivar tokens: the record's C{total_tokens}, or None when the call ended with no usage.
