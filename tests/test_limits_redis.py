@@ -136,6 +136,24 @@ class SettlementBatchingTests(SynchronousTestCase):
         for i, (args, d) in enumerate(list(self.redis.sent)):
             d.callback("sha")  # SCRIPT LOAD
 
+    def test_admissionArguments(self) -> None:
+        """
+        An admission sends the prefix, the time offset, the request id, its
+        tokens, nano-dollars and lease in milliseconds, then its figures:
+        the same arguments whether the request id is ASCII (encoded in one
+        format) or not (encoded argument by argument).
+        """
+        figures = (rpm(5), Figure("r|owner=o", "r", "usd_per_day", 7 * NANO))
+        for requestId in ("0123456789abcdef0123456789abcdef", "réq-✓"):
+            self.store.admit(requestId, figures, 1050, 1234567, 60.0)
+            args, _ = self.redis.sent[-1]
+            self.assertEqual(args[:2], ("EVALSHA", ADMIT.sha))
+            self.assertEqual(
+                list(args[3:]),
+                ["lmgate:", "0", requestId, "1050", "1234567", "60000",
+                 "2", C, "team-a", "1", "requests_per_minute", "5", "r|owner=o", "r", "1", "usd_per_day", str(7 * NANO)],
+            )
+
     def test_queuedDuringABatchWaitTheDelay(self) -> None:
         """
         Settlements made while a batch is in flight wait the settle delay when it

@@ -324,7 +324,7 @@ class RedisStore(Service):
                 return fail(CircuitOpen("Redis circuit open: not calling Redis for now"))
             redis = self._ensureConnected()
         count = b"*%d\r\n" % (5 + len(args) + tailCount)
-        body = encodeArgs(args) + tail
+        body = encodeArgs(args) + tail if args else tail
         started = self._clock.seconds()
         d: Deferred[Any] = redis.send(count + self._heads[script.name][0] + body)
         self._deadlines.watch(d, started)
@@ -394,7 +394,13 @@ class RedisStore(Service):
                 if len(self._flat) >= 10_000:
                     self._flat.clear()  # bounded: made again, once each
                 self._flat[id(figures)] = (figures, flat)  # holds the tuple: its id is not reused meanwhile
-        d = self._call(ADMIT, (requestId, tokens, nanoUsd, int(round(leaseSeconds * 1000))), None, *flat)
+        leaseMs = int(round(leaseSeconds * 1000))
+        if requestId.isascii():  # always (LMGate's ids are hex): one format instead of encodeArgs' loop
+            t, n, m = str(tokens), str(nanoUsd), str(leaseMs)
+            own = f"${len(requestId)}\r\n{requestId}\r\n${len(t)}\r\n{t}\r\n${len(n)}\r\n{n}\r\n${len(m)}\r\n{m}\r\n".encode()
+        else:
+            own = encodeArgs((requestId, tokens, nanoUsd, leaseMs))
+        d = self._call(ADMIT, (), None, own + flat[0], 4 + flat[1])
 
         def decide(answer: str) -> Decision:
             if answer == "1":
