@@ -320,9 +320,9 @@ class RedisStore(Service):
         Fails with L{StoreUnavailable}.
         """
         if redis is None:
-            if not self._available():
+            if self.circuitState != CLOSED and not self._available():
                 return fail(CircuitOpen("Redis circuit open: not calling Redis for now"))
-            redis = self._ensureConnected()
+            redis = self._redis or self._ensureConnected()
         count = b"*%d\r\n" % (5 + len(args) + tailCount)
         body = encodeArgs(args) + tail if args else tail
         started = self._clock.seconds()
@@ -341,13 +341,14 @@ class RedisStore(Service):
         return d.addCallbacks(self._succeeded, noScript, callbackArgs=(started,))
 
     def _succeeded(self, result: Any, started: float) -> Any:
-        wasOpen = self.circuitState != CLOSED
-        self._consecutiveFailures = 0
-        self._coolOff = self._initialCoolOff
-        self._probing = False
-        if wasOpen:
-            self.circuitState = CLOSED
-            log.info("Redis answers again: circuit closed")
+        if self.circuitState != CLOSED or self._consecutiveFailures:  # else all is as below already
+            wasOpen = self.circuitState != CLOSED
+            self._consecutiveFailures = 0
+            self._coolOff = self._initialCoolOff
+            self._probing = False
+            if wasOpen:
+                self.circuitState = CLOSED
+                log.info("Redis answers again: circuit closed")
         if self.observeLatency is not None:
             self.observeLatency(self._clock.seconds() - started)
         if self._queue and not self._flushing and self._soon is None:
