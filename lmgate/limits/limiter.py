@@ -307,12 +307,8 @@ class Limiter:
             answer = self._store.admit(requestId, figures, tokens, nanoUsd, self.leaseSeconds)
         except StoreUnavailable as e:
             return self._unavailable(str(e), context, figures, tokens, nanoUsd, closed)
-        if answer is ADMITTED:  # _decided, inline: the common call
-            store = self._store
-            context.limits = "shared" if store.shared else "local"
-            context.reservation = Held(store, requestId, tokens, nanoUsd)
-            self.inflight[requestId] = store
-            return None
+        if answer is ADMITTED:  # the common answer: held without going through _decided
+            return self._hold(context, self._store, tokens, nanoUsd)
         if isinstance(answer, Decision):
             return self._decided(answer, context, self._store, tokens, nanoUsd)
         # one entry for both outcomes (_decided raises nothing _storeFailed would take)
@@ -343,12 +339,16 @@ class Limiter:
         self._plans[(keyId, owner, provider, model, alias)] = plan
         return plan
 
-    def _decided(self, decision: Decision, context: CallContext, store: ILimitStore, tokens: int, nanoUsd: int) -> Refusal | None:
+    def _hold(self, context: CallContext, store: ILimitStore, tokens: int, nanoUsd: int) -> None:
+        """The call was admitted: it holds its reservation in C{store} until its record."""
         context.limits = "shared" if store.shared else "local"
+        context.reservation = Held(store, context.requestId, tokens, nanoUsd)
+        self.inflight[context.requestId] = store
+
+    def _decided(self, decision: Decision, context: CallContext, store: ILimitStore, tokens: int, nanoUsd: int) -> Refusal | None:
         if decision.admitted:
-            context.reservation = Held(store, context.requestId, tokens, nanoUsd)
-            self.inflight[context.requestId] = store
-            return None
+            return self._hold(context, store, tokens, nanoUsd)
+        context.limits = "shared" if store.shared else "local"
         figure = decision.refusedBy
         assert figure is not None
         return self._refusal(context, figure, decision.retryAfter, decision.states)

@@ -77,9 +77,6 @@ class _Leases:
         if expiry < self.soonest:
             self.soonest = expiry
 
-    def release(self, requestId: str) -> None:
-        self.held.pop(requestId, None)
-
     def expire(self, now: float) -> int:
         held = self.held
         if now >= self.soonest:  # only then can a lease have lapsed: scan
@@ -116,6 +113,8 @@ _UNITS = {
     "usd_per_day": _NANO_USD,
     "usd_per_month": _NANO_USD,
 }
+
+
 class _Bound:
     """
     A figure tuple's states, looked up once: every entry (shape, state, unit,
@@ -131,7 +130,6 @@ class _Bound:
         self.leases = tuple(state for shape, state, _, _ in entries if shape == _LEASE)
         self.buckets = tuple((state, unit == _CALLS) for shape, state, unit, _ in entries if shape == _BUCKET)
         self.windows = tuple((state, unit == _NANO_USD) for shape, state, unit, _ in entries if shape not in (_LEASE, _BUCKET))
-
 
 
 @implementer(ILimitStore)
@@ -286,7 +284,7 @@ class MemoryStore:
             return  # settled already, or never admitted here
         bound, tokens, nanoUsd = held
         for leases in bound.leases:
-            leases.held.pop(requestId, None)
+            leases.held.pop(requestId, None)  # the lease released
         reached = settlement.reachedUpstream
         real = settlement.tokens
         actual = real if real is not None else tokens if reached else 0
