@@ -308,7 +308,8 @@ class Limiter:
         except StoreUnavailable as e:
             return self._unavailable(str(e), context, figures, tokens, nanoUsd, closed)
         if answer is ADMITTED:  # the common answer: held without going through _decided
-            return self._hold(context, self._store, tokens, nanoUsd)
+            self._hold(context, self._store, tokens, nanoUsd)
+            return None
         if isinstance(answer, Decision):
             return self._decided(answer, context, self._store, tokens, nanoUsd)
         # one entry for both outcomes (_decided raises nothing _storeFailed would take)
@@ -347,7 +348,8 @@ class Limiter:
 
     def _decided(self, decision: Decision, context: CallContext, store: ILimitStore, tokens: int, nanoUsd: int) -> Refusal | None:
         if decision.admitted:
-            return self._hold(context, store, tokens, nanoUsd)
+            self._hold(context, store, tokens, nanoUsd)
+            return None
         context.limits = "shared" if store.shared else "local"
         figure = decision.refusedBy
         assert figure is not None
